@@ -1,0 +1,68 @@
+"""The one place that picks the compiled core or its pure-Python twin.
+
+``BASIDIA_NO_EXTENSIONS=1`` (or ``true``/``yes``/``on``) forces the pure-Python
+implementation; so does running on an interpreter other than CPython.
+Nothing else in Basidia imports ``_*_c`` or ``_*_py`` modules directly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from basidia._speedups._frame import (
+    DEFAULT_MAX_FRAME_SIZE,
+    FIXED_HEADER_SIZE,
+    FLAG_JSON,
+    FLAG_KWARGS,
+    FRAME_VERSION,
+    HARD_MAX_FRAME_SIZE,
+    MAX_HEADERS,
+    Frame,
+    Kind,
+)
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FIXED_HEADER_SIZE",
+    "FLAG_JSON",
+    "FLAG_KWARGS",
+    "FRAME_VERSION",
+    "HARD_MAX_FRAME_SIZE",
+    "IMPLEMENTATION",
+    "MAX_HEADERS",
+    "NO_EXTENSIONS",
+    "Frame",
+    "FrameReader",
+    "Kind",
+    "ReplyRouter",
+    "decode_frame",
+    "encode_frame",
+]
+
+
+def env_flag(name: str) -> bool:
+    """Read a boolean switch from the environment: ``1/true/yes/on`` are on, anything else off."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+NO_EXTENSIONS = env_flag("BASIDIA_NO_EXTENSIONS") or sys.implementation.name != "cpython"
+
+from basidia._speedups._frames_py import FrameReader, decode_frame, encode_frame  # noqa: E402
+from basidia._speedups._router_py import ReplyRouter  # noqa: E402
+
+IMPLEMENTATION = "py"
+
+if not TYPE_CHECKING and not NO_EXTENSIONS:  # pragma: no branch
+    try:
+        from basidia._speedups._frames_c import (  # type: ignore[import-not-found]
+            FrameReader,
+            decode_frame,
+            encode_frame,
+        )
+        from basidia._speedups._router_c import ReplyRouter  # type: ignore[import-not-found]
+
+        IMPLEMENTATION = "c"
+    except ImportError:  # pragma: no cover - no compiled core in this install
+        pass

@@ -1,0 +1,154 @@
+"""The broker interface: what an adapter must do, and nothing of RPC or event semantics.
+
+Adapters move opaque frames (``bytes``).  Everything about requests, replies,
+errors, retries and dead-lettering policy lives above them, in the framework,
+so that every broker behaves the same.  An adapter offers four channels:
+
+* **requests**: one queue per service, competing consumers (``serve_requests``,
+  ``send_request``);
+* **replies**: one inbox per process (``open_inbox``, ``send_reply``);
+* **events**: durable, at-least-once where the broker allows, one consumer group
+  per (service, handler) or one private subscription per instance for
+  broadcast handlers (``subscribe_events``, ``publish_event``);
+* **health**: ``connected``.
+
+Every method that awaits the network must finish or fail within a deadline;
+none may hang while the broker is down.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "Broker",
+    "Delivery",
+    "DeliveryHandler",
+    "EventSubscription",
+    "InboxHandler",
+    "Subscription",
+]
+
+
+class Delivery:
+    """One message handed to a consumer, with its settlement operations.
+
+    Exactly one of ``ack``, ``nack`` or ``dead_letter`` is called per delivery
+    for event deliveries; for requests, ``ack`` is called once the reply is sent.
+    Settlement never raises: on a lost connection the broker redelivers.  The
+    defaults suit brokers with nothing to settle (requests in memory).
+    """
+
+    __slots__ = ("body",)
+
+    body: bytes
+
+    @property
+    def attempt(self) -> int:
+        """1 for a first delivery, 2 for the first redelivery, and so on."""
+        return 1
+
+    async def ack(self) -> None:
+        """The message is handled; the broker may forget it."""
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        """The handler failed; redeliver the message if ``requeue``."""
+
+    async def dead_letter(self, reason: str) -> None:
+        """Park the message, with ``reason``, where operators can inspect it."""
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+InboxHandler = Callable[[bytes], None]
+
+
+class Subscription(abc.ABC):
+    """A running consumer; ``cancel`` stops taking new deliveries."""
+
+    @abc.abstractmethod
+    async def cancel(self) -> None:
+        """Stop consuming.  In-flight handlers keep running; unsettled deliveries stay
+        with the broker (requeued when the consumer goes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventSubscription:
+    """Where and how a handler consumes an event.
+
+    ``group`` names the consumer group (``service.handler``): each event goes to
+    one member of the group.  ``broadcast`` gives every instance its own
+    transient subscription instead.  ``durable=False`` asks for at-most-once
+    delivery where the broker distinguishes (core NATS).
+    """
+
+    event: str
+    group: str
+    broadcast: bool = False
+    durable: bool = True
+
+
+class Broker(abc.ABC):
+    """A connection to one message broker, shared by every service of a process."""
+
+    #: The URL with any password replaced by ``***``; safe to log.
+    safe_url: str
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """True while the connection is up (health checks use it)."""
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the connection, within the connect timeout."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connection and every subscription.  Never raises."""
+
+    @abc.abstractmethod
+    async def serve_requests(
+        self, service: str, handler: DeliveryHandler, *, concurrency: int
+    ) -> Subscription:
+        """Consume the request queue of ``service`` as one competing consumer.
+
+        At most ``concurrency`` handler calls run at once, and the adapter takes
+        no more than that many unsettled deliveries from the broker where it can
+        (prefetch).
+        """
+
+    @abc.abstractmethod
+    async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
+        """Publish a request frame to the queue of ``service``.
+
+        Raise ``ServiceUnavailable`` when the broker knows at once that the service
+        has no consumer; an adapter that learns it later (NATS "no responders")
+        delivers an error frame for ``correlation_id`` to the inbox instead.
+        """
+
+    @abc.abstractmethod
+    async def open_inbox(self, handler: InboxHandler) -> str:
+        """Start this process's reply inbox and return its address.
+
+        ``handler`` is called synchronously with each reply frame; it must not block.
+        """
+
+    @abc.abstractmethod
+    async def send_reply(self, reply_to: str, body: bytes) -> None:
+        """Send a reply frame to the inbox at ``reply_to``; a vanished inbox is not an error."""
+
+    @abc.abstractmethod
+    async def publish_event(self, event: str, body: bytes) -> None:
+        """Publish an event frame; return once the broker has taken responsibility
+        for it (publisher confirm, JetStream ack) or raise ``BrokerError``."""
+
+    @abc.abstractmethod
+    async def subscribe_events(
+        self, subscription: EventSubscription, handler: DeliveryHandler, *, concurrency: int
+    ) -> Subscription:
+        """Consume events named ``subscription.event`` for ``subscription.group``.
+
+        Events published while no member of a durable group is running wait for it.
+        """

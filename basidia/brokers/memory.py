@@ -1,0 +1,288 @@
+"""The in-memory broker: Basidia's embedded default.
+
+Every ``MemoryBroker`` with the same URL on the same event loop shares one
+hub, so services, runners and ``connect()`` clients of one process find each
+other.  Frames go through the same codec as on a network broker; only the
+transport is a queue.  Durable event groups keep their queue while no member
+runs, as a durable queue would on RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from basidia.brokers.base import (
+    Broker,
+    Delivery,
+    DeliveryHandler,
+    EventSubscription,
+    InboxHandler,
+    Subscription,
+)
+from basidia.errors import BrokerError, ServiceUnavailable
+
+__all__ = ["DeadLetter", "MemoryBroker"]
+
+logger = logging.getLogger("basidia.brokers.memory")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event parked after its last failed attempt."""
+
+    event: str
+    group: str
+    body: bytes
+    reason: str
+    attempts: int
+
+
+class _RequestDelivery(Delivery):
+    """A request: settlement is meaningless in memory, so it costs nothing."""
+
+    __slots__ = ()
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+
+class _EventDelivery(Delivery):
+    __slots__ = ("_attempt", "_queue", "_settled")
+
+    def __init__(self, body: bytes, queue: _Queue, attempt: int = 1) -> None:
+        self.body = body
+        self._queue = queue
+        self._attempt = attempt
+        self._settled = False
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    async def ack(self) -> None:
+        self._settled = True
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if requeue:
+            self._queue.put(_EventDelivery(self.body, self._queue, self._attempt + 1))
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        queue = self._queue
+        queue.hub.dead_letters.append(
+            DeadLetter(queue.event, queue.name, self.body, reason, self._attempt)
+        )
+
+
+class _Queue:
+    """A named queue with competing consumers."""
+
+    def __init__(self, hub: _Hub, name: str, event: str = "") -> None:
+        self.hub = hub
+        self.name = name
+        self.event = event
+        self.items: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.consumers = 0
+
+    def put(self, delivery: Delivery) -> None:
+        self.items.put_nowait(delivery)
+
+
+class _MemorySubscription(Subscription):
+    """``concurrency`` worker tasks taking deliveries from one queue."""
+
+    def __init__(
+        self,
+        queue: _Queue,
+        handler: DeliveryHandler,
+        concurrency: int,
+        on_cancel: Callable[[], object] | None = None,
+    ) -> None:
+        self._queue = queue
+        self._handler = handler
+        self._idle: set[asyncio.Task[None]] = set()
+        self._cancelled = False
+        self._on_cancel = on_cancel
+        queue.consumers += 1
+        self._workers = [asyncio.ensure_future(self._work()) for _ in range(concurrency)]
+
+    async def _work(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        items = self._queue.items
+        handler = self._handler
+        idle = self._idle
+        while not self._cancelled:
+            idle.add(task)
+            try:
+                delivery = await items.get()
+            finally:
+                idle.discard(task)
+            try:
+                await handler(delivery)
+            except Exception:  # the framework's handlers settle and log their own errors
+                logger.exception("delivery handler failed on queue %s", self._queue.name)
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._queue.consumers -= 1
+        # Idle workers are parked in ``get`` and hold nothing; busy ones finish
+        # their delivery and then see the flag.
+        for task in list(self._idle):
+            task.cancel()
+        if self._idle:
+            await asyncio.gather(*self._idle, return_exceptions=True)
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    async def aclose(self) -> None:
+        """Cancel and wait for every worker, busy or not (broker close)."""
+        await self.cancel()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+
+class _Hub:
+    """Queues, inboxes and dead letters shared by the brokers of one URL on one loop."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, _Queue] = {}
+        self.groups: dict[str, dict[str, _Queue]] = {}
+        self.inboxes: dict[str, InboxHandler] = {}
+        self.dead_letters: list[DeadLetter] = []
+        self.ids = itertools.count(1)
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Hub]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _hub_for(name: str) -> _Hub:
+    loop = asyncio.get_running_loop()
+    hubs = _hubs.setdefault(loop, {})
+    hub = hubs.get(name)
+    if hub is None:
+        hub = hubs[name] = _Hub()
+    return hub
+
+
+class MemoryBroker(Broker):
+    """In-process broker for ``memory://`` or ``memory://name`` URLs."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        if not url.startswith("memory://"):
+            raise ValueError(f"not a memory broker URL: {url!r}")
+        self.url = self.safe_url = url
+        self._name = url[len("memory://") :].strip("/")
+        self._hub: _Hub | None = None
+        self._subscriptions: list[_MemorySubscription] = []
+        self._inboxes: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"MemoryBroker({self.safe_url!r})"
+
+    @property
+    def connected(self) -> bool:
+        return self._hub is not None
+
+    @property
+    def dead_letters(self) -> list[DeadLetter]:
+        """Events parked after their last attempt, oldest first."""
+        return self._connected_hub().dead_letters
+
+    def _connected_hub(self) -> _Hub:
+        if self._hub is None:
+            raise BrokerError(f"{self!r} is not connected")
+        return self._hub
+
+    async def connect(self) -> None:
+        self._hub = _hub_for(self._name)
+
+    async def close(self) -> None:
+        if self._hub is None:
+            return
+        for address in self._inboxes:
+            self._hub.inboxes.pop(address, None)
+        self._inboxes.clear()
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            await subscription.aclose()
+        self._hub = None
+
+    def _subscribe(
+        self,
+        queue: _Queue,
+        handler: DeliveryHandler,
+        concurrency: int,
+        on_cancel: Callable[[], object] | None = None,
+    ) -> Subscription:
+        subscription = _MemorySubscription(queue, handler, concurrency, on_cancel)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def serve_requests(
+        self, service: str, handler: DeliveryHandler, *, concurrency: int
+    ) -> Subscription:
+        hub = self._connected_hub()
+        queue = hub.requests.get(service)
+        if queue is None:
+            queue = hub.requests[service] = _Queue(hub, service)
+        return self._subscribe(queue, handler, concurrency)
+
+    async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
+        queue = self._connected_hub().requests.get(service)
+        if queue is None or not queue.consumers:
+            raise ServiceUnavailable(f"no instance of service {service!r} is running")
+        queue.items.put_nowait(_RequestDelivery(body))
+
+    async def open_inbox(self, handler: InboxHandler) -> str:
+        hub = self._connected_hub()
+        address = f"inbox.{next(hub.ids)}"
+        hub.inboxes[address] = handler
+        self._inboxes.append(address)
+        return address
+
+    async def send_reply(self, reply_to: str, body: bytes) -> None:
+        handler = self._connected_hub().inboxes.get(reply_to)
+        if handler is not None:
+            handler(body)
+
+    async def publish_event(self, event: str, body: bytes) -> None:
+        for queue in self._connected_hub().groups.get(event, {}).values():
+            queue.put(_EventDelivery(body, queue))
+
+    async def subscribe_events(
+        self, subscription: EventSubscription, handler: DeliveryHandler, *, concurrency: int
+    ) -> Subscription:
+        hub = self._connected_hub()
+        groups = hub.groups.setdefault(subscription.event, {})
+        if subscription.broadcast:
+            # A private queue per instance, gone with it.
+            name = f"{subscription.group}.{next(hub.ids)}"
+        else:
+            name = subscription.group
+        queue = groups.get(name)
+        if queue is None:
+            queue = groups[name] = _Queue(hub, name, subscription.event)
+        on_cancel = None
+        if subscription.broadcast or not subscription.durable:
+            # Transient queues drop what arrives while nobody consumes them.
+            def on_cancel() -> None:
+                if not queue.consumers:
+                    groups.pop(name, None)
+
+        return self._subscribe(queue, handler, concurrency, on_cancel)

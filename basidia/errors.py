@@ -1,0 +1,114 @@
+"""Exceptions a Basidia user can meet, on the caller and on the service side."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BasidiaError",
+    "BrokerError",
+    "ConfigError",
+    "ConnectionLost",
+    "FrameError",
+    "MethodNotFound",
+    "RemoteError",
+    "RpcError",
+    "RpcTimeout",
+    "ServiceUnavailable",
+    "ValidationError",
+    "register_error",
+]
+
+
+class BasidiaError(Exception):
+    """Base class of every exception Basidia raises."""
+
+
+class FrameError(BasidiaError, ValueError):
+    """A wire frame is malformed, truncated or over a limit."""
+
+
+class ConfigError(BasidiaError):
+    """The configuration is invalid or a required value is missing."""
+
+
+class BrokerError(BasidiaError):
+    """The broker refused an operation or could not be reached."""
+
+
+class ConnectionLost(BrokerError):
+    """The broker connection dropped while the operation was pending."""
+
+
+class RpcError(BasidiaError):
+    """Base class of the errors an RPC caller receives.
+
+    ``code`` is the wire name of the error; every subclass travels in an error frame
+    and is raised again, as the same type, on the caller.
+    """
+
+    code = "rpc_error"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ServiceUnavailable(RpcError):
+    """No instance of the target service is consuming requests."""
+
+    code = "service_unavailable"
+
+
+class MethodNotFound(RpcError):
+    """The target service has no RPC entrypoint of that name."""
+
+    code = "method_not_found"
+
+
+class RpcTimeout(RpcError):
+    """The call's deadline passed before a reply arrived."""
+
+    code = "timeout"
+
+
+class ValidationError(RpcError):
+    """The arguments do not match the entrypoint's signature or type hints."""
+
+    code = "validation_error"
+
+
+class RemoteError(RpcError):
+    """The remote handler raised; carries the remote exception's type name and message."""
+
+    code = "remote_error"
+
+    def __init__(self, exc_type: str, message: str, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.exc_type = exc_type
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f"{self.exc_type}: {self.message}"
+
+
+# Error codes and the classes raised for them on the caller.  Custom errors are
+# registered by users with ``register_error`` and travel under their own code.
+ERROR_TYPES: dict[str, type[RpcError]] = {
+    cls.code: cls
+    for cls in (RpcError, ServiceUnavailable, MethodNotFound, RpcTimeout, ValidationError)
+}
+
+
+def register_error(cls: type[RpcError]) -> type[RpcError]:
+    """Class decorator: raise ``cls`` on callers when a handler raises it.
+
+    The class needs a unique ``code`` class attribute and must accept a single
+    message argument.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, RpcError)):
+        raise TypeError("register_error takes a subclass of basidia.errors.RpcError")
+    existing = ERROR_TYPES.get(cls.code)
+    if existing is not None and existing is not cls:
+        owner = existing.__qualname__
+        raise ValueError(f"error code {cls.code!r} is already registered by {owner}")
+    ERROR_TYPES[cls.code] = cls
+    return cls
