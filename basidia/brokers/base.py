@@ -22,13 +22,21 @@ import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
+
+from basidia._speedups import Frame, Kind, encode_frame
+from basidia.errors import ConnectionLost, ServiceUnavailable
+
 __all__ = [
     "Broker",
+    "DisconnectCallback",
     "Delivery",
     "DeliveryHandler",
     "EventSubscription",
     "InboxHandler",
     "Subscription",
+    "error_reply",
+    "no_responders",
 ]
 
 
@@ -62,6 +70,30 @@ class Delivery:
 
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
 InboxHandler = Callable[[bytes], None]
+DisconnectCallback = Callable[[ConnectionLost], None]
+
+_error_encoder = msgspec.msgpack.Encoder()
+
+
+def error_reply(correlation_id: int, error: Exception, target: str = "") -> bytes:
+    """An error frame answering ``correlation_id``, as a service would send it.
+
+    Adapters use it for failures the broker reports on a call's behalf, such as
+    NATS "no responders" (``ServiceUnavailable``).
+    """
+    payload = {
+        "code": getattr(error, "code", "remote_error"),
+        "type": type(error).__name__,
+        "message": str(error),
+    }
+    return encode_frame(Frame(Kind.ERROR, correlation_id, target, _error_encoder.encode(payload)))
+
+
+def no_responders(correlation_id: int, service: str) -> bytes:
+    """The error frame for a request that reached no instance of ``service``."""
+    return error_reply(
+        correlation_id, ServiceUnavailable(f"no instance of service {service!r} is running")
+    )
 
 
 class Subscription(abc.ABC):
@@ -94,6 +126,18 @@ class Broker(abc.ABC):
 
     #: The URL with any password replaced by ``***``; safe to log.
     safe_url: str
+
+    def __init__(self) -> None:
+        self._disconnect_callbacks: list[DisconnectCallback] = []
+
+    def add_disconnect_callback(self, callback: DisconnectCallback) -> None:
+        """Call ``callback`` whenever the connection is lost (pending calls fail fast)."""
+        self._disconnect_callbacks.append(callback)
+
+    def _notify_disconnect(self, exc: ConnectionLost) -> None:
+        """Adapters call this as soon as they notice the connection is gone."""
+        for callback in self._disconnect_callbacks:
+            callback(exc)
 
     @property
     @abc.abstractmethod
@@ -140,9 +184,13 @@ class Broker(abc.ABC):
         """Send a reply frame to the inbox at ``reply_to``; a vanished inbox is not an error."""
 
     @abc.abstractmethod
-    async def publish_event(self, event: str, body: bytes) -> None:
+    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
         """Publish an event frame; return once the broker has taken responsibility
-        for it (publisher confirm, JetStream ack) or raise ``BrokerError``."""
+        for it (publisher confirm, JetStream ack) or raise ``BrokerError``.
+
+        ``idempotency_key`` is unique per event (also in the frame's ``idem``
+        header); brokers that de-duplicate publishes (JetStream) use it.
+        """
 
     @abc.abstractmethod
     async def subscribe_events(

@@ -184,6 +184,7 @@ class MemoryBroker(Broker):
     """In-process broker for ``memory://`` or ``memory://name`` URLs."""
 
     def __init__(self, url: str = "memory://") -> None:
+        super().__init__()
         if not url.startswith("memory://"):
             raise ValueError(f"not a memory broker URL: {url!r}")
         self.url = self.safe_url = url
@@ -261,7 +262,7 @@ class MemoryBroker(Broker):
         if handler is not None:
             handler(body)
 
-    async def publish_event(self, event: str, body: bytes) -> None:
+    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
         for queue in self._connected_hub().groups.get(event, {}).values():
             queue.put(_EventDelivery(body, queue))
 
