@@ -1,19 +1,32 @@
 """Reply routing: correlation id → the caller's future, with deadlines.
 
-Written to compile unchanged in Cython's pure-Python mode (``_router_c.pxd``
-augments it); keep it to plain attribute and dict work.
+This one source is both implementations: setup.py also compiles it, unchanged,
+in Cython's pure-Python mode as ``basidia._speedups._router_c``, with
+``_router_c.pxd`` adding C types.  Keep it to plain attribute, dict, list and
+float work so that it compiles well.
+
+Deadlines do not cost a loop timer per call.  The router keeps a heap of
+``(deadline, correlation id)`` and arms a single timer for the earliest live
+deadline.  A call that ends early leaves a stale entry in the heap; stale
+entries are skipped when they reach the top, and the heap is rebuilt from the
+pending calls whenever stale entries outnumber them, so it stays in proportion
+to the calls in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+from heapq import heapify, heappop, heappush
 from typing import Any
 
 from basidia.errors import RpcTimeout
 
 __all__ = ["ReplyRouter"]
 
-_U64_MASK = (1 << 64) - 1
+_U64_MASK = 0xFFFF_FFFF_FFFF_FFFF  # correlation ids are u64 on the wire
+# Stale heap entries tolerated beyond the pending calls before a rebuild; enough
+# to make rebuilds rare when only a few calls are in flight.
+_COMPACT_SLACK = 1024
 
 
 class ReplyRouter:
@@ -27,7 +40,15 @@ class ReplyRouter:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._pending: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle]] = {}
+        # Bound once: they run for every call.
+        self._create_future = loop.create_future
+        self._time = loop.time
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        # (deadline in loop time, correlation id); may hold stale entries.
+        self._deadlines: list[tuple[float, int]] = []
+        # The one timer, armed for ``_timer_at`` ≤ the earliest pending deadline.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._last_id = 0
         self.late_replies = 0
         self.timeouts = 0
@@ -41,20 +62,29 @@ class ReplyRouter:
         """Register a call that expires after ``timeout`` seconds."""
         self._last_id = (self._last_id + 1) & _U64_MASK
         correlation_id = self._last_id
-        future = self._loop.create_future()
-        timer = self._loop.call_later(timeout, self._expire, correlation_id)
-        self._pending[correlation_id] = (future, timer)
+        future = self._create_future()
+        deadline = self._time() + timeout
+        pending = self._pending
+        pending[correlation_id] = future
+        deadlines = self._deadlines
+        heappush(deadlines, (deadline, correlation_id))
+        if len(deadlines) > 2 * len(pending) + _COMPACT_SLACK:
+            deadlines = [entry for entry in deadlines if entry[1] in pending]
+            heapify(deadlines)
+            self._deadlines = deadlines
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
         return correlation_id, future
 
     def resolve(self, correlation_id: int, reply: object) -> bool:
         """Hand ``reply`` to the waiting call; return False if none was waiting."""
-        entry = self._pending.pop(correlation_id, None)
-        if entry is None:
+        future = self._pending.pop(correlation_id, None)
+        if future is None:
             self.late_replies += 1
             return False
-        future, timer = entry
-        timer.cancel()
-        if future.done():  # the caller was cancelled between its timer and now
+        if not self._pending:
+            self._deadlines.clear()  # every entry is stale now
+        if future.done():  # the caller was cancelled and did not discard its call
             self.late_replies += 1
             return False
         future.set_result(reply)
@@ -62,36 +92,58 @@ class ReplyRouter:
 
     def fail(self, correlation_id: int, exc: BaseException) -> bool:
         """Fail one waiting call with ``exc``; return False if it was not pending."""
-        entry = self._pending.pop(correlation_id, None)
-        if entry is None:
+        future = self._pending.pop(correlation_id, None)
+        if future is None:
             return False
-        future, timer = entry
-        timer.cancel()
+        if not self._pending:
+            self._deadlines.clear()
         if not future.done():
             future.set_exception(exc)
         return True
 
     def discard(self, correlation_id: int) -> None:
         """Forget a call whose caller has gone (cancelled); a later reply counts as late."""
-        entry = self._pending.pop(correlation_id, None)
-        if entry is not None:
-            entry[1].cancel()
+        if self._pending.pop(correlation_id, None) is not None and not self._pending:
+            self._deadlines.clear()
 
     def fail_all(self, exc: BaseException) -> int:
-        """Fail every pending call with ``exc`` (connection lost, shutdown)."""
+        """Fail every pending call with ``exc`` (connection lost, shutdown); disarm the timer."""
         pending = self._pending
         self._pending = {}
-        for future, timer in pending.values():
-            timer.cancel()
+        self._deadlines = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for future in pending.values():
             if not future.done():
                 future.set_exception(exc)
         return len(pending)
 
-    def _expire(self, correlation_id: int) -> None:
-        entry = self._pending.pop(correlation_id, None)
-        if entry is None:
-            return
-        future = entry[0]
-        if not future.done():
-            self.timeouts += 1
-            future.set_exception(RpcTimeout("deadline passed before a reply arrived"))
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+        self._timer_at = when
+
+    def _on_timer(self) -> None:
+        """Fail the calls whose deadline has passed, then re-arm for the next one."""
+        self._timer = None
+        now = self._time()
+        pending = self._pending
+        deadlines = self._deadlines
+        while deadlines:
+            if not pending:
+                deadlines.clear()  # all stale
+                return
+            deadline, correlation_id = deadlines[0]
+            future = pending.get(correlation_id)
+            if future is not None and deadline > now:
+                self._arm(deadline)
+                return
+            heappop(deadlines)
+            if future is None:  # the call ended before its deadline
+                continue
+            del pending[correlation_id]
+            if not future.done():
+                self.timeouts += 1
+                future.set_exception(RpcTimeout("deadline passed before a reply arrived"))

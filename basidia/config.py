@@ -1,0 +1,291 @@
+"""Configuration: CLI options > environment (``BASIDIA_*``) > config file > defaults.
+
+Keys are looked up by dotted path and case-insensitively, so ``LOG_LEVEL``,
+``log_level`` and ``BASIDIA_LOG_LEVEL`` name the same setting, and
+``BASIDIA_DATABASE__URL`` sets ``database.url``.  Config files are YAML or TOML;
+string values may use ``${VAR}`` or ``${VAR:default}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from basidia._speedups import DEFAULT_MAX_FRAME_SIZE, HARD_MAX_FRAME_SIZE
+from basidia.brokers import redact_url
+from basidia.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Config", "Settings"]
+
+ENV_PREFIX = "BASIDIA_"
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
+_SECRET_KEY = re.compile(r"pass|secret|token|credential|private", re.IGNORECASE)
+_MISSING = object()
+
+
+def _scalar(text: str) -> Any:
+    """Read an environment or substituted value as a bool, number or string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _substitute(value: Any, environ: Mapping[str, str]) -> Any:
+    """Replace ``${VAR:default}`` in every string of ``value``."""
+    if isinstance(value, str):
+        whole = _VARIABLE.fullmatch(value)
+        if whole is not None:
+            found = environ.get(whole.group(1), whole.group(2))
+            if found is None:
+                raise ConfigError(f"environment variable {whole.group(1)} is not set")
+            return _scalar(found)
+
+        def replace(match: re.Match[str]) -> str:
+            found = environ.get(match.group(1), match.group(2))
+            if found is None:
+                raise ConfigError(f"environment variable {match.group(1)} is not set")
+            return found
+
+        return _VARIABLE.sub(replace, value)
+    if isinstance(value, dict):
+        return {key: _substitute(item, environ) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_substitute(item, environ) for item in value]
+    return value
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``top`` over ``base``, matching keys case-insensitively."""
+    merged = dict(base)
+    lowered = {key.lower(): key for key in merged}
+    for key, value in top.items():
+        existing = lowered.get(key.lower(), key)
+        if isinstance(value, Mapping) and isinstance(merged.get(existing), dict):
+            merged[existing] = _merge(merged[existing], value)
+        else:
+            merged.pop(existing, None)
+            merged[key] = dict(value) if isinstance(value, Mapping) else value
+            lowered[key.lower()] = key
+    return merged
+
+
+def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` → ``{"a": {"b": 1}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _redacted(value: Any, key: str = "") -> Any:
+    if isinstance(value, Mapping):
+        return {k: _redacted(v, str(k)) for k, v in value.items()}
+    if isinstance(value, str):
+        if key and _SECRET_KEY.search(key):
+            return "***"
+        if "://" in value:
+            return redact_url(value)
+    return value
+
+
+class Config(Mapping[str, Any]):
+    """Configuration values, looked up by dotted, case-insensitive keys."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self._data: dict[str, Any] = _merge({}, data or {})
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        base: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Layer ``base`` < config file < ``BASIDIA_*`` environment < ``overrides``.
+
+        ``overrides`` (CLI options) may use dotted keys.
+        """
+        environ = os.environ if environ is None else environ
+        data = _merge({}, base or {})
+        if path is not None:
+            data = _merge(data, _read_file(Path(path), environ))
+        env_values = {
+            name[len(ENV_PREFIX) :].lower().replace("__", "."): _scalar(value)
+            for name, value in environ.items()
+            if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)
+        }
+        data = _merge(data, _nest(env_values))
+        data = _merge(data, _nest(dict(overrides or {})))
+        return cls(data)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value at dotted ``key`` (``"database.url"``), or ``default``."""
+        value: Any = self._data
+        for part in key.split("."):
+            if not isinstance(value, Mapping):
+                return default
+            found = value.get(part, _MISSING)
+            if found is _MISSING:
+                lowered = part.lower()
+                found = next((v for k, v in value.items() if k.lower() == lowered), _MISSING)
+                if found is _MISSING:
+                    return default
+            value = found
+        return value
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key, _MISSING) is not _MISSING
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def merged(self, other: Mapping[str, Any]) -> Config:
+        """A new config with ``other`` (dotted keys allowed) over this one."""
+        return Config(_merge(self._data, _nest(dict(other))))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The values as a plain nested dict (secrets included: do not log it)."""
+        return _merge({}, self._data)
+
+    def __repr__(self) -> str:
+        return f"Config({_redacted(self._data)!r})"
+
+    @property
+    def settings(self) -> Settings:
+        """Basidia's own settings, validated."""
+        return Settings.from_config(self)
+
+
+def _read_file(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(
+                    f"{path} is YAML: install PyYAML (pip install 'basidia[yaml]') or use TOML"
+                ) from None
+            data = yaml.safe_load(text) or {}
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    substituted: dict[str, Any] = _substitute(data, environ)
+    return substituted
+
+
+# Setting name → keys accepted for it, first found wins (Nameko-compatible aliases).
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "broker": ("broker", "broker_url", "amqp_uri"),
+    "rpc_timeout": ("rpc_timeout", "service_timeout"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Basidia's own settings with their defaults."""
+
+    broker: str = "memory://"
+    rpc_timeout: float = 30.0
+    max_workers: int = 64
+    serializer: str = "msgpack"
+    shutdown_grace: float = 20.0
+    event_max_attempts: int = 3
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    log_level: str = "INFO"
+    log_format: str = "text"
+    broker_options: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(broker={redact_url(self.broker)!r}, rpc_timeout={self.rpc_timeout}, "
+            f"max_workers={self.max_workers}, serializer={self.serializer!r})"
+        )
+
+    @classmethod
+    def from_config(cls, config: Config) -> Settings:
+        """Read and check the settings in ``config``."""
+        values: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            for key in _ALIASES.get(name, (name,)):
+                value = config.get(key, _MISSING)
+                if value is not _MISSING:
+                    values[name] = value
+                    break
+        try:
+            settings = cls(
+                broker=str(values.get("broker", cls.broker)),
+                rpc_timeout=float(values.get("rpc_timeout", cls.rpc_timeout)),
+                max_workers=int(values.get("max_workers", cls.max_workers)),
+                serializer=str(values.get("serializer", cls.serializer)),
+                shutdown_grace=float(values.get("shutdown_grace", cls.shutdown_grace)),
+                event_max_attempts=int(values.get("event_max_attempts", cls.event_max_attempts)),
+                max_frame_size=int(values.get("max_frame_size", cls.max_frame_size)),
+                log_level=str(values.get("log_level", cls.log_level)).upper(),
+                log_format=str(values.get("log_format", cls.log_format)),
+                broker_options=dict(values.get("broker_options") or {}),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid setting: {exc}") from None
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` for out-of-range values."""
+        if not 0 < self.rpc_timeout <= 24 * 3600:
+            raise ConfigError(f"rpc_timeout must be in (0, 86400] seconds, got {self.rpc_timeout}")
+        if self.max_workers < 1:
+            raise ConfigError(f"max_workers must be at least 1, got {self.max_workers}")
+        if self.serializer not in ("msgpack", "json"):
+            raise ConfigError(f"serializer must be 'msgpack' or 'json', got {self.serializer!r}")
+        if self.shutdown_grace < 0:
+            raise ConfigError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
+        if self.event_max_attempts < 1:
+            raise ConfigError("event_max_attempts must be at least 1")
+        if not 1024 <= self.max_frame_size <= HARD_MAX_FRAME_SIZE:
+            raise ConfigError(
+                f"max_frame_size must be between 1024 and {HARD_MAX_FRAME_SIZE} bytes"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")

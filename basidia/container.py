@@ -1,0 +1,479 @@
+"""The container: runs one service, from broker deliveries to handler calls and replies."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from basidia._deadlines import HandlerWatchdog
+from basidia._speedups import FLAG_JSON, Frame, Kind, decode_frame, encode_frame
+from basidia.brokers.base import Delivery, EventSubscription, Subscription, error_reply
+from basidia.context import CallContext, current_call
+from basidia.errors import (
+    FrameError,
+    MethodNotFound,
+    RemoteError,
+    RpcError,
+    ServiceUnavailable,
+    ValidationError,
+)
+from basidia.middleware import Middleware, handle_chain
+from basidia.serialization import encode_value
+from basidia.service import EventHandler, HttpEndpoint, Rpc, Service
+
+if TYPE_CHECKING:
+    from basidia.brokers.base import Broker
+    from basidia.config import Config, Settings
+    from basidia.dependencies import DependencyProvider, ProviderFactory
+    from basidia.events import EventPublisher
+    from basidia.rpc import RpcClient
+
+__all__ = ["Runtime", "ServiceContainer", "State"]
+
+logger = logging.getLogger("basidia.container")
+
+
+class State(str, enum.Enum):
+    """Lifecycle of a container: STOPPED → STARTING → RUNNING → STOPPING → STOPPED, or ERROR."""
+
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    ERROR = "ERROR"
+
+
+@dataclass
+class Runtime:
+    """What the containers of one runner share: one broker connection and its clients."""
+
+    broker: Broker
+    client: RpcClient
+    publisher: EventPublisher
+    config: Config
+    settings: Settings
+    providers: Mapping[type, ProviderFactory] = field(default_factory=dict)
+    middleware: Sequence[Middleware] = ()
+
+
+@dataclass
+class ContainerStats:
+    """Counters an operator can read (management API, health, ``$SRV.STATS``)."""
+
+    handled: int = 0
+    errors: int = 0
+    expired: int = 0
+    malformed: int = 0
+    dead_lettered: int = 0
+    last_error: str = ""
+    processing_time: float = 0.0
+
+
+class ServiceContainer:
+    """Runs one service class: its dependencies, subscriptions and in-flight calls."""
+
+    def __init__(self, service_cls: type[Service], runtime: Runtime) -> None:
+        self.service_cls = service_cls
+        self.service_name = service_cls.service_name()
+        self.runtime = runtime
+        settings = runtime.settings
+        self.max_workers = service_cls.max_workers or settings.max_workers
+        self.state = State.STOPPED
+        self.error: BaseException | None = None
+        self.stats = ContainerStats()
+        self.started_at = 0.0
+        entrypoints = service_cls.__entrypoints__
+        self.rpc_entrypoints = {e.name: e for e in entrypoints.values() if isinstance(e, Rpc)}
+        self.event_entrypoints = [e for e in entrypoints.values() if isinstance(e, EventHandler)]
+        self.http_entrypoints = [e for e in entrypoints.values() if isinstance(e, HttpEndpoint)]
+        declarations = _declared_dependencies(service_cls)
+        self.dependencies: dict[str, DependencyProvider] = {
+            name: declaration.bind(self) for name, declaration in declarations.items()
+        }
+        self._injections: dict[str, Any] = {}
+        self._per_call: list[tuple[str, DependencyProvider]] = []
+        self._subscriptions: list[Subscription] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._drained: asyncio.Event | None = None
+        self._handle = handle_chain(runtime.middleware, self._run_handler)
+        self._observers: list[Callable[[str, BaseException | None, Any], None]] = []
+        self._max_frame_size = settings.max_frame_size
+        self._limit: asyncio.Semaphore | None = None
+        self._watchdog = HandlerWatchdog()
+
+    def __repr__(self) -> str:
+        return f"<ServiceContainer {self.service_name} {self.state.value}>"
+
+    @property
+    def in_flight(self) -> int:
+        """Calls being handled right now."""
+        return len(self._tasks)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Set up dependencies, then start consuming; ERROR (and re-raise) on failure."""
+        if self.state not in (State.STOPPED, State.ERROR):
+            raise RuntimeError(f"cannot start {self.service_name}: it is {self.state.value}")
+        self.state = State.STARTING
+        self.error = None
+        try:
+            for entrypoint in self.rpc_entrypoints.values():
+                entrypoint.spec  # noqa: B018 - validate type hints now, not on the first call
+            for handler in self.event_entrypoints:
+                handler.decoders()
+            for provider in self.dependencies.values():
+                await provider.setup()
+            self._injections = {}
+            self._per_call = []
+            for name, provider in self.dependencies.items():
+                if provider.per_call:
+                    self._per_call.append((name, provider))
+                else:
+                    self._injections[name] = provider.get_dependency(None)
+            groups = (1 if self.rpc_entrypoints else 0) + len(self.event_entrypoints)
+            # One queue's consumer is bounded by its own concurrency; several share a limit.
+            self._limit = asyncio.Semaphore(self.max_workers) if groups > 1 else None
+            await self._subscribe()
+        except BaseException as exc:
+            self.state = State.ERROR
+            self.error = exc
+            await self._unsubscribe()
+            await self._stop_dependencies()
+            raise
+        self.started_at = time.time()
+        self.state = State.RUNNING
+        logger.info("%s is running (%d workers)", self.service_name, self.max_workers)
+
+    async def _subscribe(self) -> None:
+        broker = self.runtime.broker
+        if self.rpc_entrypoints:
+            self._subscriptions.append(
+                await broker.serve_requests(
+                    self.service_name, self._on_request, concurrency=self.max_workers
+                )
+            )
+        for handler in self.event_entrypoints:
+            subscription = EventSubscription(
+                handler.event,
+                f"{self.service_name}.{handler.name}",
+                broadcast=handler.broadcast,
+                durable=handler.durable,
+            )
+
+            async def on_event(delivery: Delivery, _handler: EventHandler = handler) -> None:
+                await self._on_event(_handler, delivery)
+
+            self._subscriptions.append(
+                await broker.subscribe_events(subscription, on_event, concurrency=self.max_workers)
+            )
+
+    async def _unsubscribe(self) -> None:
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            try:
+                await subscription.cancel()
+            except Exception:
+                logger.exception("%s: could not cancel a subscription", self.service_name)
+
+    async def _stop_dependencies(self) -> None:
+        for name, provider in reversed(self.dependencies.items()):
+            try:
+                await provider.stop()
+            except Exception:
+                logger.exception("%s: dependency %s failed to stop", self.service_name, name)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop consuming, let in-flight calls finish within ``grace`` seconds, cancel the
+        rest (their events go back to the broker), then stop the dependencies."""
+        if self.state in (State.STOPPED, State.STOPPING):
+            return
+        if grace is None:
+            grace = self.runtime.settings.shutdown_grace
+        self.state = State.STOPPING
+        await self._unsubscribe()
+        if self._tasks:
+            logger.info("%s: waiting for %d calls in flight", self.service_name, len(self._tasks))
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except asyncio.TimeoutError:
+                logger.warning(
+                    "%s: %d calls still running after %.1f s; cancelling them",
+                    self.service_name,
+                    len(self._tasks),
+                    grace,
+                )
+                tasks = list(self._tasks)
+                for task in tasks:
+                    task.cancel()
+            finally:
+                self._drained = None
+        self._watchdog.close()
+        await self._stop_dependencies()
+        self.state = State.STOPPED
+        logger.info("%s stopped", self.service_name)
+
+    # -- calls ---------------------------------------------------------------------
+
+    def make_instance(self, ctx: CallContext | None) -> Service:
+        """A service instance with its dependencies injected, for one call."""
+        instance = self.service_cls()
+        instance.__dict__.update(self._injections)
+        for name, provider in self._per_call:
+            instance.__dict__[name] = provider.get_dependency(ctx)
+        return instance
+
+    async def _run_handler(self, ctx: CallContext, args: tuple[Any, ...]) -> Any:
+        """Call the entrypoint's method on a fresh instance (the innermost middleware link)."""
+        entrypoint = self.service_cls.__entrypoints__[ctx.entrypoint]
+        return await entrypoint.func(self.make_instance(ctx), *args)
+
+    async def _handle_call(
+        self, ctx: CallContext, func: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        """Run a handler in this task: tracked for shutdown, cancelled at its deadline
+        (raising ``TimeoutError``), through the middleware when there is any."""
+        task = asyncio.current_task()
+        assert task is not None
+        tasks = self._tasks
+        tasks.add(task)
+        token = current_call.set(ctx)
+        watchdog = self._watchdog
+        watched = watchdog.watch(task, ctx.deadline) if ctx.deadline else None
+        limit = self._limit
+        stats = self.stats
+        start = time.perf_counter()
+        try:
+            if limit is not None:
+                await limit.acquire()
+            try:
+                if self._handle is None:
+                    result = await func(self.make_instance(ctx), *args)
+                else:
+                    result = await self._handle(ctx, args)
+            finally:
+                if limit is not None:
+                    limit.release()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and task in watchdog.expired:
+                watchdog.expired.discard(task)
+                if sys.version_info >= (3, 11):
+                    task.uncancel()
+                exc = TimeoutError(f"{ctx.service}.{ctx.entrypoint} passed its deadline")
+            stats.errors += 1
+            stats.last_error = f"{type(exc).__name__}: {exc}"
+            if self._observers:
+                self._observe(ctx.entrypoint, exc, None)
+            if isinstance(exc, TimeoutError):
+                raise exc from None
+            raise
+        else:
+            if self._observers:
+                self._observe(ctx.entrypoint, None, result)
+            return result
+        finally:
+            if watched is not None:
+                watched.discard(task)
+            stats.handled += 1
+            stats.processing_time += time.perf_counter() - start
+            current_call.reset(token)
+            tasks.discard(task)
+            if not tasks and self._drained is not None:
+                self._drained.set()
+
+    def _observe(self, entrypoint: str, exc: BaseException | None, result: Any) -> None:
+        for observer in list(self._observers):
+            observer(entrypoint, exc, result)
+
+    async def _on_request(self, delivery: Delivery) -> None:
+        try:
+            frame = decode_frame(delivery.body, self._max_frame_size)
+        except FrameError as exc:
+            # Without a frame there is no trustworthy reply address: log, count, drop.
+            self.stats.malformed += 1
+            logger.error("%s: rejected a malformed request frame: %s", self.service_name, exc)
+            await delivery.ack()
+            return
+        if frame.kind != Kind.REQUEST:
+            self.stats.malformed += 1
+            logger.error(
+                "%s: rejected a %s frame on the request queue", self.service_name, _kind(frame)
+            )
+            await delivery.ack()
+            return
+        deadline = frame.deadline / 1000.0
+        if deadline and deadline <= time.time():
+            self.stats.expired += 1
+            logger.debug("%s: dropped an expired request for %s", self.service_name, frame.target)
+            await delivery.ack()
+            return
+        method = frame.target.rpartition(".")[2]
+        entrypoint = self.rpc_entrypoints.get(method)
+        body: bytes | None
+        if entrypoint is None:
+            body = self._error_body(
+                frame, MethodNotFound(f"{self.service_name} has no RPC method {method!r}")
+            )
+        else:
+            try:
+                args = entrypoint.spec.decode(frame.payload, frame.flags)
+            except ValidationError as exc:
+                body = self._error_body(frame, exc)
+            else:
+                ctx = CallContext(self.service_name, method, frame, deadline)
+                try:
+                    result = await self._handle_call(ctx, entrypoint.func, args)
+                except TimeoutError:
+                    body = None  # the caller has timed out too: nobody waits for an answer
+                except RpcError as exc:
+                    body = self._error_body(frame, exc)
+                except Exception as exc:
+                    logger.warning(
+                        "%s.%s raised %s: %s",
+                        self.service_name,
+                        method,
+                        type(exc).__name__,
+                        exc,
+                        exc_info=logger.isEnabledFor(logging.DEBUG),
+                    )
+                    body = self._error_body(frame, RemoteError(type(exc).__name__, str(exc)))
+                else:
+                    body = self._reply_body(frame, result)
+        if body is not None and frame.reply_to:
+            await self.runtime.broker.send_reply(frame.reply_to, body)
+        await delivery.ack()
+
+    def _reply_body(self, frame: Frame, result: Any) -> bytes:
+        try:
+            payload = encode_value(result, frame.flags)
+            return encode_frame(
+                Frame(
+                    Kind.REPLY,
+                    frame.correlation_id,
+                    "",
+                    payload,
+                    "",
+                    0,
+                    {},
+                    frame.flags & FLAG_JSON,
+                ),
+                self._max_frame_size,
+            )
+        except (TypeError, msgspec.EncodeError, FrameError) as exc:
+            message = f"the result of {frame.target} cannot be sent: {exc}"
+            logger.error("%s", message)
+            return self._error_body(frame, RemoteError(type(exc).__name__, message))
+
+    def _error_body(self, frame: Frame, exc: RpcError) -> bytes:
+        if isinstance(exc, RemoteError):
+            # Forward the original remote type, as if the caller had called it directly.
+            payload = msgspec.msgpack.encode(
+                {"code": exc.code, "type": exc.exc_type, "message": exc.message}
+            )
+            return encode_frame(Frame(Kind.ERROR, frame.correlation_id, frame.target, payload))
+        return error_reply(frame.correlation_id, exc, frame.target)
+
+    async def _on_event(self, handler: EventHandler, delivery: Delivery) -> None:
+        try:
+            frame = decode_frame(delivery.body, self._max_frame_size)
+            if frame.kind != Kind.EVENT:
+                raise FrameError(f"expected an event frame, got {_kind(frame)}")
+        except FrameError as exc:
+            self.stats.malformed += 1
+            logger.error("%s.%s: malformed event frame: %s", self.service_name, handler.name, exc)
+            await self._dead_letter(delivery, f"malformed frame: {exc}")
+            return
+        msgpack_decode, json_decode = handler.decoders()
+        try:
+            data = (json_decode if frame.flags & FLAG_JSON else msgpack_decode)(frame.payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            logger.error("%s.%s: invalid event data: %s", self.service_name, handler.name, exc)
+            await self._dead_letter(delivery, f"invalid event data: {exc}")
+            return
+        ctx = CallContext(self.service_name, handler.name, frame, 0.0)
+        try:
+            await self._handle_call(ctx, handler.func, (data,))
+        except asyncio.CancelledError:
+            await delivery.nack(requeue=True)  # shutdown: another instance takes it
+            raise
+        except Exception as exc:
+            attempts = handler.max_attempts or self.runtime.settings.event_max_attempts
+            reason = f"{type(exc).__name__}: {exc}"
+            if delivery.attempt < attempts:
+                logger.warning(
+                    "%s.%s failed (attempt %d of %d), will retry: %s",
+                    self.service_name,
+                    handler.name,
+                    delivery.attempt,
+                    attempts,
+                    reason,
+                )
+                await delivery.nack(requeue=True)
+            else:
+                logger.error(
+                    "%s.%s failed %d times; dead-lettering the event: %s",
+                    self.service_name,
+                    handler.name,
+                    delivery.attempt,
+                    reason,
+                )
+                await self._dead_letter(delivery, reason)
+        else:
+            await delivery.ack()
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.stats.dead_lettered += 1
+        await delivery.dead_letter(reason)
+
+    # -- direct calls (testing helpers) ----------------------------------------------
+
+    async def call_entrypoint(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Run entrypoint ``name`` as if a request or event had arrived, bypassing the broker."""
+        entrypoint = self.service_cls.__entrypoints__.get(name)
+        if entrypoint is None:
+            raise MethodNotFound(f"{self.service_name} has no entrypoint {name!r}")
+        if self.state is not State.RUNNING:
+            raise ServiceUnavailable(f"{self.service_name} is {self.state.value}")
+        timeout = self.runtime.settings.rpc_timeout
+        frame = Frame(Kind.REQUEST, 0, f"{self.service_name}.{name}", b"", "direct")
+        ctx = CallContext(self.service_name, name, frame, time.time() + timeout)
+        bound = _bind(entrypoint.func, args, kwargs)
+        return await self._handle_call(ctx, entrypoint.func, bound)
+
+
+def _bind(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, ...]:
+    import inspect
+
+    signature = inspect.signature(func)
+    bound = signature.bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())[1:]
+
+
+def _kind(frame: Frame) -> str:
+    try:
+        return Kind(frame.kind).name.lower()
+    except ValueError:
+        return f"kind {frame.kind}"
+
+
+def _declared_dependencies(service_cls: type[Service]) -> dict[str, DependencyProvider]:
+    from basidia.dependencies import DependencyProvider
+
+    found: dict[str, DependencyProvider] = {}
+    for klass in reversed(service_cls.__mro__):
+        for name, value in vars(klass).items():
+            if isinstance(value, DependencyProvider):
+                found[name] = value
+    return found

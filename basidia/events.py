@@ -1,0 +1,73 @@
+"""Publishing events: one frame per event, with an idempotency key."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from basidia._speedups import Frame, Kind, encode_frame
+from basidia.brokers.base import Broker
+from basidia.context import IDEMPOTENCY_HEADER, SOURCE_HEADER
+from basidia.serialization import Serializer
+
+__all__ = ["EventPublisher"]
+
+
+class EventPublisher:
+    """Encodes and publishes events on a broker."""
+
+    def __init__(self, broker: Broker, serializer: Serializer, max_frame_size: int) -> None:
+        self._broker = broker
+        self._serializer = serializer
+        self._max_frame_size = max_frame_size
+
+    async def publish(
+        self,
+        event: str,
+        data: Any,
+        *,
+        source: str = "",
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Publish ``data`` as event ``event``; return its idempotency key once the
+        broker has confirmed it.
+
+        Pass the same ``idempotency_key`` when re-publishing the same business
+        event so that handlers (and de-duplicating brokers) can recognise it.
+        """
+        key = idempotency_key or uuid.uuid4().hex
+        headers = {IDEMPOTENCY_HEADER: key}
+        if source:
+            headers[SOURCE_HEADER] = source
+        frame = Frame(
+            Kind.EVENT,
+            0,
+            event,
+            self._serializer.encode(data),
+            "",
+            0,
+            headers,
+            self._serializer.flags,
+        )
+        await self._broker.publish_event(
+            event, encode_frame(frame, self._max_frame_size), idempotency_key=key
+        )
+        return key
+
+    def bound(self, source: str) -> _Dispatch:
+        """A dispatch function that marks events as coming from ``source``."""
+        return _Dispatch(self, source)
+
+
+class _Dispatch:
+    __slots__ = ("_publisher", "_source")
+
+    def __init__(self, publisher: EventPublisher, source: str) -> None:
+        self._publisher = publisher
+        self._source = source
+
+    async def __call__(self, event: str, data: Any, *, idempotency_key: str | None = None) -> str:
+        """Publish ``data`` as event ``event``; see ``EventPublisher.publish``."""
+        return await self._publisher.publish(
+            event, data, source=self._source, idempotency_key=idempotency_key
+        )

@@ -1,0 +1,250 @@
+"""The RPC client: proxies, requests, reply routing and typed errors on the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+import msgspec
+
+from basidia._speedups import Frame, Kind, ReplyRouter, decode_frame, encode_frame
+from basidia.brokers.base import Broker
+from basidia.context import CALL_STACK_HEADER, current_call
+from basidia.errors import (
+    ERROR_TYPES,
+    ConnectionLost,
+    FrameError,
+    RemoteError,
+    RpcError,
+    RpcTimeout,
+    ValidationError,
+)
+from basidia.middleware import Middleware, OutgoingCall, call_chain
+from basidia.serialization import Serializer, decode_any
+
+__all__ = ["ClusterProxy", "MethodProxy", "RpcClient", "ServiceProxy", "error_from_frame"]
+
+logger = logging.getLogger("basidia.rpc")
+
+
+class _ErrorPayload(msgspec.Struct):
+    code: str = "remote_error"
+    type: str = "Exception"
+    message: str = ""
+    traceback: str | None = None
+
+
+_decode_error = msgspec.msgpack.Decoder(_ErrorPayload).decode
+
+
+def error_from_frame(frame: Frame) -> RpcError:
+    """The exception an error frame describes, as the caller should see it."""
+    try:
+        error = _decode_error(frame.payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return RemoteError("MalformedError", "the service sent an unreadable error frame")
+    kind = ERROR_TYPES.get(error.code)
+    if kind is None or error.code == RemoteError.code:
+        return RemoteError(error.type, error.message, error.traceback)
+    return kind(error.message)
+
+
+class RpcClient:
+    """Sends requests and routes replies for one process (one inbox, one router).
+
+    Calls made while an entrypoint handles a call inherit its deadline and
+    call-id stack.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        timeout: float = 30.0,
+        serializer: Serializer | None = None,
+        max_frame_size: int,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        self._broker = broker
+        self.timeout = timeout
+        self._serializer = serializer or Serializer()
+        self._max_frame_size = max_frame_size
+        self._router: ReplyRouter | None = None
+        self._chain = call_chain(middleware, self._send_call)
+        self.reply_to = ""
+        self.malformed_replies = 0
+
+    @property
+    def router(self) -> ReplyRouter:
+        """The reply router (its counters tell late replies and timeouts)."""
+        if self._router is None:
+            raise RuntimeError("the RPC client is not started")
+        return self._router
+
+    async def start(self) -> None:
+        """Open the reply inbox."""
+        self._router = ReplyRouter(asyncio.get_running_loop())
+        self._broker.add_disconnect_callback(self._on_disconnect)
+        self.reply_to = await self._broker.open_inbox(self._on_reply)
+
+    async def close(self) -> None:
+        """Fail calls still waiting; their replies can no longer arrive."""
+        if self._router is not None:
+            self._router.fail_all(ConnectionLost("the RPC client was closed"))
+
+    def _on_reply(self, body: bytes) -> None:
+        try:
+            frame = decode_frame(body, self._max_frame_size)
+        except FrameError as exc:
+            self.malformed_replies += 1
+            logger.warning("dropped a malformed reply frame: %s", exc)
+            return
+        self.router.resolve(frame.correlation_id, frame)
+
+    def _on_disconnect(self, exc: ConnectionLost) -> None:
+        if self._router is not None and self._router.pending:
+            count = self._router.fail_all(exc)
+            logger.warning("connection lost: failed %d pending calls", count)
+
+    def proxy(self, service: str, *, timeout: float | None = None) -> ServiceProxy:
+        """A proxy whose attributes call the RPC methods of ``service``."""
+        return ServiceProxy(self, service, timeout)
+
+    def call(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None = None,
+    ) -> Awaitable[Any]:
+        """Call ``service.method(*args, **kwargs)`` and return its result."""
+        if self._chain is not None:
+            return self._chain(OutgoingCall(service, method, args, kwargs, timeout or self.timeout))
+        return self._call(service, method, args, kwargs, timeout or self.timeout, None)
+
+    def _send_call(self, call: OutgoingCall) -> Awaitable[Any]:
+        return self._call(
+            call.service, call.method, call.args, call.kwargs, call.timeout, call.headers
+        )
+
+    async def _call(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float,
+        headers: dict[str, str] | None,
+    ) -> Any:
+        router = self._router
+        if router is None:
+            raise RuntimeError("the RPC client is not started")
+        now = time.time()
+        ctx = current_call.get()
+        if ctx is not None:
+            if ctx.deadline:
+                remaining = ctx.deadline - now
+                if remaining <= 0:
+                    raise RpcTimeout(f"{service}.{method}: the caller's deadline has passed")
+                if remaining < timeout:
+                    timeout = remaining
+            headers = dict(headers) if headers else {}
+            headers[CALL_STACK_HEADER] = " ".join(ctx.call_id_stack)
+        try:
+            payload, flags = self._serializer.encode_args(args, kwargs)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise ValidationError(
+                f"{service}.{method}: arguments cannot be encoded: {exc}"
+            ) from None
+        correlation_id, future = router.create(timeout)
+        try:
+            body = encode_frame(
+                Frame(
+                    Kind.REQUEST,
+                    correlation_id,
+                    f"{service}.{method}",
+                    payload,
+                    self.reply_to,
+                    int((now + timeout) * 1000),
+                    headers or {},
+                    flags,
+                ),
+                self._max_frame_size,
+            )
+            await self._broker.send_request(service, body, correlation_id=correlation_id)
+            reply: Frame = await future
+        except RpcTimeout:
+            raise RpcTimeout(f"{service}.{method}: no reply within {timeout:.3g} s") from None
+        except BaseException:
+            router.discard(correlation_id)
+            raise
+        if reply.kind == Kind.REPLY:
+            return decode_any(reply.payload, reply.flags)
+        raise error_from_frame(reply)
+
+
+class MethodProxy:
+    """One remote method; calling it returns an awaitable of the result."""
+
+    __slots__ = ("_client", "_method", "_service", "_timeout")
+
+    def __init__(self, client: RpcClient, service: str, method: str, timeout: float | None) -> None:
+        self._client = client
+        self._service = service
+        self._method = method
+        self._timeout = timeout
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return self._client.call(self._service, self._method, args, kwargs, self._timeout)
+
+    def with_timeout(self, timeout: float) -> MethodProxy:
+        """The same method with a different per-call timeout (seconds)."""
+        return MethodProxy(self._client, self._service, self._method, timeout)
+
+    def __repr__(self) -> str:
+        return f"<MethodProxy {self._service}.{self._method}>"
+
+
+class ServiceProxy:
+    """Attribute access gives the remote methods: ``await proxy.get_user(1)``."""
+
+    def __init__(self, client: RpcClient, service: str, timeout: float | None = None) -> None:
+        self._client = client
+        self._service = service
+        self._timeout = timeout
+
+    def __getattr__(self, method: str) -> MethodProxy:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        proxy = MethodProxy(self._client, self._service, method, self._timeout)
+        self.__dict__[method] = proxy  # later lookups skip __getattr__
+        return proxy
+
+    def __repr__(self) -> str:
+        return f"<ServiceProxy {self._service}>"
+
+
+class ClusterProxy:
+    """``rpc.<service>.<method>(...)`` for any service on the broker."""
+
+    def __init__(self, client: RpcClient, timeout: float | None = None) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    def __getattr__(self, service: str) -> ServiceProxy:
+        if service.startswith("_"):
+            raise AttributeError(service)
+        proxy = ServiceProxy(self._client, service, self._timeout)
+        self.__dict__[service] = proxy
+        return proxy
+
+    def __getitem__(self, service: str) -> ServiceProxy:
+        """For service names that are not identifiers (``rpc["billing-v2"]``)."""
+        return self.__getattr__(service)
+
+    def __repr__(self) -> str:
+        return "<ClusterProxy>"

@@ -1,0 +1,273 @@
+"""Hosting services (``ServiceRunner``) and calling them from outside (``connect``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from basidia.brokers import broker_from_url
+from basidia.brokers.base import Broker
+from basidia.config import Config, Settings
+from basidia.container import Runtime, ServiceContainer, State
+from basidia.dependencies import ProviderFactory
+from basidia.events import EventPublisher
+from basidia.middleware import Middleware
+from basidia.rpc import ClusterProxy, RpcClient
+from basidia.serialization import Serializer
+from basidia.service import Service
+
+__all__ = ["Cluster", "ServiceRunner", "connect"]
+
+logger = logging.getLogger("basidia.runner")
+
+
+def _config(config: Config | Mapping[str, Any] | None) -> Config:
+    if isinstance(config, Config):
+        return config
+    return Config(config or {})
+
+
+class _Connection:
+    """A broker connection with an RPC client and an event publisher on it."""
+
+    def __init__(
+        self,
+        broker: str | Broker | None,
+        config: Config,
+        timeout: float | None,
+        middleware: Sequence[Middleware],
+    ) -> None:
+        self.config = config
+        self.settings: Settings = config.settings
+        if broker is None:
+            broker = self.settings.broker
+        self.broker = (
+            broker_from_url(broker, self.settings.broker_options)
+            if isinstance(broker, str)
+            else broker
+        )
+        serializer = Serializer(self.settings.serializer)
+        self.client = RpcClient(
+            self.broker,
+            timeout=timeout or self.settings.rpc_timeout,
+            serializer=serializer,
+            max_frame_size=self.settings.max_frame_size,
+            middleware=middleware,
+        )
+        self.publisher = EventPublisher(self.broker, serializer, self.settings.max_frame_size)
+        self.rpc = ClusterProxy(self.client)
+
+    async def open(self) -> None:
+        await self.broker.connect()
+        try:
+            await self.client.start()
+        except BaseException:
+            await self.broker.close()
+            raise
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.broker.close()
+
+
+class ServiceRunner:
+    """Hosts services on one shared broker connection.
+
+    ``broker`` is a URL (``memory://``, ``amqp://...``, ``nats://...``) or a
+    ``Broker``; by default it comes from the config (``broker``), else the
+    in-process memory broker.
+    """
+
+    def __init__(
+        self,
+        services: Iterable[type[Service]] = (),
+        broker: str | Broker | None = None,
+        *,
+        config: Config | Mapping[str, Any] | None = None,
+        providers: Mapping[type, ProviderFactory] | None = None,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        self.config = _config(config)
+        self.middleware = list(middleware)
+        self.providers = dict(providers or {})
+        self._connection = _Connection(broker, self.config, None, self.middleware)
+        self.runtime = Runtime(
+            broker=self._connection.broker,
+            client=self._connection.client,
+            publisher=self._connection.publisher,
+            config=self.config,
+            settings=self._connection.settings,
+            providers=self.providers,
+            middleware=self.middleware,
+        )
+        self.containers: dict[str, ServiceContainer] = {}
+        for service in services:
+            self.add_service(service)
+        self._started = False
+
+    def __repr__(self) -> str:
+        names = ", ".join(self.containers)
+        return f"<ServiceRunner [{names}] on {self.broker.safe_url}>"
+
+    @property
+    def broker(self) -> Broker:
+        """The shared broker connection."""
+        return self._connection.broker
+
+    @property
+    def rpc(self) -> ClusterProxy:
+        """A proxy to call any service through this runner's connection."""
+        return self._connection.rpc
+
+    async def dispatch(self, event: str, data: Any, *, idempotency_key: str | None = None) -> str:
+        """Publish an event; return its idempotency key."""
+        return await self._connection.publisher.publish(
+            event, data, idempotency_key=idempotency_key
+        )
+
+    def add_service(self, service: type[Service]) -> ServiceContainer:
+        """Host ``service`` too; start it with ``start`` (or ``start_service`` once running)."""
+        if not (isinstance(service, type) and issubclass(service, Service)):
+            raise TypeError(f"{service!r} is not a Service subclass")
+        name = service.service_name()
+        if name in self.containers:
+            raise ValueError(f"two services are named {name!r}")
+        container = self.containers[name] = ServiceContainer(service, self.runtime)
+        return container
+
+    async def start(self) -> None:
+        """Connect and start every service; if one fails, stop the others and raise."""
+        if self._started:
+            return
+        await self._connection.open()
+        self._started = True
+        try:
+            for container in self.containers.values():
+                await container.start()
+        except BaseException:
+            await self.stop()
+            raise
+        logger.info(
+            "running %d service(s) on %s: %s",
+            len(self.containers),
+            self.broker.safe_url,
+            ", ".join(self.containers) or "none",
+        )
+
+    async def start_service(self, name: str) -> None:
+        """Start one stopped service."""
+        await self.containers[name].start()
+
+    async def stop_service(self, name: str, grace: float | None = None) -> None:
+        """Stop one service (its consumers go; in-flight calls finish)."""
+        await self.containers[name].stop(grace)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop consuming everywhere, drain in-flight calls within ``grace``, disconnect."""
+        if not self._started:
+            return
+        self._started = False
+        await asyncio.gather(
+            *(c.stop(grace) for c in self.containers.values() if c.state is not State.STOPPED),
+            return_exceptions=True,
+        )
+        await self._connection.close()
+
+    async def __aenter__(self) -> ServiceRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def run(
+        self, stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
+        """Start, serve until one of ``stop_signals`` arrives, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        installed = []
+        for sig in stop_signals:
+            try:
+                loop.add_signal_handler(sig, stopping.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
+                pass
+        try:
+            await self.start()
+            await stopping.wait()
+            logger.info("stopping: finishing calls in flight")
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+
+class Cluster:
+    """A standalone client: ``async with connect(url) as cluster: await cluster.rpc.svc.m()``."""
+
+    def __init__(
+        self,
+        broker: str | Broker | None = None,
+        *,
+        config: Config | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        self._connection = _Connection(broker, _config(config), timeout, list(middleware))
+
+    @property
+    def rpc(self) -> ClusterProxy:
+        """``cluster.rpc.<service>.<method>(...)``."""
+        return self._connection.rpc
+
+    @property
+    def broker(self) -> Broker:
+        """The client's broker connection."""
+        return self._connection.broker
+
+    async def dispatch(self, event: str, data: Any, *, idempotency_key: str | None = None) -> str:
+        """Publish an event; return its idempotency key once the broker has it."""
+        return await self._connection.publisher.publish(
+            event, data, idempotency_key=idempotency_key
+        )
+
+    async def start(self) -> Cluster:
+        """Connect (``async with`` does this for you)."""
+        await self._connection.open()
+        return self
+
+    async def close(self) -> None:
+        """Disconnect; calls still waiting fail with ``ConnectionLost``."""
+        await self._connection.close()
+
+    async def __aenter__(self) -> Cluster:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def connect(
+    broker: str | Broker | None = None,
+    *,
+    config: Config | Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+    middleware: Sequence[Middleware] = (),
+) -> Cluster:
+    """A client for the services on ``broker``; use it with ``async with``."""
+    return Cluster(broker, config=config, timeout=timeout, middleware=middleware)

@@ -1,0 +1,198 @@
+"""Services and their entrypoints: ``Service``, ``@rpc``, ``@event_handler``, ``@http_endpoint``."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+from basidia.serialization import ArgumentSpec
+
+__all__ = [
+    "Entrypoint",
+    "EventHandler",
+    "HttpEndpoint",
+    "Rpc",
+    "Service",
+    "event_handler",
+    "http_endpoint",
+    "rpc",
+]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_EVENT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_MARK = "__basidia_entrypoint__"
+
+
+class Entrypoint:
+    """Something that makes a service do work: an RPC method, an event handler, a route.
+
+    Entrypoints are declared with decorators and collected when the service class
+    is created; the container turns them into broker subscriptions.
+    """
+
+    def __init__(self, func: Callable[..., Awaitable[Any]]) -> None:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(f"{func.__qualname__}: entrypoints must be 'async def' methods")
+        self.func = func
+        self.name = func.__name__
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.func.__qualname__}>"
+
+
+class Rpc(Entrypoint):
+    """An RPC method; its arguments are validated against its type hints."""
+
+    _spec: ArgumentSpec | None = None
+
+    @property
+    def spec(self) -> ArgumentSpec:
+        """The argument validator, built on first use so forward references resolve."""
+        if self._spec is None:
+            self._spec = ArgumentSpec(self.func, self.func.__qualname__)
+        return self._spec
+
+
+class EventHandler(Entrypoint):
+    """Handles an event; see ``event_handler``."""
+
+    def __init__(
+        self,
+        func: Callable[..., Awaitable[Any]],
+        event: str,
+        *,
+        broadcast: bool,
+        durable: bool,
+        max_attempts: int | None,
+    ) -> None:
+        super().__init__(func)
+        if not _EVENT.match(event):
+            raise ValueError(f"{func.__qualname__}: invalid event name {event!r}")
+        params = list(inspect.signature(func).parameters)
+        if len(params) != 2:
+            raise TypeError(f"{func.__qualname__}: an event handler takes one argument, the event")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"{func.__qualname__}: max_attempts must be at least 1")
+        self.event = event
+        self.broadcast = broadcast
+        self.durable = durable
+        self.max_attempts = max_attempts
+        self._decoders: tuple[Callable[[bytes], Any], Callable[[bytes], Any]] | None = None
+
+    def decoders(self) -> tuple[Callable[[bytes], Any], Callable[[bytes], Any]]:
+        """(MessagePack, JSON) decoders validating the event against the handler's hint."""
+        if self._decoders is None:
+            hints = typing.get_type_hints(self.func)
+            param = list(inspect.signature(self.func).parameters)[1]
+            hint = hints.get(param, Any)
+            self._decoders = (
+                msgspec.msgpack.Decoder(hint).decode,
+                msgspec.json.Decoder(hint).decode,
+            )
+        return self._decoders
+
+
+class HttpEndpoint(Entrypoint):
+    """An HTTP route served by the runner's HTTP server."""
+
+    def __init__(self, func: Callable[..., Awaitable[Any]], method: str, path: str) -> None:
+        super().__init__(func)
+        if not path.startswith("/"):
+            raise ValueError(f"{func.__qualname__}: HTTP paths start with '/', got {path!r}")
+        self.methods = [part.strip().upper() for part in method.split(",") if part.strip()]
+        self.path = path
+
+
+def _mark(func: F, entrypoint: Entrypoint) -> F:
+    setattr(func, _MARK, entrypoint)
+    return func
+
+
+def rpc(func: F) -> F:
+    """Expose an ``async def`` method to RPC callers: ``await proxy.<service>.<method>(...)``."""
+    return _mark(func, Rpc(func))
+
+
+def event_handler(
+    event: str,
+    *,
+    broadcast: bool = False,
+    durable: bool = True,
+    max_attempts: int | None = None,
+) -> Callable[[F], F]:
+    """Handle every event named ``event``.
+
+    Each subscribing service gets every event once: one of its instances handles
+    it.  With ``broadcast=True`` every instance gets it.  ``durable=False`` opts
+    into at-most-once delivery where the broker distinguishes (events published
+    while no instance runs are lost).  A handler that raises is retried until
+    ``max_attempts`` (default from config ``event_max_attempts``), then the event
+    is dead-lettered with the error as the reason.
+    """
+
+    def decorate(func: F) -> F:
+        return _mark(
+            func,
+            EventHandler(
+                func, event, broadcast=broadcast, durable=durable, max_attempts=max_attempts
+            ),
+        )
+
+    return decorate
+
+
+def http_endpoint(method: str, path: str) -> Callable[[F], F]:
+    """Serve ``method`` (or ``"GET,POST"``) requests to ``path`` (Starlette syntax)."""
+
+    def decorate(func: F) -> F:
+        return _mark(func, HttpEndpoint(func, method, path))
+
+    return decorate
+
+
+class Service:
+    """Base class of Basidia services.
+
+    Subclasses set ``name`` (how callers address the service) and declare
+    entrypoints with decorators and dependencies as class attributes.  An
+    instance is created for every call and carries its dependencies; keep
+    long-lived state in dependency providers, not on ``self``.
+    """
+
+    name: ClassVar[str]
+    #: Calls handled at once by one instance of the service (None: config ``max_workers``).
+    max_workers: ClassVar[int | None] = None
+
+    __entrypoints__: ClassVar[dict[str, Entrypoint]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        entrypoints: dict[str, Entrypoint] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                entrypoint = getattr(value, _MARK, None)
+                if isinstance(entrypoint, Entrypoint):
+                    entrypoints[attr] = entrypoint
+                elif attr in entrypoints:  # overridden without a decorator
+                    del entrypoints[attr]
+        cls.__entrypoints__ = entrypoints
+        name = cls.__dict__.get("name")
+        if name is not None and not (isinstance(name, str) and _NAME.match(name)):
+            raise TypeError(
+                f"{cls.__qualname__}.name must be an identifier-like string, got {name!r}"
+            )
+
+    @classmethod
+    def service_name(cls) -> str:
+        """The service's name, or a clear error if the class has none."""
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str):
+            raise TypeError(f"{cls.__qualname__} has no 'name'; set name = \"my_service\"")
+        return name
