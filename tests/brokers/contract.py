@@ -1,0 +1,355 @@
+"""The broker contract: what every adapter must do, written once.
+
+Each adapter's test module subclasses ``BrokerContract`` and provides a
+``broker_url`` fixture (and, if it needs short timers, ``broker_options``)::
+
+    class TestMemoryBroker(BrokerContract):
+        @pytest.fixture
+        def broker_url(self, memory_url):
+            return memory_url
+
+Names are unique per test so that runs on a shared broker cannot interfere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from basidia import (
+    MethodNotFound,
+    RemoteError,
+    Service,
+    ServiceRunner,
+    ServiceUnavailable,
+    connect,
+    event_handler,
+    rpc,
+)
+from basidia.brokers import Broker, Delivery, EventSubscription, broker_from_url
+from basidia.errors import ServiceUnavailable as _ServiceUnavailable
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds, failing the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+class BrokerContract:
+    """Behaviour every broker adapter must show; see the module docstring."""
+
+    @pytest.fixture
+    def broker_options(self) -> dict[str, Any]:
+        return {}
+
+    @pytest.fixture
+    def name(self) -> str:
+        return f"contract_{uuid.uuid4().hex[:10]}"
+
+    @pytest.fixture
+    async def make_broker(
+        self, broker_url: str, broker_options: dict[str, Any]
+    ) -> AsyncIterator[Callable[[], Awaitable[Broker]]]:
+        brokers: list[Broker] = []
+
+        async def make() -> Broker:
+            broker = broker_from_url(broker_url, broker_options)
+            await broker.connect()
+            brokers.append(broker)
+            return broker
+
+        yield make
+        for broker in brokers:
+            await broker.close()
+
+    # -- connection ----------------------------------------------------------------
+
+    async def test_connect_and_close(self, broker_url: str, broker_options: dict[str, Any]) -> None:
+        broker = broker_from_url(broker_url, broker_options)
+        assert not broker.connected
+        await broker.connect()
+        assert broker.connected
+        await broker.close()
+        assert not broker.connected
+        await broker.close()  # closing twice is harmless
+
+    # -- requests and replies ---------------------------------------------------------
+
+    async def test_request_reaches_a_consumer_and_reply_reaches_the_inbox(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        server, client = await make_broker(), await make_broker()
+        replies: list[bytes] = []
+
+        async def handle(delivery: Delivery) -> None:
+            await server.send_reply(inbox, b"reply:" + delivery.body)
+            await delivery.ack()
+
+        await server.serve_requests(name, handle, concurrency=4)
+        inbox = await client.open_inbox(replies.append)
+        await client.send_request(name, b"\x00request\xff", correlation_id=1)
+        await eventually(lambda: replies == [b"reply:\x00request\xff"])
+
+    async def test_requests_are_shared_between_competing_consumers(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        first, second, client = await make_broker(), await make_broker(), await make_broker()
+        seen: Counter[bytes] = Counter()
+        by_consumer: Counter[str] = Counter()
+
+        def handler(label: str) -> Callable[[Delivery], Awaitable[None]]:
+            async def handle(delivery: Delivery) -> None:
+                seen[delivery.body] += 1
+                by_consumer[label] += 1
+                await asyncio.sleep(0.001)
+                await delivery.ack()
+
+            return handle
+
+        await first.serve_requests(name, handler("first"), concurrency=2)
+        await second.serve_requests(name, handler("second"), concurrency=2)
+        for index in range(200):
+            await client.send_request(name, str(index).encode(), correlation_id=index + 1)
+        await eventually(lambda: sum(seen.values()) >= 200)
+        await asyncio.sleep(0.1)
+        assert len(seen) == 200 and set(seen.values()) == {1}  # each handled exactly once
+        assert by_consumer["first"] > 0 and by_consumer["second"] > 0
+
+    async def test_concurrency_limit_bounds_handlers_in_flight(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        server, client = await make_broker(), await make_broker()
+        running = 0
+        peak = 0
+        done = 0
+
+        async def handle(delivery: Delivery) -> None:
+            nonlocal running, peak, done
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.02)
+            running -= 1
+            done += 1
+            await delivery.ack()
+
+        await server.serve_requests(name, handle, concurrency=3)
+        for index in range(12):
+            await client.send_request(name, b"x", correlation_id=index + 1)
+        await eventually(lambda: done == 12)
+        assert peak == 3
+
+    async def test_cancelled_consumer_takes_no_more_requests(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        old, new, client = await make_broker(), await make_broker(), await make_broker()
+        old_seen: list[bytes] = []
+        new_seen: list[bytes] = []
+
+        async def collect_old(delivery: Delivery) -> None:
+            old_seen.append(delivery.body)
+            await delivery.ack()
+
+        async def collect_new(delivery: Delivery) -> None:
+            new_seen.append(delivery.body)
+            await delivery.ack()
+
+        subscription = await old.serve_requests(name, collect_old, concurrency=2)
+        await new.serve_requests(name, collect_new, concurrency=2)
+        await subscription.cancel()
+        for index in range(20):
+            await client.send_request(name, b"after", correlation_id=index + 1)
+        await eventually(lambda: len(new_seen) == 20)
+        assert old_seen == []
+
+    async def test_reply_to_a_vanished_inbox_is_not_an_error(
+        self, make_broker: Callable[[], Awaitable[Broker]]
+    ) -> None:
+        broker = await make_broker()
+        client = await make_broker()
+        address = await client.open_inbox(lambda body: None)
+        await client.close()
+        await broker.send_reply(address, b"too late")
+
+    # -- events ----------------------------------------------------------------------
+
+    async def test_each_group_gets_each_event_once(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        a1, a2, b1, publisher = [await make_broker() for _ in range(4)]
+        event = f"{name}.created"
+        seen_a: Counter[bytes] = Counter()
+        seen_b: Counter[bytes] = Counter()
+
+        def collect(counter: Counter[bytes]) -> Callable[[Delivery], Awaitable[None]]:
+            async def handle(delivery: Delivery) -> None:
+                counter[delivery.body] += 1
+                await delivery.ack()
+
+            return handle
+
+        group_a = EventSubscription(event, f"{name}_a.on_created")
+        group_b = EventSubscription(event, f"{name}_b.on_created")
+        await a1.subscribe_events(group_a, collect(seen_a), concurrency=4)
+        await a2.subscribe_events(group_a, collect(seen_a), concurrency=4)
+        await b1.subscribe_events(group_b, collect(seen_b), concurrency=4)
+        for index in range(50):
+            await publisher.publish_event(event, b"%d" % index, idempotency_key=f"{name}-{index}")
+        await eventually(lambda: sum(seen_a.values()) >= 50 and sum(seen_b.values()) >= 50)
+        await asyncio.sleep(0.2)
+        assert len(seen_a) == 50 and set(seen_a.values()) == {1}
+        assert len(seen_b) == 50 and set(seen_b.values()) == {1}
+
+    async def test_events_wait_for_a_durable_group_that_is_down(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        consumer, publisher = await make_broker(), await make_broker()
+        event = f"{name}.queued"
+        group = EventSubscription(event, f"{name}.on_queued")
+        seen: list[bytes] = []
+
+        async def collect(delivery: Delivery) -> None:
+            seen.append(delivery.body)
+            await delivery.ack()
+
+        subscription = await consumer.subscribe_events(group, collect, concurrency=1)
+        await subscription.cancel()
+        await publisher.publish_event(event, b"while down", idempotency_key=f"{name}-1")
+        await consumer.subscribe_events(group, collect, concurrency=1)
+        await eventually(lambda: seen == [b"while down"])
+
+    async def test_broadcast_reaches_every_instance(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        first, second, publisher = [await make_broker() for _ in range(3)]
+        event = f"{name}.config_changed"
+        group = EventSubscription(event, f"{name}.on_change", broadcast=True)
+        seen: list[tuple[str, bytes]] = []
+
+        def collect(label: str) -> Callable[[Delivery], Awaitable[None]]:
+            async def handle(delivery: Delivery) -> None:
+                seen.append((label, delivery.body))
+                await delivery.ack()
+
+            return handle
+
+        await first.subscribe_events(group, collect("first"), concurrency=1)
+        await second.subscribe_events(group, collect("second"), concurrency=1)
+        await publisher.publish_event(event, b"v2", idempotency_key=f"{name}-1")
+        await eventually(lambda: len(seen) == 2)
+        assert sorted(seen) == [("first", b"v2"), ("second", b"v2")]
+
+    async def test_nack_redelivers_with_the_next_attempt_number(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        consumer, publisher = await make_broker(), await make_broker()
+        event = f"{name}.flaky"
+        attempts: list[int] = []
+
+        async def flaky(delivery: Delivery) -> None:
+            attempts.append(delivery.attempt)
+            if delivery.attempt < 3:
+                await delivery.nack(requeue=True)
+            else:
+                await delivery.ack()
+
+        await consumer.subscribe_events(
+            EventSubscription(event, f"{name}.on_flaky"), flaky, concurrency=1
+        )
+        await publisher.publish_event(event, b"retry me", idempotency_key=f"{name}-1")
+        await eventually(lambda: attempts == [1, 2, 3])
+        await asyncio.sleep(0.2)
+        assert attempts == [1, 2, 3]  # acked on the third attempt: no fourth
+
+    async def test_dead_lettered_event_is_not_redelivered(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        consumer, publisher = await make_broker(), await make_broker()
+        event = f"{name}.poison"
+        seen: list[bytes] = []
+
+        async def park(delivery: Delivery) -> None:
+            seen.append(delivery.body)
+            await delivery.dead_letter("cannot handle this")
+
+        await consumer.subscribe_events(
+            EventSubscription(event, f"{name}.on_poison"), park, concurrency=1
+        )
+        await publisher.publish_event(event, b"poison", idempotency_key=f"{name}-1")
+        await eventually(lambda: seen == [b"poison"])
+        await asyncio.sleep(0.3)
+        assert seen == [b"poison"]
+
+    # -- the framework on this broker ---------------------------------------------------
+
+    @pytest.fixture
+    def services(self, name: str) -> dict[str, type[Service]]:
+        calls: list[str] = []
+
+        class Echo(Service):
+            @rpc
+            async def echo(self, value: Any) -> Any:
+                return value
+
+            @rpc
+            async def fail(self) -> None:
+                raise ValueError("x")
+
+        class Listener(Service):
+            received: list[Any] = calls  # type: ignore[assignment]
+
+            @event_handler(f"{name}.ping")
+            async def on_ping(self, data: dict[str, Any]) -> None:
+                calls.append(data["n"])
+
+        Echo.name = f"{name}_echo"
+        Listener.name = f"{name}_listener"
+        return {"echo": Echo, "listener": Listener}
+
+    async def test_rpc_through_the_framework(
+        self, broker_url: str, services: dict[str, type[Service]]
+    ) -> None:
+        echo = services["echo"]
+        async with ServiceRunner([echo], broker=broker_url), connect(broker_url) as cluster:
+            proxy = cluster.rpc[echo.name]
+            assert await proxy.echo({"a": [1, 2, "three"]}) == {"a": [1, 2, "three"]}
+            results = await asyncio.gather(*(proxy.echo(i) for i in range(200)))
+            assert results == list(range(200))
+            with pytest.raises(RemoteError) as raised:
+                await proxy.fail()
+            assert (raised.value.exc_type, raised.value.message) == ("ValueError", "x")
+            with pytest.raises(MethodNotFound):
+                await proxy.missing()
+
+    async def test_call_to_a_service_without_instances_fails_fast(
+        self, broker_url: str, name: str
+    ) -> None:
+        async with connect(broker_url, timeout=10) as cluster:
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailable):
+                await cluster.rpc[f"{name}_nobody"].anything()
+            assert time.monotonic() - started < 1.0
+            assert issubclass(ServiceUnavailable, _ServiceUnavailable)
+
+    async def test_events_through_the_framework(
+        self, broker_url: str, services: dict[str, type[Service]], name: str
+    ) -> None:
+        listener = services["listener"]
+        received: list[Any] = listener.received  # type: ignore[attr-defined]
+        async with ServiceRunner([listener], broker=broker_url):
+            async with connect(broker_url) as cluster:
+                for n in range(20):
+                    await cluster.dispatch(f"{name}.ping", {"n": n})
+                await eventually(lambda: len(received) >= 20)
+        assert sorted(received) == list(range(20))
