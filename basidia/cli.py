@@ -1,0 +1,220 @@
+"""The ``basidia`` command: ``run``, ``shell`` and ``bench``."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import code
+import concurrent.futures
+import inspect
+import platform
+import sys
+import threading
+import types
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Optional
+
+try:
+    import typer
+except ImportError as exc:  # pragma: no cover - the CLI extra is missing
+    raise ImportError("the basidia command needs an extra: pip install 'basidia[cli]'") from exc
+
+from basidia import IMPLEMENTATION, __version__
+from basidia.config import Config
+from basidia.errors import BasidiaError
+from basidia.loader import load_services
+from basidia.log import configure_logging
+from basidia.runner import Cluster, ServiceRunner, connect
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="basidia",
+    help="Run, call and measure Basidia services.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def version_text() -> str:
+    """What ``basidia --version`` prints: version, active core, Python."""
+    core = "compiled (c)" if IMPLEMENTATION == "c" else "pure Python (py)"
+    return (
+        f"basidia {__version__}, core: {core}, "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """Basidia: Nameko-style microservices for asyncio."""
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _load_config(config: Path | None, **overrides: Any) -> Config:
+    return Config.load(config, overrides={k: v for k, v in overrides.items() if v is not None})
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code=2)
+
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML or TOML config file.")
+BrokerOption = typer.Option(
+    None, "--broker", "-b", help="Broker URL: memory:// (default), amqp://..., nats://..."
+)
+
+
+@app.command()
+def run(
+    targets: list[str] = typer.Argument(
+        ..., help="Directories, .py files, modules or module:Class naming the services."
+    ),
+    broker: Optional[str] = BrokerOption,  # noqa: UP045 - typer reads the annotation
+    config: Optional[Path] = ConfigOption,  # noqa: UP045
+    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING..."),  # noqa: UP045
+    log_format: Optional[str] = typer.Option(None, help="text or json."),  # noqa: UP045
+    max_workers: Optional[int] = typer.Option(  # noqa: UP045
+        None, help="Calls each service handles at once."
+    ),
+    grace: Optional[float] = typer.Option(  # noqa: UP045
+        None, help="Seconds in-flight calls get to finish on SIGTERM."
+    ),
+) -> None:
+    """Run services until SIGTERM or Ctrl-C, then stop gracefully."""
+    try:
+        settings_config = _load_config(
+            config,
+            broker=broker,
+            log_level=log_level,
+            log_format=log_format,
+            max_workers=max_workers,
+            shutdown_grace=grace,
+        )
+        settings = settings_config.settings
+        configure_logging(settings.log_level, settings.log_format)
+        services = load_services(targets)
+        runner = ServiceRunner(services, config=settings_config)
+    except (BasidiaError, ImportError, TypeError, ValueError) as exc:
+        raise _fail(exc) from None
+    try:
+        run_async(runner.run())
+    except (BasidiaError, OSError) as exc:
+        raise _fail(exc) from None
+
+
+class AsyncConsole(code.InteractiveConsole):
+    """A Python console whose input may ``await`` (run on the services' event loop)."""
+
+    def __init__(self, namespace: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(namespace)
+        self.loop = loop
+        self.compile.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+    def runcode(self, code_object: types.CodeType) -> None:
+        function = types.FunctionType(code_object, self.locals)  # type: ignore[arg-type]
+        try:
+            result = function()
+            if inspect.iscoroutine(result):
+                asyncio.run_coroutine_threadsafe(result, self.loop).result()
+        except SystemExit:
+            raise
+        except BaseException:
+            self.showtraceback()
+
+
+@app.command()
+def shell(
+    targets: Optional[list[str]] = typer.Argument(  # noqa: UP045
+        None, help="Services to host in this process (on the memory broker by default)."
+    ),
+    broker: Optional[str] = BrokerOption,  # noqa: UP045
+    config: Optional[Path] = ConfigOption,  # noqa: UP045
+) -> None:
+    """An interactive console: ``await rpc.greeting_service.hello("World")``."""
+    try:
+        shell_config = _load_config(config, broker=broker)
+        configure_logging("WARNING")
+        services = load_services(targets) if targets else []
+    except (BasidiaError, ImportError) as exc:
+        raise _fail(exc) from None
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="basidia-shell-loop", daemon=True)
+    thread.start()
+
+    def on_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    runner = ServiceRunner(services, config=shell_config) if services else None
+    cluster: Cluster = connect(config=shell_config)
+    try:
+        if runner is not None:
+            on_loop(runner.start())
+        on_loop(cluster.start())
+    except (BasidiaError, ImportError, OSError, concurrent.futures.TimeoutError) as exc:
+        loop.call_soon_threadsafe(loop.stop)
+        raise _fail(exc) from None
+    hosted = ", ".join(runner.containers) if runner else "none (pass PATHs to host services)"
+    banner = (
+        f"{version_text()}\nbroker: {cluster.broker.safe_url}; services hosted here: {hosted}\n"
+        'Top-level await works: >>> await rpc.greeting_service.hello("World")\n'
+        "Also: dispatch(event, data), runner."
+    )
+    namespace = {
+        "rpc": cluster.rpc,
+        "dispatch": cluster.dispatch,
+        "runner": runner,
+        "cluster": cluster,
+        "asyncio": asyncio,
+    }
+    try:
+        AsyncConsole(namespace, loop).interact(banner=banner, exitmsg="")
+    finally:
+        on_loop(cluster.close())
+        if runner is not None:
+            on_loop(runner.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+
+
+def _register_bench() -> None:
+    try:
+        from basidia.bench import command
+    except ImportError:  # pragma: no cover - benchmark module not installed
+        return
+    app.command("bench")(command)
+
+
+_register_bench()
+
+
+def main() -> None:
+    """Entry point of the ``basidia`` console script."""
+    app(prog_name="basidia")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
