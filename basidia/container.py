@@ -100,6 +100,8 @@ class ServiceContainer:
         }
         self._injections: dict[str, Any] = {}
         self._per_call: list[tuple[str, DependencyProvider]] = []
+        self._replaced: dict[str, Any] = {}
+        self._set_up: list[str] = []
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._drained: asyncio.Event | None = None
@@ -130,11 +132,15 @@ class ServiceContainer:
                 entrypoint.spec  # noqa: B018 - validate type hints now, not on the first call
             for handler in self.event_entrypoints:
                 handler.decoders()
-            for provider in self.dependencies.values():
-                await provider.setup()
-            self._injections = {}
+            for name, provider in self.dependencies.items():
+                if name not in self._replaced:
+                    await provider.setup()
+                    self._set_up.append(name)
+            self._injections = dict(self._replaced)
             self._per_call = []
             for name, provider in self.dependencies.items():
+                if name in self._replaced:
+                    continue
                 if provider.per_call:
                     self._per_call.append((name, provider))
                 else:
@@ -184,10 +190,20 @@ class ServiceContainer:
             except Exception:
                 logger.exception("%s: could not cancel a subscription", self.service_name)
 
+    def replace_dependency(self, name: str, value: Any) -> None:
+        """Inject ``value`` instead of dependency ``name`` (tests); its provider is not set up."""
+        if name not in self.dependencies:
+            known = ", ".join(self.dependencies) or "none"
+            raise KeyError(f"{self.service_name} has no dependency {name!r} (it has: {known})")
+        self._replaced[name] = value
+        self._injections[name] = value
+        self._per_call = [(n, p) for n, p in self._per_call if n != name]
+
     async def _stop_dependencies(self) -> None:
-        for name, provider in reversed(self.dependencies.items()):
+        names, self._set_up = self._set_up, []
+        for name in reversed(names):
             try:
-                await provider.stop()
+                await self.dependencies[name].stop()
             except Exception:
                 logger.exception("%s: dependency %s failed to stop", self.service_name, name)
 
