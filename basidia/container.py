@@ -210,8 +210,8 @@ class ServiceContainer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop consuming, let in-flight calls finish within ``grace`` seconds, cancel the
         rest (their events go back to the broker), then stop the dependencies."""
-        if self.state in (State.STOPPED, State.STOPPING):
-            return
+        if self.state in (State.STOPPED, State.STOPPING, State.ERROR):
+            return  # ERROR: the failed start has already released everything
         if grace is None:
             grace = self.runtime.settings.shutdown_grace
         self.state = State.STOPPING

@@ -127,5 +127,5 @@ class ArgumentSpec:
             position = int(index)
             name = self.names[position] if position < len(self.names) else f"#{position}"
         detail = message[: match.start()]
-        where = f" (at {rest})" if rest else ""
+        where = f" (at {name}{rest})" if rest else ""
         return ValidationError(f"{self.qualname}: invalid argument {name!r}: {detail}{where}")
