@@ -28,7 +28,7 @@ class HandlerWatchdog:
         self.expired: set[asyncio.Task[Any]] = set()
 
     def watch(self, task: asyncio.Task[Any], deadline: float) -> set[asyncio.Task[Any]]:
-        """Cancel ``task`` at ``deadline``; the caller removes it from the returned set when done."""
+        """Cancel ``task`` at ``deadline``; remove it from the returned set when it is done."""
         slot = int(deadline * _SLOTS_PER_SECOND) + 1
         tasks = self._slots.get(slot)
         if tasks is None:

@@ -8,7 +8,6 @@ import code
 import concurrent.futures
 import inspect
 import platform
-import sys
 import threading
 import types
 from collections.abc import Coroutine
@@ -133,7 +132,7 @@ class AsyncConsole(code.InteractiveConsole):
         self.compile.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 
     def runcode(self, code_object: types.CodeType) -> None:
-        function = types.FunctionType(code_object, self.locals)  # type: ignore[arg-type]
+        function = types.FunctionType(code_object, self.locals)
         try:
             result = function()
             if inspect.iscoroutine(result):

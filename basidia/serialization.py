@@ -111,7 +111,7 @@ class ArgumentSpec:
             raise ValidationError(
                 f"{self.qualname}: takes {len(self.names)} arguments, {len(args)} given"
             )
-        bound = dict(zip(self.names, args))
+        bound = dict(zip(self.names, args, strict=False))
         for name, item in kwargs.items():
             if name in bound:
                 raise ValidationError(f"{self.qualname}: got multiple values for argument {name!r}")

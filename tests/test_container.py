@@ -102,7 +102,7 @@ async def test_failing_start_leaves_error_state_with_reason(memory_url: str) -> 
         async def ping(self) -> None: ...
 
     runner = ServiceRunner([NeedsMissing], broker=memory_url)
-    with pytest.raises(ConfigError, match="no provider for .*Missing"):
+    with pytest.raises(ConfigError, match=r"no provider for .*Missing"):
         await runner.start()
     container = runner.containers["needs_missing"]
     assert container.state is State.ERROR

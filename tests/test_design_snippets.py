@@ -12,8 +12,8 @@ from basidia.testing import ServiceTestCase
 pytestmark = pytest.mark.timeout(30)
 
 # ---- DESIGN.md §1, first snippet (verbatim) ---------------------------------------------
-from basidia import Service, rpc, event_handler, http_endpoint, Dependency, ConfigDependency, Config  # noqa: E402, E501, I001
-from starlette.responses import JSONResponse  # noqa: E402
+from basidia import Service, rpc, event_handler, http_endpoint, Dependency, ConfigDependency, Config
+from starlette.responses import JSONResponse
 
 class GreetingService(Service):
     name = "greeting_service"
@@ -54,7 +54,7 @@ class ApiService(Service):
         user = await self.user_service.get_user_greeting(int(request.path_params["user_id"]))
         return JSONResponse({"message": user})
 
-config = Config({"AMQP_URI": "amqp://guest:guest@localhost:5672/", "LOG_LEVEL": "INFO", "SERVICE_TIMEOUT": 30})  # noqa: E501
+config = Config({"AMQP_URI": "amqp://guest:guest@localhost:5672/", "LOG_LEVEL": "INFO", "SERVICE_TIMEOUT": 30})
 # ---- end of the first snippet ---------------------------------------------------------------
 
 # ---- DESIGN.md §1, the embedding snippet (verbatim; top-level await) ------------------------

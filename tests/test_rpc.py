@@ -205,7 +205,7 @@ async def test_deadline_exceeded_raises_rpc_timeout_and_leaks_no_task(cluster: C
     finished.clear()
     tasks_before = len(asyncio.all_tasks())
     started = time.monotonic()
-    with pytest.raises(RpcTimeout, match="calculator.slow"):
+    with pytest.raises(RpcTimeout, match=r"calculator\.slow"):
         await cluster.rpc.calculator.slow.with_timeout(0.3)(30)
     elapsed = time.monotonic() - started
     assert 0.3 <= elapsed < 1.0

@@ -25,11 +25,13 @@ from basidia.testing import unique_memory_url
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - without pytest-asyncio the fixtures are not offered
-    pytest_asyncio = None
+    HAVE_PYTEST_ASYNCIO = False
+else:
+    HAVE_PYTEST_ASYNCIO = True
 
 RunnerFactory = Callable[..., Awaitable[ServiceRunner]]
 
-if pytest_asyncio is not None:
+if HAVE_PYTEST_ASYNCIO:
 
     @pytest.fixture
     def basidia_broker_url() -> str:
