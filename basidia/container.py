@@ -411,7 +411,7 @@ class ServiceContainer:
         msgpack_decode, json_decode = handler.decoders()
         try:
             data = (json_decode if frame.flags & FLAG_JSON else msgpack_decode)(frame.payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             logger.error("%s.%s: invalid event data: %s", self.service_name, handler.name, exc)
             await self._dead_letter(delivery, f"invalid event data: {exc}")
             return

@@ -156,7 +156,7 @@ class RpcClient:
             headers[CALL_STACK_HEADER] = " ".join(ctx.call_id_stack)
         try:
             payload, flags = self._serializer.encode_args(args, kwargs)
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, msgspec.EncodeError, RecursionError) as exc:
             raise ValidationError(
                 f"{service}.{method}: arguments cannot be encoded: {exc}"
             ) from None
@@ -183,7 +183,12 @@ class RpcClient:
             router.discard(correlation_id)
             raise
         if reply.kind == Kind.REPLY:
-            return decode_any(reply.payload, reply.flags)
+            try:
+                return decode_any(reply.payload, reply.flags)
+            except (msgspec.DecodeError, RecursionError) as exc:
+                raise RemoteError(
+                    "MalformedReply", f"{service}.{method} sent an unreadable reply: {exc}"
+                ) from None
         raise error_from_frame(reply)
 
 

@@ -100,6 +100,8 @@ class ArgumentSpec:
             raise self._error(str(exc)) from None
         except msgspec.DecodeError as exc:
             raise ValidationError(f"{self.qualname}: undecodable arguments ({exc})") from None
+        except RecursionError:
+            raise ValidationError(f"{self.qualname}: arguments are nested too deeply") from None
 
     def _bind(self, value: Any) -> tuple[Any, ...]:
         if not (isinstance(value, (list, tuple)) and len(value) == 2):

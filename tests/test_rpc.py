@@ -28,7 +28,12 @@ from basidia import (
     register_error,
     rpc,
 )
+from basidia._speedups import Frame, Kind, decode_frame, encode_frame
+from basidia.brokers.memory import MemoryBroker
+from basidia.rpc import error_from_frame
 from basidia.runner import Cluster
+
+from .brokers.contract import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -273,3 +278,26 @@ async def test_calls_fail_fast_when_the_client_closes(memory_url: str) -> None:
         await cluster.close()
         with pytest.raises(ConnectionLost, match="closed"):
             await call
+
+
+async def test_deeply_nested_arguments_are_a_validation_error(
+    cluster: Cluster, memory_url: str
+) -> None:
+    deep: Any = None
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ValidationError, match="cannot be encoded"):
+        await cluster.rpc.calculator.echo(deep)
+    # The same bomb sent as raw bytes by a client that does not check: a typed error back.
+    broker = MemoryBroker(memory_url)
+    await broker.connect()
+    replies: list[bytes] = []
+    inbox = await broker.open_inbox(replies.append)
+    bomb = b"\x91" + b"\x91" * 100_000 + b"\xc0"
+    request = Frame(Kind.REQUEST, 7, "calculator.echo", bomb, inbox, 0)
+    await broker.send_request("calculator", encode_frame(request), correlation_id=7)
+    await eventually(lambda: len(replies) == 1)
+    await broker.close()
+    error = error_from_frame(decode_frame(replies[0]))
+    assert isinstance(error, ValidationError) and "nested too deeply" in str(error)
+    assert await cluster.rpc.calculator.add(1, 2) == 3
