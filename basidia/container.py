@@ -26,7 +26,6 @@ from basidia.errors import (
     ValidationError,
 )
 from basidia.middleware import Middleware, handle_chain
-from basidia.serialization import encode_value
 from basidia.service import EventHandler, HttpEndpoint, Rpc, Service
 
 if TYPE_CHECKING:
@@ -39,6 +38,9 @@ if TYPE_CHECKING:
 __all__ = ["Runtime", "ServiceContainer", "State"]
 
 logger = logging.getLogger("basidia.container")
+
+_msgpack_encode = msgspec.msgpack.Encoder().encode
+_json_encode = msgspec.json.Encoder().encode
 
 
 class State(str, enum.Enum):
@@ -101,6 +103,7 @@ class ServiceContainer:
         self._injections: dict[str, Any] = {}
         self._per_call: list[tuple[str, DependencyProvider]] = []
         self._replaced: dict[str, Any] = {}
+        self._rpc_routes: dict[str, tuple[Callable[..., Any], Callable[[bytes, int], Any]]] = {}
         self._set_up: list[str] = []
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -128,8 +131,11 @@ class ServiceContainer:
         self.state = State.STARTING
         self.error = None
         try:
-            for entrypoint in self.rpc_entrypoints.values():
-                entrypoint.spec  # noqa: B018 - validate type hints now, not on the first call
+            # Type hints are resolved now, not on the first call.
+            self._rpc_routes = {
+                name: (entrypoint.func, entrypoint.spec.decode)
+                for name, entrypoint in self.rpc_entrypoints.items()
+            }
             for handler in self.event_entrypoints:
                 handler.decoders()
             for name, provider in self.dependencies.items():
@@ -333,21 +339,22 @@ class ServiceContainer:
             await delivery.ack()
             return
         method = frame.target.rpartition(".")[2]
-        entrypoint = self.rpc_entrypoints.get(method)
+        route = self._rpc_routes.get(method)
         body: bytes | None
-        if entrypoint is None:
+        if route is None:
             body = self._error_body(
                 frame, MethodNotFound(f"{self.service_name} has no RPC method {method!r}")
             )
         else:
+            func, decode_args = route
             try:
-                args = entrypoint.spec.decode(frame.payload, frame.flags)
+                args = decode_args(frame.payload, frame.flags)
             except ValidationError as exc:
                 body = self._error_body(frame, exc)
             else:
                 ctx = CallContext(self.service_name, method, frame, deadline)
                 try:
-                    result = await self._handle_call(ctx, entrypoint.func, args)
+                    result = await self._handle_call(ctx, func, args)
                 except TimeoutError:
                     body = None  # the caller has timed out too: nobody waits for an answer
                 except RpcError as exc:
@@ -370,7 +377,8 @@ class ServiceContainer:
 
     def _reply_body(self, frame: Frame, result: Any) -> bytes:
         try:
-            payload = encode_value(result, frame.flags)
+            flags = frame.flags
+            payload = _json_encode(result) if flags & FLAG_JSON else _msgpack_encode(result)
             return encode_frame(
                 Frame(
                     Kind.REPLY,

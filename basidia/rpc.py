@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from basidia._speedups import Frame, Kind, ReplyRouter, decode_frame, encode_frame
+from basidia._speedups import FLAG_JSON, Frame, Kind, ReplyRouter, decode_frame, encode_frame
 from basidia.brokers.base import Broker
 from basidia.context import CALL_STACK_HEADER, current_call
 from basidia.errors import (
@@ -23,7 +23,7 @@ from basidia.errors import (
     ValidationError,
 )
 from basidia.middleware import Middleware, OutgoingCall, call_chain
-from basidia.serialization import Serializer, decode_any
+from basidia.serialization import Serializer
 
 __all__ = ["ClusterProxy", "MethodProxy", "RpcClient", "ServiceProxy", "error_from_frame"]
 
@@ -38,6 +38,8 @@ class _ErrorPayload(msgspec.Struct):
 
 
 _decode_error = msgspec.msgpack.Decoder(_ErrorPayload).decode
+_msgpack_decode = msgspec.msgpack.Decoder().decode
+_json_decode = msgspec.json.Decoder().decode
 
 
 def error_from_frame(frame: Frame) -> RpcError:
@@ -184,7 +186,9 @@ class RpcClient:
             raise
         if reply.kind == Kind.REPLY:
             try:
-                return decode_any(reply.payload, reply.flags)
+                if reply.flags & FLAG_JSON:
+                    return _json_decode(reply.payload)
+                return _msgpack_decode(reply.payload)
             except (msgspec.DecodeError, RecursionError) as exc:
                 raise RemoteError(
                     "MalformedReply", f"{service}.{method} sent an unreadable reply: {exc}"
@@ -204,7 +208,12 @@ class MethodProxy:
         self._timeout = timeout
 
     def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
-        return self._client.call(self._service, self._method, args, kwargs, self._timeout)
+        client = self._client
+        if client._chain is None:  # no middleware: skip a layer
+            return client._call(
+                self._service, self._method, args, kwargs, self._timeout or client.timeout, None
+            )
+        return client.call(self._service, self._method, args, kwargs, self._timeout)
 
     def with_timeout(self, timeout: float) -> MethodProxy:
         """The same method with a different per-call timeout (seconds)."""

@@ -13,7 +13,7 @@ import msgspec
 from basidia._speedups import FLAG_JSON, FLAG_KWARGS
 from basidia.errors import ValidationError
 
-__all__ = ["ArgumentSpec", "Serializer", "decode_any", "encode_value"]
+__all__ = ["ArgumentSpec", "Serializer", "decode_any"]
 
 
 class Serializer:
@@ -37,15 +37,8 @@ class Serializer:
         return self.encode(args), self.flags
 
 
-_MSGPACK_ENCODE = msgspec.msgpack.Encoder().encode
-_JSON_ENCODE = msgspec.json.Encoder().encode
 _MSGPACK_DECODE = msgspec.msgpack.Decoder().decode
 _JSON_DECODE = msgspec.json.Decoder().decode
-
-
-def encode_value(value: Any, flags: int) -> bytes:
-    """Encode a reply value in the format a request used."""
-    return _JSON_ENCODE(value) if flags & FLAG_JSON else _MSGPACK_ENCODE(value)
 
 
 def decode_any(payload: bytes, flags: int) -> Any:

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,17 +86,41 @@ class _EventDelivery(Delivery):
 
 
 class _Queue:
-    """A named queue with competing consumers."""
+    """A named queue with competing consumers.
+
+    Leaner than ``asyncio.Queue`` (pure Python, several calls per item): a
+    delivery goes straight to a waiting consumer's future when there is one.
+    """
 
     def __init__(self, hub: _Hub, name: str, event: str = "") -> None:
         self.hub = hub
         self.name = name
         self.event = event
-        self.items: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.items: deque[Delivery] = deque()
+        self.waiters: deque[asyncio.Future[Delivery]] = deque()
         self.consumers = 0
 
     def put(self, delivery: Delivery) -> None:
-        self.items.put_nowait(delivery)
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(delivery)
+                return
+        self.items.append(delivery)
+
+    async def get(self) -> Delivery:
+        if self.items:
+            return self.items.popleft()
+        waiter: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # Cancelled after a delivery was handed over: give it back, first in line.
+            if waiter.done() and not waiter.cancelled():
+                self.items.appendleft(waiter.result())
+            raise
 
 
 class _MemorySubscription(Subscription):
@@ -119,13 +144,13 @@ class _MemorySubscription(Subscription):
     async def _work(self) -> None:
         task = asyncio.current_task()
         assert task is not None
-        items = self._queue.items
+        get = self._queue.get
         handler = self._handler
         idle = self._idle
         while not self._cancelled:
             idle.add(task)
             try:
-                delivery = await items.get()
+                delivery = await get()
             finally:
                 idle.discard(task)
             try:
@@ -245,10 +270,13 @@ class MemoryBroker(Broker):
         return self._subscribe(queue, handler, concurrency)
 
     async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
-        queue = self._connected_hub().requests.get(service)
+        hub = self._hub
+        if hub is None:
+            raise BrokerError(f"{self!r} is not connected")
+        queue = hub.requests.get(service)
         if queue is None or not queue.consumers:
             raise ServiceUnavailable(f"no instance of service {service!r} is running")
-        queue.items.put_nowait(_RequestDelivery(body))
+        queue.put(_RequestDelivery(body))
 
     async def open_inbox(self, handler: InboxHandler) -> str:
         hub = self._connected_hub()
@@ -258,7 +286,10 @@ class MemoryBroker(Broker):
         return address
 
     async def send_reply(self, reply_to: str, body: bytes) -> None:
-        handler = self._connected_hub().inboxes.get(reply_to)
+        hub = self._hub
+        if hub is None:
+            raise BrokerError(f"{self!r} is not connected")
+        handler = hub.inboxes.get(reply_to)
         if handler is not None:
             handler(body)
 
