@@ -9,6 +9,7 @@ import concurrent.futures
 import inspect
 import platform
 import threading
+import traceback
 import types
 from collections.abc import Coroutine
 from pathlib import Path
@@ -21,10 +22,11 @@ except ImportError as exc:  # pragma: no cover - the CLI extra is missing
 
 from basidia import IMPLEMENTATION, __version__
 from basidia.config import Config
-from basidia.errors import BasidiaError
+from basidia.errors import BasidiaError, ConfigError
 from basidia.loader import load_services
 from basidia.log import configure_logging
 from basidia.runner import Cluster, ServiceRunner, connect
+from basidia.service import Service
 
 __all__ = ["app", "main"]
 
@@ -79,6 +81,18 @@ def _fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _load(targets: list[str]) -> list[type[Service]]:
+    """Load services; an error in the user's code gets its traceback and a clear exit."""
+    try:
+        return load_services(targets)
+    except BasidiaError:
+        raise
+    except Exception as exc:
+        traceback.print_exc()
+        what = " ".join(targets)
+        raise ConfigError(f"loading {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML or TOML config file.")
 BrokerOption = typer.Option(
     None, "--broker", "-b", help="Broker URL: memory:// (default), amqp://..., nats://..."
@@ -100,6 +114,25 @@ def run(
     grace: Optional[float] = typer.Option(  # noqa: UP045
         None, help="Seconds in-flight calls get to finish on SIGTERM."
     ),
+    # -- HTTP (basidia/http, issue 6) --
+    http: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--http",
+        metavar="HOST:PORT",
+        help="Serve HTTP endpoints, the management API and health probes here "
+        "(default 127.0.0.1:8000); 'off' turns HTTP off.",
+    ),
+    management: Optional[bool] = typer.Option(  # noqa: UP045
+        None, "--management/--no-management", help="Serve the management API (default: on)."
+    ),
+    management_token: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--management-token",
+        metavar="TOKEN",
+        help="Bearer token the management API requires; needed beyond loopback. "
+        "Prefer BASIDIA_HTTP__TOKEN: other users can read command lines.",
+    ),
+    # -- end HTTP --
 ) -> None:
     """Run services until SIGTERM or Ctrl-C, then stop gracefully."""
     try:
@@ -110,17 +143,46 @@ def run(
             log_format=log_format,
             max_workers=max_workers,
             shutdown_grace=grace,
+            **{"http.listen": http, "http.management": management, "http.token": management_token},
         )
         settings = settings_config.settings
         configure_logging(settings.log_level, settings.log_format)
-        services = load_services(targets)
+        services = _load(targets)
         runner = ServiceRunner(services, config=settings_config)
+        main = _run_with_http(runner)  # HTTP (issue 6): runner.run(), with the HTTP server
     except (BasidiaError, ImportError, TypeError, ValueError) as exc:
         raise _fail(exc) from None
     try:
-        run_async(runner.run())
+        run_async(main)
     except (BasidiaError, OSError) as exc:
         raise _fail(exc) from None
+
+
+# -- HTTP (basidia/http, issue 6) --------------------------------------------------------
+
+
+def _run_with_http(runner: ServiceRunner) -> Coroutine[Any, Any, None]:
+    """``runner.run()``, with the HTTP server that ``http.listen`` asks for.
+
+    Without the ``http`` extra, HTTP is off with a notice, unless it was asked for.
+    """
+    listen = runner.config.get("http.listen")
+    off = listen is False or (
+        listen is not None and str(listen).strip().lower() in ("off", "false", "no", "none", "")
+    )
+    try:
+        from basidia.http.server import http_server_for, serve
+    except ImportError:
+        if listen is not None and not off:  # asked for explicitly
+            raise ImportError("--http needs an extra: pip install 'basidia[http]'") from None
+        if listen is None:
+            typer.echo("notice: HTTP is off; pip install 'basidia[http]' to serve it", err=True)
+        return runner.run()
+    server = http_server_for(runner)
+    return runner.run() if server is None else serve(runner, server)
+
+
+# -- end HTTP ------------------------------------------------------------------------------
 
 
 class AsyncConsole(code.InteractiveConsole):
@@ -155,7 +217,7 @@ def shell(
     try:
         shell_config = _load_config(config, broker=broker)
         configure_logging("WARNING")
-        services = load_services(targets) if targets else []
+        services = _load(targets) if targets else []
     except (BasidiaError, ImportError) as exc:
         raise _fail(exc) from None
 

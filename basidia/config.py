@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,12 @@ _SECRET_KEY = re.compile(r"pass|secret|token|credential|private", re.IGNORECASE)
 _MISSING = object()
 
 
+# Only text that reads back unchanged becomes a number: "0042", "1_000" or "Infinity"
+# (a PIN, an id, a password) stay strings.
+_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+
 def _scalar(text: str) -> Any:
     """Read an environment or substituted value as a bool, number or string."""
     lowered = text.strip().lower()
@@ -40,11 +46,10 @@ def _scalar(text: str) -> Any:
         return True
     if lowered in ("false", "no", "off"):
         return False
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
     return text
 
 
@@ -70,6 +75,23 @@ def _substitute(value: Any, environ: Mapping[str, str]) -> Any:
     if isinstance(value, list):
         return [_substitute(item, environ) for item in value]
     return value
+
+
+# Setting name → keys accepted for it, first found wins (Nameko-compatible aliases).
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "broker": ("broker", "broker_url", "amqp_uri"),
+    "rpc_timeout": ("rpc_timeout", "service_timeout"),
+}
+
+
+def _layer(below: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge a higher-precedence layer: a setting it names under any alias hides every
+    alias of that setting below (env ``BASIDIA_AMQP_URI`` beats a file's ``broker``)."""
+    top_keys = {key.lower() for key in top}
+    for aliases in _ALIASES.values():
+        if top_keys.intersection(aliases):
+            below = {k: v for k, v in below.items() if k.lower() not in aliases}
+    return _merge(below, top)
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,13 +122,15 @@ def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _redacted(value: Any, key: str = "") -> Any:
+    """``value`` with secrets hidden: everything under a secret-looking key, URL passwords."""
+    if key and _SECRET_KEY.search(key) and value is not None:
+        return "***"
     if isinstance(value, Mapping):
         return {k: _redacted(v, str(k)) for k, v in value.items()}
-    if isinstance(value, str):
-        if key and _SECRET_KEY.search(key):
-            return "***"
-        if "://" in value:
-            return redact_url(value)
+    if isinstance(value, (list, tuple)):
+        return [_redacted(item) for item in value]
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
     return value
 
 
@@ -130,16 +154,19 @@ class Config(Mapping[str, Any]):
         ``overrides`` (CLI options) may use dotted keys.
         """
         environ = os.environ if environ is None else environ
-        data = _merge({}, base or {})
-        if path is not None:
-            data = _merge(data, _read_file(Path(path), environ))
         env_values = {
             name[len(ENV_PREFIX) :].lower().replace("__", "."): _scalar(value)
             for name, value in environ.items()
             if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)
         }
-        data = _merge(data, _nest(env_values))
-        data = _merge(data, _nest(dict(overrides or {})))
+        layers: list[Mapping[str, Any]] = [base or {}]
+        if path is not None:
+            layers.append(_read_file(Path(path), environ))
+        layers.append(_nest(env_values))
+        layers.append(_nest(dict(overrides or {})))
+        data: dict[str, Any] = {}
+        for layer in layers:
+            data = _layer(data, layer)
         return cls(data)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -174,7 +201,7 @@ class Config(Mapping[str, Any]):
 
     def merged(self, other: Mapping[str, Any]) -> Config:
         """A new config with ``other`` (dotted keys allowed) over this one."""
-        return Config(_merge(self._data, _nest(dict(other))))
+        return Config(_layer(self._data, _nest(dict(other))))
 
     def to_dict(self) -> dict[str, Any]:
         """The values as a plain nested dict (secrets included: do not log it)."""
@@ -215,13 +242,6 @@ def _read_file(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     return substituted
 
 
-# Setting name → keys accepted for it, first found wins (Nameko-compatible aliases).
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "broker": ("broker", "broker_url", "amqp_uri"),
-    "rpc_timeout": ("rpc_timeout", "service_timeout"),
-}
-
-
 @dataclass(frozen=True)
 class Settings:
     """Basidia's own settings with their defaults."""
@@ -253,21 +273,17 @@ class Settings:
                 if value is not _MISSING:
                     values[name] = value
                     break
-        try:
-            settings = cls(
-                broker=str(values.get("broker", cls.broker)),
-                rpc_timeout=float(values.get("rpc_timeout", cls.rpc_timeout)),
-                max_workers=int(values.get("max_workers", cls.max_workers)),
-                serializer=str(values.get("serializer", cls.serializer)),
-                shutdown_grace=float(values.get("shutdown_grace", cls.shutdown_grace)),
-                event_max_attempts=int(values.get("event_max_attempts", cls.event_max_attempts)),
-                max_frame_size=int(values.get("max_frame_size", cls.max_frame_size)),
-                log_level=str(values.get("log_level", cls.log_level)).upper(),
-                log_format=str(values.get("log_format", cls.log_format)),
-                broker_options=dict(values.get("broker_options") or {}),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid setting: {exc}") from None
+        converted: dict[str, Any] = {}
+        for name, value in values.items():
+            kind = _SETTING_TYPES[name]
+            try:
+                converted[name] = kind(value)
+            except (TypeError, ValueError):
+                what = {int: "an integer", float: "a number", dict: "a mapping"}.get(kind, "text")
+                raise ConfigError(f"{name} must be {what}, got {value!r}") from None
+        if "log_level" in converted:
+            converted["log_level"] = converted["log_level"].upper()
+        settings = cls(**converted)
         settings.check()
         return settings
 
@@ -287,5 +303,23 @@ class Settings:
             raise ConfigError(
                 f"max_frame_size must be between 1024 and {HARD_MAX_FRAME_SIZE} bytes"
             )
+        if self.log_level not in _LOG_LEVELS:
+            levels = ", ".join(sorted(_LOG_LEVELS))
+            raise ConfigError(f"log_level must be one of {levels}, got {self.log_level!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+
+
+_SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
+    "broker": str,
+    "rpc_timeout": float,
+    "max_workers": int,
+    "serializer": str,
+    "shutdown_grace": float,
+    "event_max_attempts": int,
+    "max_frame_size": int,
+    "log_level": str,
+    "log_format": str,
+    "broker_options": dict,
+}
+_LOG_LEVELS = frozenset({"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"})

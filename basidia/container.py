@@ -35,7 +35,10 @@ if TYPE_CHECKING:
     from basidia.events import EventPublisher
     from basidia.rpc import RpcClient
 
-__all__ = ["Runtime", "ServiceContainer", "State"]
+__all__ = ["Observer", "Runtime", "ServiceContainer", "State"]
+
+#: Called after every entrypoint call with (context, arguments, exception, result).
+Observer = Callable[[CallContext, tuple[Any, ...], "BaseException | None", Any], None]
 
 logger = logging.getLogger("basidia.container")
 
@@ -109,7 +112,7 @@ class ServiceContainer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._drained: asyncio.Event | None = None
         self._handle = handle_chain(runtime.middleware, self._run_handler)
-        self._observers: list[Callable[[str, BaseException | None, Any], None]] = []
+        self._observers: list[Observer] = []
         self._max_frame_size = settings.max_frame_size
         self._limit: asyncio.Semaphore | None = None
         self._watchdog = HandlerWatchdog()
@@ -262,12 +265,10 @@ class ServiceContainer:
     async def _handle_call(
         self, ctx: CallContext, func: Callable[..., Any], args: tuple[Any, ...]
     ) -> Any:
-        """Run a handler in this task: tracked for shutdown, cancelled at its deadline
-        (raising ``TimeoutError``), through the middleware when there is any."""
+        """Run a handler in this (tracked) task: cancelled at its deadline (raising
+        ``TimeoutError``), through the middleware when there is any."""
         task = asyncio.current_task()
         assert task is not None
-        tasks = self._tasks
-        tasks.add(task)
         token = current_call.set(ctx)
         watchdog = self._watchdog
         watched = watchdog.watch(task, ctx.deadline) if ctx.deadline else None
@@ -294,13 +295,13 @@ class ServiceContainer:
             stats.errors += 1
             stats.last_error = f"{type(exc).__name__}: {exc}"
             if self._observers:
-                self._observe(ctx.entrypoint, exc, None)
+                self._observe(ctx, args, exc, None)
             if isinstance(exc, TimeoutError):
                 raise exc from None
             raise
         else:
             if self._observers:
-                self._observe(ctx.entrypoint, None, result)
+                self._observe(ctx, args, None, result)
             return result
         finally:
             if watched is not None:
@@ -308,15 +309,34 @@ class ServiceContainer:
             stats.handled += 1
             stats.processing_time += time.perf_counter() - start
             current_call.reset(token)
-            tasks.discard(task)
-            if not tasks and self._drained is not None:
-                self._drained.set()
 
-    def _observe(self, entrypoint: str, exc: BaseException | None, result: Any) -> None:
+    def _observe(
+        self, ctx: CallContext, args: tuple[Any, ...], exc: BaseException | None, result: Any
+    ) -> None:
         for observer in list(self._observers):
-            observer(entrypoint, exc, result)
+            observer(ctx, args, exc, result)
+
+    def _track(self) -> asyncio.Task[Any]:
+        """Count this task as work in flight until ``_untrack``: from delivery to settlement."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        return task
+
+    def _untrack(self, task: asyncio.Task[Any]) -> None:
+        tasks = self._tasks
+        tasks.discard(task)
+        if not tasks and self._drained is not None:
+            self._drained.set()
 
     async def _on_request(self, delivery: Delivery) -> None:
+        task = self._track()
+        try:
+            await self._serve_request(delivery)
+        finally:
+            self._untrack(task)
+
+    async def _serve_request(self, delivery: Delivery) -> None:
         try:
             frame = decode_frame(delivery.body, self._max_frame_size)
         except FrameError as exc:
@@ -407,6 +427,13 @@ class ServiceContainer:
         return error_reply(frame.correlation_id, exc, frame.target)
 
     async def _on_event(self, handler: EventHandler, delivery: Delivery) -> None:
+        task = self._track()
+        try:
+            await self._serve_event(handler, delivery)
+        finally:
+            self._untrack(task)
+
+    async def _serve_event(self, handler: EventHandler, delivery: Delivery) -> None:
         try:
             frame = decode_frame(delivery.body, self._max_frame_size)
             if frame.kind != Kind.EVENT:
@@ -471,7 +498,11 @@ class ServiceContainer:
         frame = Frame(Kind.REQUEST, 0, f"{self.service_name}.{name}", b"", "direct")
         ctx = CallContext(self.service_name, name, frame, time.time() + timeout)
         bound = _bind(entrypoint.func, args, kwargs)
-        return await self._handle_call(ctx, entrypoint.func, bound)
+        task = self._track()
+        try:
+            return await self._handle_call(ctx, entrypoint.func, bound)
+        finally:
+            self._untrack(task)
 
 
 def _bind(

@@ -68,9 +68,12 @@ def _load_one(target: str) -> list[type[Service]]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ConfigError(
-            f"{target!r} is neither a path nor an importable module ({exc})"
-        ) from None
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(f"{missing}."):
+            raise ConfigError(
+                f"{target!r} is neither a path nor an importable module ({exc})"
+            ) from None
+        raise ConfigError(f"importing {module_name} failed: {exc}") from None
     if not class_name:
         return _services_in(module)
     service = getattr(module, class_name, None)

@@ -30,18 +30,24 @@ _ADAPTERS: dict[str, tuple[str, str, str]] = {
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe for logs and reprs."""
+    """``url`` with its credentials hidden, safe for logs and reprs.
+
+    A password becomes ``***``; so does a user part without one on NATS URLs,
+    where it is the authentication token.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable URL>"
-    if parts.password is None:
+    credentials, at, host = parts.netloc.rpartition("@")
+    if not at:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user, colon, _password = credentials.partition(":")
+    if colon:
+        credentials = f"{user}:***"
+    elif parts.scheme.lower() in ("nats", "tls", "ws", "wss"):
+        credentials = "***"
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{host}"))
 
 
 def broker_from_url(url: str, options: Mapping[str, Any] | None = None) -> Broker:

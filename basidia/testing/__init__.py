@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from unittest.mock import AsyncMock, MagicMock
 
 from basidia.container import ServiceContainer
+from basidia.context import CallContext
 from basidia.dependencies import ConfigDependency, Dependency, DependencyProvider, EventDispatcher
 from basidia.rpc import ClusterProxy
 from basidia.runner import Cluster, ServiceRunner, connect
@@ -153,10 +154,12 @@ async def entrypoint_hook(
 
 @dataclass
 class EntrypointResult:
-    """What the awaited entrypoint call returned or raised."""
+    """An entrypoint call: what it returned or raised, with its arguments and context."""
 
     result: Any = None
     exception: BaseException | None = None
+    args: tuple[Any, ...] = ()
+    context: CallContext | None = None
 
 
 @asynccontextmanager
@@ -169,7 +172,8 @@ async def entrypoint_waiter(
 ) -> AsyncIterator[EntrypointResult]:
     """On leaving the block, wait until entrypoint ``name`` has completed a call.
 
-    ``callback`` can reject calls (return False) to wait for a particular one.
+    ``callback`` can reject calls (return False) to wait for a particular one; it sees
+    the call's result, exception, arguments and context.
     Raises ``TimeoutError`` if no matching call completes within ``timeout``.
     """
     if name not in container.service_cls.__entrypoints__:
@@ -177,12 +181,15 @@ async def entrypoint_waiter(
     outcome = EntrypointResult()
     done = asyncio.Event()
 
-    def observe(entrypoint: str, exc: BaseException | None, result: Any) -> None:
-        if entrypoint != name or done.is_set():
+    def observe(
+        ctx: CallContext, args: tuple[Any, ...], exc: BaseException | None, result: Any
+    ) -> None:
+        if ctx.entrypoint != name or done.is_set():
             return
-        candidate = EntrypointResult(result, exc)
+        candidate = EntrypointResult(result, exc, args, ctx)
         if callback is None or callback(candidate):
             outcome.result, outcome.exception = result, exc
+            outcome.args, outcome.context = args, ctx
             done.set()
 
     container._observers.append(observe)
