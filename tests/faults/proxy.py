@@ -34,8 +34,7 @@ TASK_NAME_PREFIX = "FaultProxy"
 @dataclass
 class _Faults:
     down: bool = False
-    blackhole_up: bool = False
-    blackhole_down: bool = False
+    blackholed: frozenset[Direction] = frozenset()
     latency: float = 0.0
     bytes_per_second: float | None = None
     cut_after: int | None = None
@@ -130,8 +129,7 @@ class FaultProxy:
         would after a healed partition. While held, the sender is pushed back on once the proxy's
         and the kernel's buffers are full.
         """
-        self._faults.blackhole_up = direction in ("up", "both")
-        self._faults.blackhole_down = direction in ("down", "both")
+        self._faults.blackholed = frozenset(("up", "down") if direction == "both" else (direction,))
         self._notify()
 
     def latency(self, seconds: float) -> None:
@@ -155,26 +153,19 @@ class FaultProxy:
         and from accept for new ones. The last chunk is truncated so exactly ``n_bytes`` pass,
         then both sockets are closed (FIN, after the truncated data is flushed).
         """
-        if n_bytes < 0:
-            raise ValueError("n_bytes must be >= 0")
+        if n_bytes < 1:
+            raise ValueError("n_bytes must be >= 1; use down() to close connections at once")
         self._faults.cut_after = n_bytes
-        for link in list(self._links):
+        for link in self._links:
             link.forwarded_since_cut = 0
-            if n_bytes == 0:
-                link.close()
 
     def _notify(self) -> None:
         # Waiters hold the old event; replacing it before setting wakes each of them exactly once.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _is_blackholed(self, direction: Direction) -> bool:
-        if direction == "up":
-            return self._faults.blackhole_up
-        return self._faults.blackhole_down
-
     async def _until_flowing(self, direction: Direction) -> None:
-        while self._is_blackholed(direction):
+        while direction in self._faults.blackholed:
             await self._changed.wait()
 
     def _on_client(

@@ -1,4 +1,4 @@
-"""Throw-away brokers for fault tests: child processes on ephemeral loopback ports.
+"""Throw-away brokers for fault tests: child processes on free loopback ports.
 
 Each broker owns a temporary directory for its data and logs and keeps its ports across
 ``kill()`` and ``restart()``, so durable state survives a crash like it would in production.
@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
@@ -27,6 +28,11 @@ _READY_POLL_INTERVAL = 0.1
 _PROBE_TIMEOUT = 5.0
 _LOG_TAIL_LINES = 30
 
+# Below Linux's ephemeral range (32768 and up by default), so no outgoing connection can take a
+# killed broker's port before restart() binds it again; also clear of the shared brokers' ports.
+_PORT_RANGE = (20000, 25000)
+_ports_handed_out: set[int] = set()
+
 _Broker = TypeVar("_Broker", bound="_BrokerProcess")
 
 
@@ -35,10 +41,17 @@ class BrokerStartError(RuntimeError):
 
 
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (the usual small race applies)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+    """A loopback TCP port that is free now and not handed out before by this process."""
+    while True:
+        port = random.randrange(*_PORT_RANGE)
+        if port in _ports_handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_handed_out.add(port)
         return port
 
 
@@ -71,11 +84,6 @@ class _BrokerProcess:
     def running(self) -> bool:
         """Whether the broker process is alive (paused counts as alive)."""
         return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """The broker's process id while it runs."""
-        return self._process.pid if self.running and self._process else None
 
     async def start(self) -> None:
         """Start the broker and wait until it serves clients."""
@@ -155,7 +163,7 @@ class _BrokerProcess:
             self._signal_tree(signal.SIGCONT)
             self._paused = False
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Kill the broker and delete its data directory."""
         self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -164,7 +172,7 @@ class _BrokerProcess:
         try:
             await self.start()
         except BaseException:
-            await self.close()
+            self.close()
             raise
         return self
 
@@ -174,7 +182,7 @@ class _BrokerProcess:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self.close()
+        self.close()
 
     def log_tail(self) -> str:
         """The last lines the broker printed, for error messages."""
@@ -291,6 +299,7 @@ class RabbitServer(_BrokerProcess):
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
     def _write_files(self) -> None:
+        """Write the node's config, plugin list and cookie; override to append to rabbitmq.conf."""
         for sub in ("mnesia", "log", "home"):
             (self.data_dir / sub).mkdir()
         (self.data_dir / "rabbitmq.conf").write_text(
@@ -347,6 +356,15 @@ class RabbitServer(_BrokerProcess):
         # Imported here so NatsServer works without the AMQP extra installed.
         import aiormq
 
+        # The listener opens last in the boot; until then a bare connect fails quietly, where
+        # aiormq would log an error for every attempt.
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
         try:
             connection = await asyncio.wait_for(aiormq.connect(self.url), _PROBE_TIMEOUT)
         except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError):
