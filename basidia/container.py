@@ -332,68 +332,67 @@ class ServiceContainer:
     async def _on_request(self, delivery: Delivery) -> None:
         task = self._track()
         try:
-            await self._serve_request(delivery)
+            frame = self._accept_request(delivery.body)
+            if frame is not None:
+                body = await self._answer(frame)
+                if body is not None and frame.reply_to:
+                    await self.runtime.broker.send_reply(frame.reply_to, body)
+            await delivery.ack()
         finally:
             self._untrack(task)
 
-    async def _serve_request(self, delivery: Delivery) -> None:
+    def _accept_request(self, body: bytes) -> Frame | None:
+        """The request frame in ``body``; None (logged, counted) if it must be dropped."""
         try:
-            frame = decode_frame(delivery.body, self._max_frame_size)
+            frame = decode_frame(body, self._max_frame_size)
         except FrameError as exc:
             # Without a frame there is no trustworthy reply address: log, count, drop.
             self.stats.malformed += 1
             logger.error("%s: rejected a malformed request frame: %s", self.service_name, exc)
-            await delivery.ack()
-            return
+            return None
         if frame.kind != Kind.REQUEST:
             self.stats.malformed += 1
             logger.error(
                 "%s: rejected a %s frame on the request queue", self.service_name, _kind(frame)
             )
-            await delivery.ack()
-            return
-        deadline = frame.deadline / 1000.0
-        if deadline and deadline <= time.time():
+            return None
+        if frame.deadline and frame.deadline <= time.time() * 1000:
             self.stats.expired += 1
             logger.debug("%s: dropped an expired request for %s", self.service_name, frame.target)
-            await delivery.ack()
-            return
+            return None
+        return frame
+
+    async def _answer(self, frame: Frame) -> bytes | None:
+        """The reply or error frame for a request; None when the caller has given up."""
         method = frame.target.rpartition(".")[2]
         route = self._rpc_routes.get(method)
-        body: bytes | None
         if route is None:
-            body = self._error_body(
+            return self._error_body(
                 frame, MethodNotFound(f"{self.service_name} has no RPC method {method!r}")
             )
-        else:
-            func, decode_args = route
-            try:
-                args = decode_args(frame.payload, frame.flags)
-            except ValidationError as exc:
-                body = self._error_body(frame, exc)
-            else:
-                ctx = CallContext(self.service_name, method, frame, deadline)
-                try:
-                    result = await self._handle_call(ctx, func, args)
-                except TimeoutError:
-                    body = None  # the caller has timed out too: nobody waits for an answer
-                except RpcError as exc:
-                    body = self._error_body(frame, exc)
-                except Exception as exc:
-                    logger.warning(
-                        "%s.%s raised %s: %s",
-                        self.service_name,
-                        method,
-                        type(exc).__name__,
-                        exc,
-                        exc_info=logger.isEnabledFor(logging.DEBUG),
-                    )
-                    body = self._error_body(frame, RemoteError(type(exc).__name__, str(exc)))
-                else:
-                    body = self._reply_body(frame, result)
-        if body is not None and frame.reply_to:
-            await self.runtime.broker.send_reply(frame.reply_to, body)
-        await delivery.ack()
+        func, decode_args = route
+        try:
+            args = decode_args(frame.payload, frame.flags)
+        except ValidationError as exc:
+            return self._error_body(frame, exc)
+        ctx = CallContext(self.service_name, method, frame, frame.deadline / 1000.0)
+        try:
+            result = await self._handle_call(ctx, func, args)
+        except TimeoutError:
+            return None  # the caller has timed out too: nobody waits for an answer
+        except RpcError as exc:
+            return self._error_body(frame, exc)
+        except Exception as exc:
+            logger.warning(
+                "%s.%s raised %s: %s",
+                self.service_name,
+                method,
+                type(exc).__name__,
+                exc,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+            return self._error_body(frame, RemoteError(type(exc).__name__, str(exc)))
+        return self._reply_body(frame, result)
 
     def _reply_body(self, frame: Frame, result: Any) -> bytes:
         try:
