@@ -53,16 +53,19 @@ from basidia._speedups._frames_py import FrameReader, decode_frame, encode_frame
 from basidia._speedups._router_py import ReplyRouter  # noqa: E402
 
 IMPLEMENTATION = "py"
+#: Why the compiled core is not in use, or None when it is (for diagnostics and tests).
+_FALLBACK_REASON: str | None = "BASIDIA_NO_EXTENSIONS or a non-CPython interpreter"
 
 if not TYPE_CHECKING and not NO_EXTENSIONS:  # pragma: no branch
     try:
-        from basidia._speedups._frames_c import (  # type: ignore[import-not-found]
-            FrameReader,
-            decode_frame,
-            encode_frame,
-        )
-        from basidia._speedups._router_c import ReplyRouter  # type: ignore[import-not-found]
-
+        # All or nothing: a half-compiled install runs the pure twins throughout.
+        from basidia._speedups import _frames_c, _router_c
+    except ImportError as exc:  # pragma: no cover - no compiled core in this install
+        _FALLBACK_REASON = f"{type(exc).__name__}: {exc}"
+    else:
+        FrameReader = _frames_c.FrameReader
+        decode_frame = _frames_c.decode_frame
+        encode_frame = _frames_c.encode_frame
+        ReplyRouter = _router_c.ReplyRouter
         IMPLEMENTATION = "c"
-    except ImportError:  # pragma: no cover - no compiled core in this install
-        pass
+        _FALLBACK_REASON = None

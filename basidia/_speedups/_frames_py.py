@@ -32,9 +32,9 @@ _KNOWN_FLAGS = 0x03  # FLAG_JSON | FLAG_KWARGS
 _U64_MAX = (1 << 64) - 1
 
 
-def _check_prefix(data: bytes | bytearray | memoryview, max_size: int) -> int:
-    """Validate the 8-byte prefix and return the declared total length."""
-    version, kind, flags, count, total = _PREFIX.unpack_from(data, 0)
+def _check_prefix(data: bytes | bytearray | memoryview, max_size: int, offset: int = 0) -> int:
+    """Validate the 8-byte prefix at ``offset`` and return the declared total length."""
+    version, kind, flags, count, total = _PREFIX.unpack_from(data, offset)
     if version != FRAME_VERSION:
         raise FrameError(f"unsupported frame version {version}")
     if kind < 1 or kind > _MAX_KIND:
@@ -185,19 +185,28 @@ class FrameReader:
         buffer = self._buffer
         buffer += data
         frames: list[Frame] = []
+        # Frames are decoded where they lie and the consumed bytes dropped once,
+        # at the end, so a chunk holding many frames costs linear, not quadratic, time.
+        start = 0
         try:
             while True:
+                available = len(buffer) - start
                 if not self._expected:
-                    if len(buffer) < PREFIX_SIZE:
+                    if available < PREFIX_SIZE:
                         break
-                    self._expected = _check_prefix(buffer, self.max_size)
-                if len(buffer) < self._expected:
+                    self._expected = _check_prefix(buffer, self.max_size, start)
+                if available < self._expected:
                     break
-                frames.append(decode_frame(bytes(buffer[: self._expected]), self.max_size))
-                del buffer[: self._expected]
+                end = start + self._expected
+                frames.append(decode_frame(bytes(buffer[start:end]), self.max_size))
+                start = end
                 self._expected = 0
         except FrameError:
             buffer.clear()
+            start = 0
             self._expected = 0
             raise
+        finally:
+            if start:
+                del buffer[:start]
         return frames

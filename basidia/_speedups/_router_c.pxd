@@ -1,5 +1,6 @@
-# C types for _router_py.py, compiled by setup.py in Cython's pure-Python mode
-# as the module basidia._speedups._router_c (the same source is the pure twin).
+# C types for _router_py.py, which setup.py compiles in Cython's pure-Python mode
+# as the module basidia._speedups._router_c; the same source, uncompiled, is the
+# pure twin.  Cython finds this file by the module name it compiles.
 
 import cython
 
@@ -12,7 +13,7 @@ cdef Py_ssize_t _COMPACT_SLACK
 cdef class ReplyRouter:
     cdef object _loop
     cdef object _create_future    # loop.create_future, bound once
-    cdef object _time             # loop.time, bound once
+    cdef object _time             # the loop's clock: loop.time, or time.monotonic
     cdef dict _pending            # correlation id -> future
     cdef list _deadlines          # heap of (deadline, correlation id), stale entries included
     cdef object _timer            # the armed asyncio.TimerHandle, or None
@@ -21,7 +22,7 @@ cdef class ReplyRouter:
     cdef public Py_ssize_t late_replies
     cdef public Py_ssize_t timeouts
 
-    @cython.locals(deadline=cython.double, pending=dict, deadlines=list)
+    @cython.locals(now=cython.double, deadline=cython.double, pending=dict, deadlines=list)
     cpdef tuple create(self, double timeout)
 
     cpdef bint resolve(self, object correlation_id, object reply) except -1
