@@ -279,7 +279,7 @@ class Settings:
             try:
                 converted[name] = kind(value)
             except (TypeError, ValueError):
-                what = {int: "an integer", float: "a number", dict: "a mapping"}.get(kind, "text")
+                what = _TYPE_NAMES.get(kind, "text")
                 raise ConfigError(f"{name} must be {what}, got {value!r}") from None
         if "log_level" in converted:
             converted["log_level"] = converted["log_level"].upper()
@@ -322,4 +322,5 @@ _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
     "log_format": str,
     "broker_options": dict,
 }
+_TYPE_NAMES: dict[object, str] = {int: "an integer", float: "a number", dict: "a mapping"}
 _LOG_LEVELS = frozenset({"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"})
