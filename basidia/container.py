@@ -154,8 +154,13 @@ class ServiceContainer:
                     self._per_call.append((name, provider))
                 else:
                     self._injections[name] = provider.get_dependency(None)
-            groups = (1 if self.rpc_entrypoints else 0) + len(self.event_entrypoints)
-            # One queue's consumer is bounded by its own concurrency; several share a limit.
+            groups = (
+                (1 if self.rpc_entrypoints else 0)
+                + len(self.event_entrypoints)
+                + (1 if self.http_entrypoints else 0)
+            )
+            # One queue's consumer is bounded by its own concurrency; several sources of
+            # calls (queues, HTTP) share a limit.
             self._limit = asyncio.Semaphore(self.max_workers) if groups > 1 else None
             await self._subscribe()
         except BaseException as exc:
@@ -496,10 +501,17 @@ class ServiceContainer:
         timeout = self.runtime.settings.rpc_timeout
         frame = Frame(Kind.REQUEST, 0, f"{self.service_name}.{name}", b"", "direct")
         ctx = CallContext(self.service_name, name, frame, time.time() + timeout)
-        bound = _bind(entrypoint.func, args, kwargs)
+        return await self.run_call(ctx, entrypoint.func, _bind(entrypoint.func, args, kwargs))
+
+    async def run_call(
+        self, ctx: CallContext, func: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        """Run ``func`` (an entrypoint's function) with ``args`` as one call of this service:
+        counted in flight, under the service's concurrency limit and ``ctx.deadline``,
+        through the middleware.  For entrypoints that do not come through the broker (HTTP)."""
         task = self._track()
         try:
-            return await self._handle_call(ctx, entrypoint.func, bound)
+            return await self._handle_call(ctx, func, args)
         finally:
             self._untrack(task)
 

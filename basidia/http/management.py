@@ -1,0 +1,252 @@
+"""The lifecycle management API and the health probes.
+
+Management (token-protected when a token is set)::
+
+    GET  /                          application status
+    GET  /services                  every service: state, error, entrypoints, in-flight work
+    GET  /services/{name}           one service
+    POST /services/{name}/start     STOPPED/ERROR → STARTING → RUNNING
+    POST /services/{name}/stop      RUNNING/ERROR → STOPPING → STOPPED (?grace=seconds)
+
+Health (never behind the token, so that Kubernetes probes work; they reveal
+nothing but the verdict)::
+
+    GET  /health/live               200 while the process answers
+    GET  /health/ready              200 when the broker is connected and every service
+                                    is RUNNING, else 503
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from basidia import IMPLEMENTATION, __version__
+from basidia.container import ServiceContainer, State
+from basidia.http.errors import error_response
+from basidia.runner import ServiceRunner
+from basidia.service import EventHandler, HttpEndpoint, Rpc
+
+__all__ = ["Management", "health_routes", "is_ready"]
+
+logger = logging.getLogger("basidia.http.management")
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def is_ready(runner: ServiceRunner) -> bool:
+    """Ready for traffic: the broker is connected and every service is RUNNING."""
+    return runner.broker.connected and all(
+        container.state is State.RUNNING for container in runner.containers.values()
+    )
+
+
+def health_routes(runner: ServiceRunner) -> list[Route]:
+    """``/health/live`` and ``/health/ready``."""
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def ready(request: Request) -> Response:
+        if is_ready(runner):
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    return [
+        Route("/health/live", live, methods=["GET"], name="health.live"),
+        Route("/health/ready", ready, methods=["GET"], name="health.ready"),
+    ]
+
+
+class Management:
+    """The management endpoints of one runner; ``token`` protects them when set."""
+
+    def __init__(self, runner: ServiceRunner, token: str | None) -> None:
+        self.runner = runner
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._started = time.time()
+
+    def routes(self) -> list[Route]:
+        """The management routes, each behind the token check."""
+        guard = self._guarded
+        return [
+            Route("/", guard(self.status), methods=["GET"], name="management.status"),
+            Route("/services", guard(self.services), methods=["GET"], name="management.services"),
+            Route(
+                "/services/{name}",
+                guard(self.service),
+                methods=["GET"],
+                name="management.service",
+            ),
+            Route(
+                "/services/{name}/start",
+                guard(self.start),
+                methods=["POST"],
+                name="management.start",
+            ),
+            Route(
+                "/services/{name}/stop",
+                guard(self.stop),
+                methods=["POST"],
+                name="management.stop",
+            ),
+        ]
+
+    def _guarded(self, endpoint: Endpoint) -> Endpoint:
+        expected = self._expected
+        if expected is None:
+            return endpoint
+
+        async def guarded(request: Request) -> Response:
+            given = request.headers.get("authorization", "").encode()
+            # Constant-time comparison: the answer time must not leak the token.
+            if not hmac.compare_digest(given, expected):
+                return error_response(
+                    401,
+                    "the management API needs 'Authorization: Bearer <token>'",
+                    {"WWW-Authenticate": 'Bearer realm="basidia"'},
+                )
+            return await endpoint(request)
+
+        return guarded
+
+    async def status(self, request: Request) -> Response:
+        """``GET /``: version, broker, readiness and the state of every service."""
+        runner = self.runner
+        return JSONResponse(
+            {
+                "name": "basidia",
+                "version": __version__,
+                "implementation": IMPLEMENTATION,
+                "uptime": round(time.time() - self._started, 3),
+                "ready": is_ready(runner),
+                "broker": {"url": runner.broker.safe_url, "connected": runner.broker.connected},
+                "services": {
+                    name: container.state.value for name, container in runner.containers.items()
+                },
+            }
+        )
+
+    async def services(self, request: Request) -> Response:
+        """``GET /services``: every service in detail."""
+        return JSONResponse([describe(c) for c in self.runner.containers.values()])
+
+    async def service(self, request: Request) -> Response:
+        """``GET /services/{name}``."""
+        container = self._container(request)
+        if container is None:
+            return _unknown(request)
+        return JSONResponse(describe(container))
+
+    async def start(self, request: Request) -> Response:
+        """``POST /services/{name}/start``: start a STOPPED or ERROR service.
+
+        Starting a RUNNING service changes nothing (200); one that is STARTING or
+        STOPPING gets 409; a failed start answers 500 with the reason, and the
+        service shows ERROR.
+        """
+        container = self._container(request)
+        if container is None:
+            return _unknown(request)
+        if container.state is State.RUNNING:
+            return JSONResponse(describe(container))
+        if container.state not in (State.STOPPED, State.ERROR):
+            return _busy(container)
+        logger.info("starting %s (management API)", container.service_name)
+        try:
+            await self.runner.start_service(container.service_name)
+        except Exception as exc:
+            logger.error("%s failed to start: %s", container.service_name, _reason(exc))
+            return JSONResponse(
+                {"error": "start_failed", "detail": _reason(exc), "service": describe(container)},
+                status_code=500,
+            )
+        return JSONResponse(describe(container))
+
+    async def stop(self, request: Request) -> Response:
+        """``POST /services/{name}/stop``: stop consuming, drain in-flight calls, stop.
+
+        ``?grace=<seconds>`` bounds the drain (default: ``shutdown_grace``).
+        Stopping a STOPPED service changes nothing (200); STARTING or STOPPING
+        gets 409.
+        """
+        container = self._container(request)
+        if container is None:
+            return _unknown(request)
+        grace: float | None = None
+        if "grace" in request.query_params:
+            try:
+                grace = float(request.query_params["grace"])
+            except ValueError:
+                grace = math.nan
+            if not 0 <= grace <= 24 * 3600:  # also refuses NaN
+                return error_response(400, "grace must be a number of seconds, 0 to 86400")
+        if container.state is State.STOPPED:
+            return JSONResponse(describe(container))
+        if container.state not in (State.RUNNING, State.ERROR):
+            return _busy(container)
+        logger.info("stopping %s (management API)", container.service_name)
+        await self.runner.stop_service(container.service_name, grace)
+        return JSONResponse(describe(container))
+
+    def _container(self, request: Request) -> ServiceContainer | None:
+        return self.runner.containers.get(request.path_params["name"])
+
+
+def describe(container: ServiceContainer) -> dict[str, Any]:
+    """What the management API shows of one service."""
+    stats = container.stats
+    entrypoints = container.service_cls.__entrypoints__.items()
+    return {
+        "name": container.service_name,
+        "state": container.state.value,
+        "error": _reason(container.error) if container.error is not None else None,
+        "started_at": container.started_at or None,
+        "max_workers": container.max_workers,
+        "in_flight": container.in_flight,
+        "entrypoints": {
+            "rpc": [key for key, e in entrypoints if isinstance(e, Rpc)],
+            "events": [
+                {"name": key, "event": e.event, "broadcast": e.broadcast}
+                for key, e in entrypoints
+                if isinstance(e, EventHandler)
+            ],
+            "http": [
+                {"name": key, "methods": e.methods, "path": e.path}
+                for key, e in entrypoints
+                if isinstance(e, HttpEndpoint)
+            ],
+        },
+        "stats": {
+            "handled": stats.handled,
+            "errors": stats.errors,
+            "expired": stats.expired,
+            "malformed": stats.malformed,
+            "dead_lettered": stats.dead_lettered,
+            "last_error": stats.last_error or None,
+            "processing_time": round(stats.processing_time, 6),
+        },
+    }
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _unknown(request: Request) -> Response:
+    return error_response(404, f"no service named {request.path_params['name']!r} runs here")
+
+
+def _busy(container: ServiceContainer) -> Response:
+    return error_response(
+        409, f"{container.service_name} is {container.state.value}; try again when it settles"
+    )

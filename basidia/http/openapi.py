@@ -1,0 +1,139 @@
+"""An OpenAPI 3.1 document for the ``@http_endpoint`` routes of a runner's services.
+
+Endpoints take a Starlette ``Request``, so the document describes what the
+declaration tells: path, methods, path parameters (typed by their Starlette
+convertor), the service as a tag, the docstring as summary and description,
+and the error responses every endpoint may give.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from basidia import __version__
+from basidia.container import ServiceContainer
+from basidia.service import HttpEndpoint
+
+__all__ = ["OPENAPI_PATH", "openapi_document", "openapi_route"]
+
+OPENAPI_PATH = "/openapi.json"
+
+_PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z_][A-Za-z0-9_]*))?}")
+# Starlette's path convertors and the JSON schema of what each matches.
+_CONVERTOR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "str": {"type": "string"},
+    "path": {"type": "string"},
+    "int": {"type": "integer", "minimum": 0},  # Starlette's int matches [0-9]+
+    "float": {"type": "number", "minimum": 0},
+    "uuid": {"type": "string", "format": "uuid"},
+}
+_ERROR_REF = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_ERRORS = {
+    "400": "Malformed request body (e.g. invalid JSON)",
+    "413": "Request body over the size limit",
+    "422": "Arguments rejected by a service",
+    "500": "The endpoint failed",
+    "502": "A service behind the endpoint failed",
+    "503": "The service, or one it needs, is unavailable",
+    "504": "No answer before the deadline",
+}
+
+
+def openapi_document(
+    containers: Iterable[ServiceContainer], title: str = "Basidia services"
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every HTTP endpoint of ``containers``."""
+    paths: dict[str, dict[str, Any]] = {}
+    tags: list[dict[str, str]] = []
+    for container in containers:
+        service = container.service_name
+        endpoints = [
+            (key, entrypoint)
+            for key, entrypoint in container.service_cls.__entrypoints__.items()
+            if isinstance(entrypoint, HttpEndpoint)
+        ]
+        if not endpoints:
+            continue
+        tag = {"name": service}
+        description = _docstring(container.service_cls)[0]
+        if description:
+            tag["description"] = description
+        tags.append(tag)
+        for key, endpoint in endpoints:
+            path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", endpoint.path)
+            for method in endpoint.methods:
+                operation = _operation(service, key, endpoint)
+                if len(endpoint.methods) > 1:  # operation ids are unique per document
+                    operation["operationId"] += f".{method.lower()}"
+                paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": __version__},
+        "tags": tags,
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "detail"],
+                    "properties": {
+                        "error": {"type": "string", "description": "A stable error code"},
+                        "detail": {"type": "string", "description": "What went wrong"},
+                    },
+                }
+            }
+        },
+    }
+
+
+def _operation(service: str, key: str, endpoint: HttpEndpoint) -> dict[str, Any]:
+    summary, description = _docstring(endpoint.func)
+    operation: dict[str, Any] = {
+        "operationId": f"{service}.{key}",
+        "tags": [service],
+        "summary": summary or key.replace("_", " "),
+    }
+    if description:
+        operation["description"] = description
+    parameters = [
+        {
+            "name": match.group(1),
+            "in": "path",
+            "required": True,
+            "schema": dict(_CONVERTOR_SCHEMAS.get(match.group(2) or "str", {"type": "string"})),
+        }
+        for match in _PARAM.finditer(endpoint.path)
+    ]
+    if parameters:
+        operation["parameters"] = parameters
+    responses: dict[str, Any] = {"200": {"description": "Successful response"}}
+    for status, text in _ERRORS.items():
+        responses[status] = {"description": text, **_ERROR_REF}
+    operation["responses"] = responses
+    return operation
+
+
+def _docstring(obj: object) -> tuple[str, str]:
+    """(first line, the rest) of ``obj``'s own docstring, not one it inherits."""
+    doc = vars(obj).get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+    if not isinstance(doc, str) or not doc.strip():
+        return "", ""
+    first, _, rest = inspect.cleandoc(doc).partition("\n")
+    return first.strip(), rest.strip()
+
+
+def openapi_route(containers: Iterable[ServiceContainer]) -> Route:
+    """``GET /openapi.json``, built once from ``containers``."""
+    document = openapi_document(list(containers))
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    return Route(OPENAPI_PATH, openapi, methods=["GET"], name="openapi")
