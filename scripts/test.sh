@@ -20,3 +20,6 @@ BASIDIA_NO_EXTENSIONS= BASIDIA_REQUIRE_EXTENSIONS=1 "$python" -m pytest "$@"
 
 step "test suite, pure-Python core (BASIDIA_NO_EXTENSIONS=1)"
 BASIDIA_NO_EXTENSIONS=1 BASIDIA_REQUIRE_EXTENSIONS= "$python" -m pytest "$@"
+
+step "benchmark gates: basidia bench --max-overhead-us 1000 on every broker available"
+"$python" benchmarks/bench_gate.py
