@@ -42,6 +42,8 @@ Observer = Callable[[CallContext, tuple[Any, ...], "BaseException | None", Any],
 
 logger = logging.getLogger("basidia.container")
 
+# Frame kinds as plain ints: comparing with IntEnum members costs a Python-level call.
+_REQUEST, _REPLY, _EVENT = int(Kind.REQUEST), int(Kind.REPLY), int(Kind.EVENT)
 _msgpack_encode = msgspec.msgpack.Encoder().encode
 _json_encode = msgspec.json.Encoder().encode
 
@@ -268,12 +270,14 @@ class ServiceContainer:
         return await entrypoint.func(self.make_instance(ctx), *args)
 
     async def _handle_call(
-        self, ctx: CallContext, func: Callable[..., Any], args: tuple[Any, ...]
+        self,
+        ctx: CallContext,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        task: asyncio.Task[Any],
     ) -> Any:
-        """Run a handler in this (tracked) task: cancelled at its deadline (raising
+        """Run a handler in ``task`` (this one, tracked): cancelled at its deadline (raising
         ``TimeoutError``), through the middleware when there is any."""
-        task = asyncio.current_task()
-        assert task is not None
         token = current_call.set(ctx)
         watchdog = self._watchdog
         watched = watchdog.watch(task, ctx.deadline) if ctx.deadline else None
@@ -339,7 +343,7 @@ class ServiceContainer:
         try:
             frame = self._accept_request(delivery.body)
             if frame is not None:
-                body = await self._answer(frame)
+                body = await self._answer(frame, task)
                 if body is not None and frame.reply_to:
                     await self.runtime.broker.send_reply(frame.reply_to, body)
             await delivery.ack()
@@ -355,7 +359,7 @@ class ServiceContainer:
             self.stats.malformed += 1
             logger.error("%s: rejected a malformed request frame: %s", self.service_name, exc)
             return None
-        if frame.kind != Kind.REQUEST:
+        if frame.kind != _REQUEST:
             self.stats.malformed += 1
             logger.error(
                 "%s: rejected a %s frame on the request queue", self.service_name, _kind(frame)
@@ -367,7 +371,7 @@ class ServiceContainer:
             return None
         return frame
 
-    async def _answer(self, frame: Frame) -> bytes | None:
+    async def _answer(self, frame: Frame, task: asyncio.Task[Any]) -> bytes | None:
         """The reply or error frame for a request; None when the caller has given up."""
         method = frame.target.rpartition(".")[2]
         route = self._rpc_routes.get(method)
@@ -382,7 +386,7 @@ class ServiceContainer:
             return self._error_body(frame, exc)
         ctx = CallContext(self.service_name, method, frame, frame.deadline / 1000.0)
         try:
-            result = await self._handle_call(ctx, func, args)
+            result = await self._handle_call(ctx, func, args, task)
         except TimeoutError:
             return None  # the caller has timed out too: nobody waits for an answer
         except RpcError as exc:
@@ -405,7 +409,7 @@ class ServiceContainer:
             payload = _json_encode(result) if flags & FLAG_JSON else _msgpack_encode(result)
             return encode_frame(
                 Frame(
-                    Kind.REPLY,
+                    _REPLY,
                     frame.correlation_id,
                     "",
                     payload,
@@ -433,14 +437,16 @@ class ServiceContainer:
     async def _on_event(self, handler: EventHandler, delivery: Delivery) -> None:
         task = self._track()
         try:
-            await self._serve_event(handler, delivery)
+            await self._serve_event(handler, delivery, task)
         finally:
             self._untrack(task)
 
-    async def _serve_event(self, handler: EventHandler, delivery: Delivery) -> None:
+    async def _serve_event(
+        self, handler: EventHandler, delivery: Delivery, task: asyncio.Task[Any]
+    ) -> None:
         try:
             frame = decode_frame(delivery.body, self._max_frame_size)
-            if frame.kind != Kind.EVENT:
+            if frame.kind != _EVENT:
                 raise FrameError(f"expected an event frame, got {_kind(frame)}")
         except FrameError as exc:
             self.stats.malformed += 1
@@ -456,7 +462,7 @@ class ServiceContainer:
             return
         ctx = CallContext(self.service_name, handler.name, frame, 0.0)
         try:
-            await self._handle_call(ctx, handler.func, (data,))
+            await self._handle_call(ctx, handler.func, (data,), task)
         except asyncio.CancelledError:
             await delivery.nack(requeue=True)  # shutdown: another instance takes it
             raise
@@ -511,7 +517,7 @@ class ServiceContainer:
         through the middleware.  For entrypoints that do not come through the broker (HTTP)."""
         task = self._track()
         try:
-            return await self._handle_call(ctx, func, args)
+            return await self._handle_call(ctx, func, args, task)
         finally:
             self._untrack(task)
 

@@ -98,6 +98,8 @@ class _Queue:
         self.event = event
         self.items: deque[Delivery] = deque()
         self.waiters: deque[asyncio.Future[Delivery]] = deque()
+        # Queues live on one loop (hubs are per loop): bind its future factory once.
+        self._create_future = asyncio.get_running_loop().create_future
         self.consumers = 0
 
     def put(self, delivery: Delivery) -> None:
@@ -112,7 +114,7 @@ class _Queue:
     async def get(self) -> Delivery:
         if self.items:
             return self.items.popleft()
-        waiter: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Delivery] = self._create_future()
         self.waiters.append(waiter)
         try:
             return await waiter
