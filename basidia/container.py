@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import logging
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from basidia._deadlines import HandlerWatchdog
+from basidia._version import __version__
 from basidia._speedups import FLAG_JSON, Frame, Kind, decode_frame, encode_frame
 from basidia.brokers.base import Delivery, EventSubscription, Subscription, error_reply
 from basidia.context import CallContext, current_call
@@ -165,6 +167,7 @@ class ServiceContainer:
             # calls (queues, HTTP) share a limit.
             self._limit = asyncio.Semaphore(self.max_workers) if groups > 1 else None
             await self._subscribe()
+            await self._announce()
         except BaseException as exc:
             self.state = State.ERROR
             self.error = exc
@@ -197,6 +200,24 @@ class ServiceContainer:
             self._subscriptions.append(
                 await broker.subscribe_events(subscription, on_event, concurrency=self.max_workers)
             )
+
+    async def _announce(self) -> None:
+        """Tell brokers that publish a service directory (NATS ``$SRV``) about this service."""
+        register = getattr(self.runtime.broker, "register_service_info", None)
+        if register is None:
+            return
+        await register(
+            self.service_name,
+            version=self.service_cls.version or __version__,
+            endpoints=list(self.rpc_entrypoints),
+            description=inspect.cleandoc(self.service_cls.__doc__ or ""),
+            metadata={},
+        )
+
+    def _withdraw(self) -> None:
+        unregister = getattr(self.runtime.broker, "unregister_service_info", None)
+        if unregister is not None:
+            unregister(self.service_name)
 
     async def _unsubscribe(self) -> None:
         subscriptions, self._subscriptions = self._subscriptions, []
@@ -231,6 +252,7 @@ class ServiceContainer:
         if grace is None:
             grace = self.runtime.settings.shutdown_grace
         self.state = State.STOPPING
+        self._withdraw()
         await self._unsubscribe()
         if self._tasks:
             logger.info("%s: waiting for %d calls in flight", self.service_name, len(self._tasks))
@@ -525,8 +547,6 @@ class ServiceContainer:
 def _bind(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Any, ...]:
-    import inspect
-
     signature = inspect.signature(func)
     bound = signature.bind(None, *args, **kwargs)
     bound.apply_defaults()

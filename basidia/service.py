@@ -169,6 +169,8 @@ class Service:
     name: ClassVar[str]
     #: Calls handled at once by one instance of the service (None: config ``max_workers``).
     max_workers: ClassVar[int | None] = None
+    #: The service's version (semver), announced where brokers list services (NATS ``$SRV``).
+    version: ClassVar[str | None] = None
 
     __entrypoints__: ClassVar[dict[str, Entrypoint]] = {}
 

@@ -1,0 +1,618 @@
+"""Basidia events on NATS JetStream: streams, pull consumers, deliveries, dead letters.
+
+Events go to ``basidia.events.<event>`` and are kept by the stream
+``BASIDIA_EVENTS`` until every group that wants them has acked them (interest
+retention).  Each (service, handler) group consumes through a durable pull
+consumer; a broadcast handler through a consumer of its own instance.
+
+nats-py's pull-consumer ``fetch`` does not resume after a server restart
+(nats-io/nats.py#504) and pays a task per message, so pull requests are issued
+and tracked here: one live request at a time, for as many messages as there are
+free handler slots, re-issued on reconnection and whenever its idle heartbeats stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import api
+
+from basidia.brokers.base import Delivery, DeliveryHandler, EventSubscription, Subscription
+from basidia.errors import BrokerError
+
+if TYPE_CHECKING:
+    from basidia.brokers.nats import NatsBroker
+
+__all__ = [
+    "DLQ_PREFIX",
+    "DLQ_STREAM",
+    "EVENTS_STREAM",
+    "EVENT_PREFIX",
+    "EventOrigin",
+    "JetStreamEvents",
+    "round_trip",
+]
+
+logger = logging.getLogger("basidia.brokers.nats")
+
+#: The stream that stores every Basidia event.
+EVENTS_STREAM = "BASIDIA_EVENTS"
+#: The stream that keeps dead-lettered events for operators.
+DLQ_STREAM = "BASIDIA_DLQ"
+EVENT_PREFIX = "basidia.events."
+DLQ_PREFIX = "basidia.dlq."
+
+# Headers of a dead letter, beside the original body.
+REASON_HEADER = "Basidia-Dead-Letter-Reason"
+EVENT_HEADER = "Basidia-Event"
+GROUP_HEADER = "Basidia-Group"
+ATTEMPTS_HEADER = "Basidia-Attempts"
+SEQUENCE_HEADER = "Basidia-Stream-Sequence"
+
+_HEARTBEAT = "100"
+_CONSUMER_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_LOG_INTERVAL = 10.0  # seconds between two warnings about a consumer that keeps failing
+_json_encode = msgspec.json.encode
+
+
+async def round_trip(nc: Client, timeout: float) -> None:
+    """A PING/PONG round trip: the server has processed everything sent before it."""
+    await nc.flush(timeout=timeout)  # type: ignore[arg-type]  # typed int, any number works
+
+
+def consumer_name(group: str, subject: str) -> str:
+    """A valid, stable JetStream consumer name for a (group, event subject) pair.
+
+    Consumer names allow no dots; the hash keeps ``a.b_c`` and ``a_b.c`` apart and gives
+    a group a new consumer when its handler moves to another event.
+    """
+    digest = hashlib.blake2b(f"{group}\0{subject}".encode(), digest_size=4).hexdigest()
+    return f"{_CONSUMER_NAME_UNSAFE.sub('_', group)[:48]}_{digest}"
+
+
+@dataclass(frozen=True)
+class EventOrigin:
+    """Where an event delivery came from, for dead letters."""
+
+    events: JetStreamEvents
+    event: str
+    group: str
+
+
+class JetStreamEvents:
+    """The JetStream side of one ``NatsBroker``: publishing, consuming, dead-lettering."""
+
+    def __init__(
+        self,
+        broker: NatsBroker,
+        *,
+        publish_timeout: float,
+        api_timeout: float,
+        ack_wait: float,
+        max_deliver: int,
+        pull_expires: float,
+        duplicate_window: float,
+        stream_max_age: float,
+        max_pending: int,
+        max_pending_bytes: int,
+    ) -> None:
+        self.broker = broker
+        self.publish_timeout = publish_timeout
+        self.api_timeout = api_timeout
+        self.ack_wait = ack_wait
+        self.max_deliver = max_deliver
+        self.pull_expires = pull_expires
+        # Idle heartbeats let a consumer notice a pull request the server dropped.
+        self.pull_heartbeat = min(5.0, pull_expires / 4)
+        self.duplicate_window = duplicate_window
+        self.stream_max_age = stream_max_age
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.consumers: set[PullConsumer] = set()
+        self._streams_ready = False
+        self._streams_lock = asyncio.Lock()
+        self._next_warning = 0.0
+
+    def warn_throttled(self, message: str, *args: object) -> None:
+        """Log a warning about a recurring failure at most once per interval."""
+        now = time.monotonic()
+        if now >= self._next_warning:
+            self._next_warning = now + _LOG_INTERVAL
+            logger.warning(message, *args)
+
+    def connection_changed(self) -> None:
+        """The connection dropped or came back: every live pull request is gone."""
+        for consumer in self.consumers:
+            consumer.connection_changed()
+
+    async def close(self) -> None:
+        """Stop every consumer and its handlers; the streams are set up again on reconnect."""
+        consumers, self.consumers = list(self.consumers), set()
+        for consumer in consumers:
+            try:
+                await consumer.aclose()
+            except Exception:
+                logger.exception("could not stop the consumer %s", consumer.name)
+        self._streams_ready = False
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str], what: str) -> None:
+        """Publish to a stream and wait, at most ``publish_timeout``, for its PubAck."""
+        await self.ensure_streams()
+        js = self.broker._jetstream()
+        for attempt in (1, 2):
+            try:
+                await js.publish(subject, body, timeout=self.publish_timeout, headers=headers)
+                return
+            except nats.js.errors.NoStreamResponseError:
+                # The stream vanished (deleted, or a server that lost its state): recreate once.
+                if attempt == 2:
+                    raise BrokerError(f"no JetStream stream takes {what}") from None
+                self._streams_ready = False
+                await self.ensure_streams()
+            except nats.errors.TimeoutError:
+                raise BrokerError(
+                    f"JetStream did not confirm {what} within {self.publish_timeout:g} s; "
+                    "publishing it again with the same idempotency key is safe"
+                ) from None
+            except nats.errors.MaxPayloadError:
+                raise BrokerError(
+                    f"{what} of {len(body)} bytes exceeds the server's limit of "
+                    f"{self.broker._client().max_payload} bytes"
+                ) from None
+            except nats.errors.OutboundBufferLimitError:
+                raise BrokerError(
+                    f"cannot publish {what}: the connection to {self.broker.safe_url} is down "
+                    "and its outbound buffer is full"
+                ) from None
+            except nats.errors.Error as exc:
+                raise BrokerError(
+                    f"could not publish {what}: {self.broker._scrub(repr(exc))}"
+                ) from None
+
+    async def dead_letter(
+        self, body: bytes, origin: EventOrigin, reason: str, attempts: int, sequence: str
+    ) -> bool:
+        """Keep a failed event, with why it failed, in the dead-letter stream; False if that
+        failed."""
+        headers = {
+            REASON_HEADER: reason[:4096] or "unknown",
+            EVENT_HEADER: origin.event,
+            GROUP_HEADER: origin.group,
+            ATTEMPTS_HEADER: str(attempts),
+        }
+        if sequence:
+            headers[SEQUENCE_HEADER] = sequence
+            # Dead-lettering the same stored event twice keeps one copy.
+            headers["Nats-Msg-Id"] = f"dlq:{origin.group}:{sequence}"
+        what = f"a dead letter of {origin.event!r}"
+        try:
+            await self.publish(DLQ_PREFIX + origin.event, body, headers, what)
+        except BrokerError as exc:
+            logger.error("could not dead-letter an event of %s: %s", origin.event, exc)
+            return False
+        return True
+
+    # -- streams and consumers -----------------------------------------------------------------
+
+    async def ensure_streams(self) -> None:
+        """Create or update the events and dead-letter streams, once per connection."""
+        if self._streams_ready:
+            return
+        async with self._streams_lock:
+            if not self._streams_ready:  # another publisher may have done it meanwhile
+                await self._ensure_stream(
+                    api.StreamConfig(
+                        name=EVENTS_STREAM,
+                        subjects=[EVENT_PREFIX + ">"],
+                        # Interest: an event is kept until every group that wants it has
+                        # acked it, and not at all when no group listens, as with a queue
+                        # per group on other brokers.
+                        retention=api.RetentionPolicy.INTEREST,
+                        storage=api.StorageType.FILE,
+                        max_age=self.stream_max_age,
+                        duplicate_window=self.duplicate_window,
+                    )
+                )
+                await self._ensure_stream(
+                    api.StreamConfig(
+                        name=DLQ_STREAM,
+                        subjects=[DLQ_PREFIX + ">"],
+                        retention=api.RetentionPolicy.LIMITS,
+                        storage=api.StorageType.FILE,
+                        max_age=self.stream_max_age,
+                        duplicate_window=self.duplicate_window,
+                    )
+                )
+                self._streams_ready = True
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        js = self.broker._jetstream()
+        name = config.name or ""
+        try:
+            try:
+                info = await js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                await js.add_stream(config)
+                logger.info("created the JetStream stream %s", name)
+                return
+            # An existing stream keeps its settings (an operator may have tuned them);
+            # it only has to take our subjects.
+            subjects = list(info.config.subjects or [])
+            missing = [subject for subject in config.subjects or [] if subject not in subjects]
+            if missing:
+                info.config.subjects = subjects + missing
+                await js.update_stream(info.config)
+        except nats.errors.NoRespondersError:
+            raise BrokerError(
+                f"JetStream is not enabled on {self.broker.safe_url}; durable events need it "
+                "(start nats-server with -js)"
+            ) from None
+        except nats.errors.Error as exc:
+            raise BrokerError(
+                f"could not set up the JetStream stream {name}: {self.broker._scrub(repr(exc))}"
+            ) from None
+
+    async def ensure_consumer(self, config: api.ConsumerConfig) -> None:
+        """Create the consumer, or update it to ``config`` (the call is idempotent)."""
+        js = self.broker._jetstream()
+        name = config.name or ""
+        try:
+            try:
+                await js.add_consumer(EVENTS_STREAM, config, timeout=self.api_timeout)
+            except nats.js.errors.NotFoundError:
+                # The stream itself is gone (a server that lost its state).
+                self._streams_ready = False
+                await self.ensure_streams()
+                await js.add_consumer(EVENTS_STREAM, config, timeout=self.api_timeout)
+            except nats.js.errors.BadRequestError as exc:
+                # An existing durable whose settings cannot change (deliver policy, say):
+                # keep consuming it as it is.
+                await js.consumer_info(EVENTS_STREAM, name, timeout=self.api_timeout)
+                logger.warning("consumer %s keeps its existing settings: %s", name, exc)
+        except nats.errors.NoRespondersError:
+            raise BrokerError(f"JetStream is not enabled on {self.broker.safe_url}") from None
+        except nats.errors.Error as exc:
+            raise BrokerError(
+                f"could not set up the JetStream consumer {name}: {self.broker._scrub(repr(exc))}"
+            ) from None
+
+    async def subscribe(
+        self,
+        subscription: EventSubscription,
+        subject: str,
+        handler: DeliveryHandler,
+        concurrency: int,
+        instance_id: str,
+    ) -> PullConsumer:
+        """Start consuming ``subject`` for ``subscription``'s group (or this instance)."""
+        await self.ensure_streams()
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.NEW,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver,
+            filter_subject=subject,
+        )
+        name = consumer_name(subscription.group, subject)
+        if subscription.broadcast:
+            # One consumer per instance, removed by the server once nobody pulls from it.
+            config.name = f"{name}_{instance_id}"
+            config.inactive_threshold = max(60.0, 4 * self.pull_expires)
+        else:
+            config.name = config.durable_name = name
+        origin = EventOrigin(self, subscription.event, subscription.group)
+        consumer = PullConsumer(
+            self, config, handler, concurrency, origin, ephemeral=subscription.broadcast
+        )
+        await consumer.start()
+        self.consumers.add(consumer)
+        return consumer
+
+
+class JetStreamDelivery(Delivery):
+    """A JetStream message: settled with an ack, nak or term on its reply subject."""
+
+    __slots__ = ("_consumer", "_received", "_reply", "_settled")
+
+    def __init__(self, body: bytes, reply: str, consumer: PullConsumer) -> None:
+        self.body = body
+        self._reply = reply
+        self._consumer = consumer
+        self._settled = False
+        self._received = time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since this delivery arrived."""
+        return time.monotonic() - self._received
+
+    async def in_progress(self) -> None:
+        """Restart JetStream's ack_wait clock for this message."""
+        if not self._settled:
+            with contextlib.suppress(Exception):  # a lost one only risks a redelivery
+                await self._consumer.events.broker._client().publish(self._reply, b"+WPI")
+
+    def _token(self, v1: int, v2: int) -> int:
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>,
+        # or 12 tokens with a domain and an account hash after ACK.
+        tokens = self._reply.split(".")
+        try:
+            return int(tokens[v1] if len(tokens) == 9 else tokens[v2])
+        except (IndexError, ValueError):
+            return 0
+
+    @property
+    def attempt(self) -> int:
+        return self._token(4, 6) or 1
+
+    async def ack(self) -> None:
+        await self._settle(b"+ACK")
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        await self._settle(b"-NAK" if requeue else b"+TERM")
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settled:
+            return
+        origin = self._consumer.origin
+        sequence = str(self._token(5, 7))
+        if await origin.events.dead_letter(self.body, origin, reason, self.attempt, sequence):
+            await self._settle(b"+TERM")
+        # Otherwise leave it unsettled: JetStream redelivers it after ack_wait, and the
+        # framework, seeing the attempt count, tries the dead-letter stream again.
+
+    async def _settle(self, verdict: bytes) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        self._consumer.unsettled.discard(self)
+        try:
+            await self._consumer.events.broker._client().publish(self._reply, verdict)
+        except Exception as exc:  # JetStream redelivers what was never settled
+            logger.debug("could not settle a JetStream message: %s", exc)
+
+
+class PullConsumer(Subscription):
+    """Consumes a JetStream pull consumer with at most ``concurrency`` handlers at once.
+
+    One pull request is live at a time, for ``concurrency - in flight`` messages, so the
+    server never hands this instance more than it can run.  The request's status messages
+    come back on a reply subject of its own (``<deliver>.<n>``), so a late status of an
+    abandoned request is told apart.  A request is abandoned, and the consumer checked
+    (created again if the server lost it), on reconnection and when its heartbeats stop.
+    """
+
+    def __init__(
+        self,
+        events: JetStreamEvents,
+        config: api.ConsumerConfig,
+        handler: DeliveryHandler,
+        concurrency: int,
+        origin: EventOrigin,
+        *,
+        ephemeral: bool,
+    ) -> None:
+        self.events = events
+        self.origin = origin
+        self.name = config.name or ""
+        self._config = config
+        self._handler = handler
+        self._concurrency = concurrency
+        self._ephemeral = ephemeral
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.{self.name}"
+        self._deliver = events.broker._client().new_inbox()
+        self._sub: NatsSubscription | None = None
+        self._wake = asyncio.Event()
+        self._request_subject = ""  # reply subject of the live pull request; "" when none
+        self._requested = 0  # messages the live request may still bring
+        self._last_seen = 0.0  # loop time of the live request's last message or heartbeat
+        self._backoff = 0.0  # pause before the next pull (after a 409, say)
+        self._resync = False  # check (or create) the consumer before the next pull
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Deliveries handed to a handler and not settled yet.
+        self.unsettled: set[JetStreamDelivery] = set()
+        self._seq = itertools.count(1)
+        self._loop_task: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._cancelled = False
+
+    async def start(self) -> None:
+        events = self.events
+        await events.ensure_consumer(self._config)
+        # The first pull goes out on this connection after the SUB: no flush needed.
+        self._sub = await events.broker._client().subscribe(
+            f"{self._deliver}.*",
+            cb=self._on_message,
+            pending_msgs_limit=events.max_pending,
+            pending_bytes_limit=events.max_pending_bytes,
+        )
+        self._loop_task = asyncio.ensure_future(self._pull_loop())
+        self._keepalive_task = asyncio.ensure_future(self._keep_alive())
+
+    def connection_changed(self) -> None:
+        """The connection dropped or came back: the live pull request is gone."""
+        self._request_subject = ""
+        self._resync = True
+        self._wake.set()
+
+    async def _pull_loop(self) -> None:
+        failures = 0
+        while not self._cancelled:
+            try:
+                await self._pull_once()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self._resync = True
+                self.events.warn_throttled(
+                    "pulling events for %s failed, retrying: %s",
+                    self.origin.group,
+                    self.events.broker._scrub(str(exc) or type(exc).__name__),
+                )
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0))
+
+    async def _pull_once(self) -> None:
+        events = self.events
+        broker = events.broker
+        await broker._until_connected()
+        if self._backoff:
+            await asyncio.sleep(self._backoff)
+            self._backoff = 0.0
+        if self._resync:
+            await events.ensure_consumer(self._config)
+            self._resync = False
+        free = self._concurrency - self._in_flight
+        if free <= 0:
+            self._wake.clear()
+            await self._wake.wait()  # a handler finishes, or the connection changes
+            return
+        subject = f"{self._deliver}.{next(self._seq)}"
+        loop = asyncio.get_running_loop()
+        self._request_subject = subject
+        self._requested = free
+        self._last_seen = loop.time()
+        request = {
+            "batch": free,
+            "expires": int(events.pull_expires * 1e9),
+            "idle_heartbeat": int(events.pull_heartbeat * 1e9),
+        }
+        await broker._client().publish(self._next_subject, _json_encode(request), reply=subject)
+        # While the request waits, a heartbeat comes every ``pull_heartbeat``; two missed
+        # mean the server dropped it (restart, consumer deleted, connection swapped).
+        silence = 2 * events.pull_heartbeat + 1.0
+        while self._request_subject == subject and not self._cancelled:
+            remaining = self._last_seen + silence - loop.time()
+            if remaining <= 0:
+                self._request_subject = ""
+                self._resync = True
+                return
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    async def _keep_alive(self) -> None:
+        """Tell JetStream that slow handlers are still at work, so that it does not hand
+        their events to another instance after ``ack_wait`` (a dead instance stops this)."""
+        interval = self.events.ack_wait / 3
+        while True:
+            await asyncio.sleep(interval)
+            for delivery in list(self.unsettled):
+                if delivery.age() >= interval:
+                    await delivery.in_progress()
+
+    def _end_request(self) -> None:
+        self._request_subject = ""
+        self._wake.set()
+
+    async def _on_message(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers is not None and not msg.data:
+            status = headers.get("Status")
+            if status is not None:
+                self._on_status(msg.subject, status, headers)
+                return
+        if self._cancelled:
+            await self._give_back(msg)
+            return
+        if self._requested:
+            self._requested -= 1
+            if not self._requested:
+                self._end_request()
+        self._last_seen = asyncio.get_running_loop().time()
+        self._in_flight += 1
+        delivery = JetStreamDelivery(msg.data, msg.reply, self)
+        self.unsettled.add(delivery)
+        task = asyncio.ensure_future(self._run(delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_status(self, subject: str, status: str, headers: dict[str, str]) -> None:
+        if subject != self._request_subject:
+            return  # a late status of a request this consumer gave up on
+        if status == _HEARTBEAT:
+            self._last_seen = asyncio.get_running_loop().time()
+            return
+        # 404 no messages, 408 request expired, 409 consumer deleted or a limit reached:
+        # this request is over.
+        if status == "409":
+            if "deleted" in headers.get("Description", "").lower():
+                self._resync = True
+            else:  # max ack pending, max waiting...: let the server breathe
+                self._backoff = 0.5
+        self._end_request()
+
+    async def _give_back(self, msg: Msg) -> None:
+        """Return a message this cancelled consumer will not handle (no ack_wait to sit out)."""
+        if msg.data and msg.reply:
+            with contextlib.suppress(nats.errors.Error):
+                await self.events.broker._client().publish(msg.reply, b"-NAK")
+
+    async def _run(self, delivery: JetStreamDelivery) -> None:
+        try:
+            await self._handler(delivery)
+        except Exception:  # the framework settles and logs its own errors; this is a bug
+            logger.exception("event handler failed for %s", self.origin.group)
+        finally:
+            self._in_flight -= 1
+            self.unsettled.discard(delivery)  # a handler that never settled: ack_wait decides
+            if not self._request_subject:
+                self._wake.set()  # the puller waits for a free slot only between requests
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self.events.consumers.discard(self)
+        tasks = [task for task in (self._loop_task, self._keepalive_task) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        sub = self._sub
+        if sub is not None:
+            # As for requests: take back the interest at the server, and wait until it is
+            # gone, before dropping the local subscription.  What arrives meanwhile, or was
+            # not handled yet, goes straight back to the stream for another instance.
+            nc = sub._conn
+            if nc.is_connected:
+                with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                    await nc._send_unsubscribe(sub._id)
+                    await round_trip(nc, self.events.publish_timeout)
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            queue: asyncio.Queue[Msg] = sub._pending_queue
+            while not queue.empty():
+                await self._give_back(queue.get_nowait())
+        if self._ephemeral and self.events.broker.connected:
+            # Nobody else reads a broadcast consumer; deleting it now spares the stream
+            # keeping events for it until its inactivity threshold (which does it otherwise).
+            try:
+                js = self.events.broker._jetstream()
+                await js.delete_consumer(EVENTS_STREAM, self.name)
+            except Exception as exc:
+                logger.debug("could not delete the consumer %s: %s", self.name, exc)
+
+    async def aclose(self) -> None:
+        """Cancel, then stop the handlers still running (broker close)."""
+        await self.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,851 @@
+"""The NATS broker, through nats-py: core NATS for RPC, JetStream for events.
+
+Subjects (``docs/nats.md`` has the full picture):
+
+* requests for a service go to ``basidia.rpc.<service>``, queue group ``<service>``;
+* each process has one inbox, ``_INBOX.<nuid>``, and one wildcard subscription
+  ``_INBOX.<nuid>.>``: replies arrive on ``<inbox>.r`` and every request carries
+  the reply subject ``<inbox>.<correlation id>.<service>``, so the server's
+  "no responders" status (503) tells which call it answers;
+* events go to ``basidia.events.<event>``, on JetStream (``_nats_jetstream``), or
+  on core NATS for ``durable=False`` handlers; dead letters to ``basidia.dlq.<event>``;
+* every registered service answers the NATS service API (ADR-32) on ``$SRV.>``
+  (``_nats_service_api``).
+
+nats-py runs the callback of a subscription one message at a time
+(nats-io/nats.py#447).  Request and core-event subscriptions here have no
+callback: ``concurrency`` worker tasks take messages straight from the
+subscription's pending queue, so handlers run concurrently with no extra hop
+and no task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import ssl
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.client import Server as NatsServer
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import JetStreamContext
+from nats.nuid import NUID
+
+from basidia._speedups import Kind
+from basidia.brokers import redact_url
+from basidia.brokers._nats_jetstream import (
+    DLQ_STREAM,
+    EVENT_PREFIX,
+    EVENTS_STREAM,
+    EventOrigin,
+    JetStreamEvents,
+    consumer_name,
+    round_trip,
+)
+from basidia.brokers._nats_service_api import (
+    Endpoint,
+    ServiceRecord,
+    WorkerState,
+    announceable,
+    new_record,
+    serving,
+)
+from basidia.brokers.base import (
+    Broker,
+    Delivery,
+    DeliveryHandler,
+    EventSubscription,
+    InboxHandler,
+    Subscription,
+    no_responders,
+)
+from basidia.errors import BrokerError, ConnectionLost
+
+__all__ = ["DLQ_STREAM", "EVENTS_STREAM", "NatsBroker"]
+
+logger = logging.getLogger("basidia.brokers.nats")
+
+RPC_PREFIX = "basidia.rpc."
+INBOX_PREFIX = "_INBOX."
+SERVICE_API_PREFIX = "$SRV"
+
+# A subscription buffers at most this many bytes for its workers (with ``max_pending``
+# messages); beyond either, nats-py drops messages as a slow consumer.
+_MAX_PENDING_BYTES = 64 * 1024 * 1024
+_NO_RESPONDERS = "503"
+_ERROR_KIND = int(Kind.ERROR)
+# Frame layout (docs/protocol.md): the target's length is a big-endian u16 at offset 24,
+# the target itself starts right after the 32-byte fixed header.
+_TARGET_LENGTH_AT = 24
+_TARGET_LENGTH_END = 26
+_FIXED_HEADER = 32
+# Names put into subjects: dot-separated tokens without blanks or wildcards.
+_SUBJECT_RE = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
+_LOG_INTERVAL = 10.0  # seconds between two log lines about the same recurring condition
+
+
+class _Throttle:
+    """Let a recurring warning through at most once per interval (no per-message logging)."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + _LOG_INTERVAL
+        return True
+
+
+# -- deliveries ---------------------------------------------------------------------------------
+
+
+class _RequestDelivery(Delivery):
+    """A core-NATS request: nothing to settle."""
+
+    __slots__ = ()
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+
+class _CoreEventDelivery(Delivery):
+    """A core-NATS event (at-most-once): nothing to settle, but dead letters are kept."""
+
+    __slots__ = ("_origin",)
+
+    def __init__(self, body: bytes, origin: EventOrigin) -> None:
+        self.body = body
+        self._origin = origin
+
+    async def dead_letter(self, reason: str) -> None:
+        origin = self._origin
+        await origin.events.dead_letter(self.body, origin, reason, 1, "")
+
+
+# -- subscriptions ------------------------------------------------------------------------------
+
+
+class _QueueWorkers(Subscription):
+    """``concurrency`` tasks taking messages from one core-NATS subscription's pending queue.
+
+    The subscription has no callback, so nats-py only queues messages (bounded by
+    ``max_pending``); the idle workers wait on that queue themselves.
+    """
+
+    def __init__(
+        self,
+        sub: NatsSubscription,
+        handler: DeliveryHandler,
+        concurrency: int,
+        *,
+        flush_timeout: float,
+        endpoints: dict[bytes, Endpoint] | None = None,
+        origin: EventOrigin | None = None,
+    ) -> None:
+        self._sub = sub
+        self._flush_timeout = flush_timeout
+        self._handler = handler
+        self._endpoints = endpoints
+        self._origin = origin
+        self._idle: set[asyncio.Task[None]] = set()
+        self._cancelled = False
+        work = self._serve_requests if origin is None else self._serve_events
+        self._workers = [asyncio.ensure_future(work()) for _ in range(concurrency)]
+
+    async def _serve_requests(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        state = WorkerState()
+        serving.set(state)
+        sub = self._sub
+        queue: asyncio.Queue[Msg] = sub._pending_queue
+        idle = self._idle
+        handler = self._handler
+        endpoints = self._endpoints
+        assert endpoints is not None
+        now_ns = time.perf_counter_ns
+        # The hot path of every request: kept inline, without a helper coroutine.
+        while True:
+            idle.add(task)
+            try:
+                msg = await queue.get()
+            finally:
+                idle.discard(task)
+            body = msg.data
+            # nats-py counts queued bytes against the pending limit; its consumers subtract.
+            sub._pending_size -= len(body)
+            start = now_ns()
+            try:
+                await handler(_RequestDelivery(body))
+            except Exception:  # the framework replies with its own errors; this is a bug
+                logger.exception("request handler failed on %s", sub.subject)
+            error = state.take_error()
+            if endpoints and len(body) > _FIXED_HEADER:
+                end = _FIXED_HEADER + int.from_bytes(
+                    body[_TARGET_LENGTH_AT:_TARGET_LENGTH_END], "big"
+                )
+                endpoint = endpoints.get(body[_FIXED_HEADER:end])
+                if endpoint is not None:
+                    endpoint.num_requests += 1
+                    endpoint.processing_time += now_ns() - start
+                    if error is not None:
+                        endpoint.num_errors += 1
+                        endpoint.last_error = error
+            if self._cancelled and queue.empty():
+                self._stop_idle()
+                return
+
+    async def _serve_events(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        sub = self._sub
+        queue: asyncio.Queue[Msg] = sub._pending_queue
+        idle = self._idle
+        handler = self._handler
+        origin = self._origin
+        assert origin is not None
+        while True:
+            idle.add(task)
+            try:
+                msg = await queue.get()
+            finally:
+                idle.discard(task)
+            sub._pending_size -= len(msg.data)
+            try:
+                await handler(_CoreEventDelivery(msg.data, origin))
+            except Exception:  # the framework settles and logs its own errors; this is a bug
+                logger.exception("event handler failed on %s", sub.subject)
+            if self._cancelled and queue.empty():
+                self._stop_idle()
+                return
+
+    def _stop_idle(self) -> None:
+        # Idle workers wait on an empty queue that nothing will fill any more.
+        for task in list(self._idle):
+            task.cancel()
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        sub = self._sub
+        nc = sub._conn
+        # Take back the interest at the server first, keeping the local subscription: the
+        # PONG of the flush comes after every message the server routed here before the
+        # UNSUB, so all of them are queued, and handled, rather than dropped.
+        if nc.is_connected:  # (a server gone away has forgotten the interest anyway)
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await nc._send_unsubscribe(sub._id)
+                await round_trip(nc, self._flush_timeout)
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+        # Busy workers finish what is queued, then stop; idle ones stop now if nothing is.
+        if sub._pending_queue.empty():
+            self._stop_idle()
+
+    async def aclose(self) -> None:
+        """Cancel and wait for every worker, busy or not (broker close)."""
+        await self.cancel()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+
+# -- the broker ---------------------------------------------------------------------------------
+
+
+class NatsBroker(Broker):
+    """A connection to NATS (``nats://`` or ``tls://`` URLs, several separated by commas).
+
+    Options (keyword arguments, also accepted as ``broker_options`` in the config):
+
+    * ``name``: connection name shown by NATS monitoring;
+    * ``connect_timeout``: seconds for the first connection, retries included;
+    * ``ping_interval``, ``max_outstanding_pings``: a silent link is declared dead after
+      about ``ping_interval * (max_outstanding_pings + 1)`` seconds;
+    * ``reconnect_wait``, ``reconnect_wait_max``: capped exponential backoff, with jitter,
+      between reconnection attempts; ``max_reconnect_attempts`` (-1: forever);
+    * ``outbound_buffer``: bytes of publishes held while reconnecting (over it, publishing
+      raises ``BrokerError``);
+    * ``publish_timeout``: seconds to wait for JetStream to confirm an event;
+    * ``api_timeout``: seconds for JetStream management requests;
+    * ``max_pending``: messages a subscription may queue for its workers;
+    * ``ack_wait``, ``max_deliver``: JetStream redelivers an unsettled event after
+      ``ack_wait`` seconds, at most ``max_deliver`` times (keep it above the framework's
+      ``event_max_attempts``);
+    * ``pull_expires``: seconds a pull request waits for events;
+    * ``duplicate_window``: seconds JetStream remembers idempotency keys;
+    * ``stream_max_age``: seconds events and dead letters are kept at most;
+    * ``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``: TLS trust and client
+      certificate; any of them (or a ``tls://`` URL) requires TLS, always verified.
+    """
+
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        *,
+        name: str | None = None,
+        connect_timeout: float = 5.0,
+        ping_interval: float = 5.0,
+        max_outstanding_pings: int = 2,
+        reconnect_wait: float = 0.1,
+        reconnect_wait_max: float = 5.0,
+        max_reconnect_attempts: int = -1,
+        outbound_buffer: int = 8 * 1024 * 1024,
+        publish_timeout: float = 5.0,
+        api_timeout: float = 5.0,
+        max_pending: int = 65_536,
+        ack_wait: float = 30.0,
+        max_deliver: int = 20,
+        pull_expires: float = 30.0,
+        duplicate_window: float = 120.0,
+        stream_max_age: float = 7 * 24 * 3600.0,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        servers: list[str] = []
+        secrets: list[str] = []
+        self._user: str | None = None
+        self._password: str | None = None
+        self._token: str | None = None
+        schemes = set()
+        for raw in url.split(","):
+            part = raw.strip()
+            try:
+                parts = urlsplit(part)
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                raise ValueError(f"invalid NATS URL {redact_url(part)!r}") from None
+            if parts.scheme not in ("nats", "tls") or not parts.hostname:
+                raise ValueError(f"not a NATS URL: {_redact(part)!r} (nats:// or tls://)")
+            schemes.add(parts.scheme)
+            # Credentials go to nats-py as options, not inside URLs it may log or expose.
+            if parts.password is not None:
+                self._user = unquote(parts.username or "")
+                self._password = unquote(parts.password)
+                secrets.append(self._password)
+            elif parts.username:
+                self._token = unquote(parts.username)  # nats://token@host
+                secrets.append(self._token)
+            netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+            servers.append(f"{parts.scheme}://{netloc}:{parts.port or 4222}")
+        # The URL itself is not kept: only its redacted form, and the credentials apart.
+        self.safe_url = ",".join(_redact(raw.strip()) for raw in url.split(","))
+        self._servers = servers
+        self._secrets = [secret for secret in secrets if secret]
+        self._wants_tls = "tls" in schemes or any((tls_ca_file, tls_cert_file, tls_key_file))
+        self._tls_files = (tls_ca_file, tls_cert_file, tls_key_file)
+        self._name = name
+        self._connect_timeout = connect_timeout
+        self._ping_interval = ping_interval
+        self._max_outstanding_pings = max_outstanding_pings
+        self._reconnect_wait = reconnect_wait
+        self._reconnect_wait_max = reconnect_wait_max
+        self._max_reconnect_attempts = max_reconnect_attempts
+        self._outbound_buffer = outbound_buffer
+        self._publish_timeout = publish_timeout
+        self._api_timeout = api_timeout
+        self._max_pending = max_pending
+        self._events = JetStreamEvents(
+            self,
+            publish_timeout=publish_timeout,
+            api_timeout=api_timeout,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            pull_expires=pull_expires,
+            duplicate_window=duplicate_window,
+            stream_max_age=stream_max_age,
+            max_pending=max_pending,
+            max_pending_bytes=_MAX_PENDING_BYTES,
+        )
+
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._closing = False
+        self._up = asyncio.Event()
+        self._inbox = ""
+        self._inbox_sub: NatsSubscription | None = None
+        self._inbox_task: asyncio.Task[None] | None = None
+        self._inbox_handlers: dict[str, InboxHandler] = {}
+        self._request_subjects: dict[str, str] = {}
+        self._event_subjects: dict[str, str] = {}
+        self._workers: list[_QueueWorkers] = []
+        self._endpoints: dict[str, dict[bytes, Endpoint]] = {}
+        self._services: dict[str, ServiceRecord] = {}
+        self._service_api_sub: NatsSubscription | None = None
+        self._last_error: BaseException | None = None
+        self._slow_throttle = _Throttle()
+        self._error_throttle = _Throttle()
+        #: Reconnection attempts so far (each one waited its backoff first).
+        self.reconnect_attempts = 0
+        #: Times the connection came back.
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        return f"NatsBroker({self.safe_url!r})"
+
+    # -- connection ----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def _client(self) -> Client:
+        if self._nc is None:
+            raise BrokerError(f"{self!r} is not connected")
+        return self._nc
+
+    def _jetstream(self) -> JetStreamContext:
+        if self._js is None:
+            raise BrokerError(f"{self!r} is not connected")
+        return self._js
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without any credential of this broker's URL (for logs and errors)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self._wants_tls:
+            return None
+        ca_file, cert_file, key_file = self._tls_files
+        # The default context verifies the certificate chain and the host name.
+        context = ssl.create_default_context(cafile=ca_file)
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+        return context
+
+    async def connect(self) -> None:
+        if self._nc is not None:
+            return
+        self._closing = False
+        nc = Client()
+        options: dict[str, Any] = {
+            "servers": self._servers,
+            "name": self._name,
+            "connect_timeout": self._connect_timeout,
+            "ping_interval": self._ping_interval,
+            "max_outstanding_pings": self._max_outstanding_pings,
+            "allow_reconnect": True,
+            "reconnect_time_wait": self._reconnect_wait,
+            "max_reconnect_attempts": self._max_reconnect_attempts,
+            "reconnect_to_server_handler": self._choose_server,
+            "pending_size": self._outbound_buffer,
+            "flush_timeout": self._publish_timeout,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+            "user": self._user,
+            "password": self._password,
+            "token": self._token,
+        }
+        tls = self._tls_context()
+        if tls is not None:
+            options["tls"] = tls
+        self._last_error = None
+        try:
+            await asyncio.wait_for(nc.connect(**options), self._connect_timeout)
+            self._check_tls(nc)
+        except BaseException as exc:
+            self._closing = True
+            await self._close_client(nc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            reason = exc if not isinstance(exc, asyncio.TimeoutError) else self._last_error
+            detail = self._scrub(f"{type(reason).__name__}: {reason}") if reason else "timed out"
+            raise BrokerError(
+                f"could not connect to {self.safe_url} within {self._connect_timeout:g} s "
+                f"({detail})"
+            ) from None
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self._api_timeout)
+        self._inbox = nc.new_inbox()
+        self._up.set()
+        if self._services:
+            await self._subscribe_service_api()
+        logger.info("connected to %s", self.safe_url)
+
+    def _check_tls(self, nc: Client) -> None:
+        # nats-py upgrades to TLS only when the server's INFO requires it: a server (or a
+        # man in the middle) that does not would get a plaintext connection.  Refuse it.
+        if self._wants_tls and not nc._server_info.get("tls_required"):
+            raise BrokerError(f"{self.safe_url} does not offer TLS; refusing to connect in clear")
+
+    def _choose_server(
+        self, servers: list[NatsServer], info: dict[str, Any]
+    ) -> tuple[NatsServer | None, float]:
+        """nats-py asks before each reconnection attempt: which server, after what delay."""
+        server = min(servers, key=lambda candidate: candidate.reconnects)
+        self.reconnect_attempts += 1
+        nc = self._nc
+        if nc is not None and nc._transport is not None:
+            # nats-py reuses its transport object and overwrites the socket of a failed
+            # attempt (one that connected but got no INFO) without closing it: close it here
+            # so a long outage behind a half-open link does not leak a socket per attempt.
+            nc._transport.close()  # type: ignore[no-untyped-call]
+        delay = min(
+            self._reconnect_wait_max, self._reconnect_wait * 2 ** min(server.reconnects, 30)
+        )
+        # Jitter spreads a fleet of clients so they do not all knock at once.
+        return server, delay * random.uniform(0.5, 1.0)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            if self._slow_throttle.ready():
+                logger.warning(
+                    "a NATS subscription on %s is too slow; messages dropped (raise max_pending "
+                    "or concurrency)",
+                    exc.subject,
+                )
+            return
+        if not isinstance(self._last_error, nats.errors.Error):
+            # What the server said (an authorization violation, say) explains a failed
+            # connection better than the resets that follow it: once there is one, keep it.
+            self._last_error = exc
+        if self.connected and self._error_throttle.ready():
+            logger.warning(
+                "NATS error on %s: %s", self.safe_url, self._scrub(str(exc) or repr(exc))
+            )
+        else:
+            logger.debug("NATS error on %s: %s", self.safe_url, self._scrub(repr(exc)))
+
+    async def _on_disconnected(self) -> None:
+        if self._closing:
+            return
+        self._up.clear()
+        logger.warning("lost the connection to %s; reconnecting", self.safe_url)
+        self._events.connection_changed()
+        self._notify_disconnect(ConnectionLost(f"lost the connection to {self.safe_url}"))
+
+    async def _on_reconnected(self) -> None:
+        nc = self._nc
+        if nc is None or self._closing:
+            return
+        try:
+            self._check_tls(nc)
+        except BrokerError as exc:
+            logger.error("%s", exc)
+            await nc.close()
+            return
+        self.reconnects += 1
+        logger.info("reconnected to %s", self.safe_url)
+        self._up.set()
+        self._events.connection_changed()
+
+    async def _on_closed(self) -> None:
+        if self._closing:
+            return
+        self._up.clear()
+        logger.error("the connection to %s is closed for good", self.safe_url)
+        self._notify_disconnect(ConnectionLost(f"the connection to {self.safe_url} is closed"))
+
+    async def _until_connected(self) -> None:
+        await self._up.wait()
+
+    async def close(self) -> None:
+        nc = self._nc
+        if nc is None:
+            return
+        self._closing = True
+        self._up.clear()
+        workers, self._workers = self._workers, []
+        for subscription in workers:
+            try:
+                await subscription.aclose()
+            except Exception:
+                logger.exception("could not stop a subscription")
+        await self._events.close()
+        if self._inbox_task is not None:
+            self._inbox_task.cancel()
+            await asyncio.gather(self._inbox_task, return_exceptions=True)
+            self._inbox_task = None
+        self._inbox_sub = None
+        self._inbox_handlers.clear()
+        self._service_api_sub = None
+        self._nc = None
+        self._js = None
+        await self._close_client(nc)
+        logger.info("closed the connection to %s", self.safe_url)
+
+    async def _close_client(self, nc: Client) -> None:
+        try:
+            # nats-py flushes pending publishes on close; a dead link must not hold us.
+            await asyncio.wait_for(nc.close(), self._publish_timeout)
+        except Exception as exc:
+            logger.debug("closing the NATS client: %s", self._scrub(repr(exc)))
+
+    async def _subscribe(self, subject: str, **options: Any) -> NatsSubscription:
+        """Subscribe, and return once the server has the interest (other connections'
+        messages published from then on reach it)."""
+        nc = self._client()
+        sub = await nc.subscribe(subject, **options)
+        try:
+            await round_trip(nc, self._publish_timeout)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            raise BrokerError(f"could not subscribe to {subject} on {self.safe_url}") from exc
+        return sub
+
+    # -- RPC -----------------------------------------------------------------------------------
+
+    def _request_subject(self, service: str) -> str:
+        subject = self._request_subjects.get(service)
+        if subject is None:
+            subject = RPC_PREFIX + _checked_name(service, "service name")
+            self._request_subjects[service] = subject
+        return subject
+
+    async def serve_requests(
+        self, service: str, handler: DeliveryHandler, *, concurrency: int
+    ) -> Subscription:
+        subject = self._request_subject(service)
+        sub = await self._subscribe(
+            subject,
+            queue=service,
+            pending_msgs_limit=self._max_pending,
+            pending_bytes_limit=_MAX_PENDING_BYTES,
+        )
+        endpoints = self._endpoints.setdefault(service, {})
+        workers = _QueueWorkers(
+            sub, handler, concurrency, flush_timeout=self._publish_timeout, endpoints=endpoints
+        )
+        self._workers.append(workers)
+        return workers
+
+    async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            # Fail fast instead of buffering a call that would wait for its deadline.
+            raise ConnectionLost(f"not connected to {self.safe_url}")
+        subject = self._request_subjects.get(service) or self._request_subject(service)
+        try:
+            await nc.publish(subject, body, reply=f"{self._inbox}.{correlation_id}.{service}")
+        except nats.errors.MaxPayloadError:
+            raise BrokerError(
+                f"a request of {len(body)} bytes exceeds the server's limit of "
+                f"{nc.max_payload} bytes"
+            ) from None
+        except nats.errors.Error as exc:
+            raise ConnectionLost(f"could not send a request to {service!r}: {exc!r}") from None
+
+    async def open_inbox(self, handler: InboxHandler) -> str:
+        if self._inbox_sub is None:
+            self._inbox_sub = await self._subscribe(
+                f"{self._inbox}.>",
+                pending_msgs_limit=self._max_pending,
+                pending_bytes_limit=_MAX_PENDING_BYTES,
+            )
+            self._inbox_task = asyncio.ensure_future(self._read_inbox(self._inbox_sub))
+        address = f"{self._inbox}.r{len(self._inbox_handlers) or ''}"
+        self._inbox_handlers[address] = handler
+        return address
+
+    async def _read_inbox(self, sub: NatsSubscription) -> None:
+        # Replies are routed synchronously: a plain loop on the queue beats a callback.
+        queue: asyncio.Queue[Msg] = sub._pending_queue
+        handlers = self._inbox_handlers
+        while True:
+            msg = await queue.get()
+            data = msg.data
+            sub._pending_size -= len(data)
+            try:
+                handler = handlers.get(msg.subject)
+                if handler is not None:
+                    handler(data)
+                elif msg.headers is not None and msg.headers.get("Status") == _NO_RESPONDERS:
+                    self._route_no_responders(msg.subject)
+            except Exception:
+                logger.exception("the reply handler failed")
+
+    def _route_no_responders(self, subject: str) -> None:
+        # <inbox>.<correlation id>.<service>: the request reached no member of the queue group.
+        correlation_id, _, service = subject[len(self._inbox) + 1 :].partition(".")
+        if not correlation_id.isdigit():
+            return
+        frame = no_responders(int(correlation_id), service)
+        for handler in list(self._inbox_handlers.values()):
+            handler(frame)
+
+    async def send_reply(self, reply_to: str, body: bytes) -> None:
+        state = serving.get()
+        if state is not None and len(body) > 1 and body[1] == _ERROR_KIND:
+            state.error = body
+        # reply_to comes from a request frame: only ever answer into an inbox, never on a
+        # subject a forged frame picked (a JetStream API subject, say).
+        if not reply_to.startswith(INBOX_PREFIX) or "*" in reply_to or ">" in reply_to:
+            logger.debug("dropped a reply to a non-inbox subject")
+            return
+        nc = self._client()
+        try:
+            await nc.publish(reply_to, body)
+        except nats.errors.MaxPayloadError:
+            raise BrokerError(
+                f"a reply of {len(body)} bytes exceeds the server's limit of {nc.max_payload} bytes"
+            ) from None
+        except nats.errors.Error as exc:
+            raise ConnectionLost(f"could not send a reply: {exc!r}") from None
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _event_subject(self, event: str) -> str:
+        subject = self._event_subjects.get(event)
+        if subject is None:
+            subject = EVENT_PREFIX + _checked_name(event, "event name")
+            if len(self._event_subjects) > 4096:  # bound the cache for dynamic event names
+                self._event_subjects.clear()
+            self._event_subjects[event] = subject
+        return subject
+
+    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
+        subject = self._event_subject(event)
+        # JetStream drops a second publish with the same Nats-Msg-Id (duplicate_window).
+        headers = {"Nats-Msg-Id": idempotency_key}
+        await self._events.publish(subject, body, headers, f"event {event!r}")
+
+    async def subscribe_events(
+        self, subscription: EventSubscription, handler: DeliveryHandler, *, concurrency: int
+    ) -> Subscription:
+        subject = self._event_subject(subscription.event)
+        if subscription.durable:
+            return await self._events.subscribe(
+                subscription, subject, handler, concurrency, _nuid()
+            )
+        # Core NATS, at most once: whoever listens at publish time gets it.
+        queue = "" if subscription.broadcast else consumer_name(subscription.group, subject)
+        sub = await self._subscribe(
+            subject,
+            queue=queue,
+            pending_msgs_limit=self._max_pending,
+            pending_bytes_limit=_MAX_PENDING_BYTES,
+        )
+        origin = EventOrigin(self._events, subscription.event, subscription.group)
+        workers = _QueueWorkers(
+            sub, handler, concurrency, flush_timeout=self._publish_timeout, origin=origin
+        )
+        self._workers.append(workers)
+        return workers
+
+    # -- the NATS service API (ADR-32) ---------------------------------------------------------
+
+    async def register_service_info(
+        self,
+        name: str,
+        *,
+        version: str = "0.0.0",
+        endpoints: Iterable[str] = (),
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> str | None:
+        """Answer ``$SRV.PING/INFO/STATS`` for service ``name`` and its RPC ``endpoints``.
+
+        ``endpoints`` are the names of the service's RPC methods.  Their request counts,
+        errors and processing times (``$SRV.STATS``) are measured by this broker's request
+        workers.  Returns the id of this service instance, or None (and a warning) for a
+        name the service API cannot carry; a bad ``version`` raises ``ValueError``.  Call
+        it again to replace the description (counters restart), and
+        ``unregister_service_info`` when the service stops.
+        """
+        if not announceable(name):
+            logger.warning(
+                "service %r is not announced on the NATS service API: names there may only "
+                "use letters, digits, '-' and '_'",
+                name,
+            )
+            return None
+        record = new_record(
+            name,
+            _nuid(),
+            version=version,
+            methods=endpoints,
+            subject=self._request_subject(name),
+            description=description,
+            metadata=metadata,
+        )
+        # The request workers of this service count into this very dict.
+        stats = self._endpoints.setdefault(name, {})
+        stats.clear()
+        stats.update({f"{name}.{e.name}".encode(): e for e in record.endpoints})
+        self.unregister_service_info(name)
+        self._services[record.id] = record
+        if self._nc is not None:
+            await self._subscribe_service_api()
+        return record.id
+
+    def unregister_service_info(self, name: str) -> None:
+        """Stop answering the service API for ``name``."""
+        for service_id in [key for key, rec in self._services.items() if rec.name == name]:
+            del self._services[service_id]
+
+    async def _subscribe_service_api(self) -> None:
+        if self._service_api_sub is None:
+            self._service_api_sub = await self._subscribe(
+                f"{SERVICE_API_PREFIX}.>", cb=self._on_service_api
+            )
+
+    async def _on_service_api(self, msg: Msg) -> None:
+        # $SRV.<verb>, $SRV.<verb>.<name> or $SRV.<verb>.<name>.<id>
+        tokens = msg.subject.split(".")
+        if not msg.reply or not 2 <= len(tokens) <= 4:
+            return
+        verb = tokens[1]
+        name = tokens[2] if len(tokens) > 2 else None
+        service_id = tokens[3] if len(tokens) > 3 else None
+        for record in list(self._services.values()):
+            if record.matches(name, service_id):
+                response = record.response(verb)
+                if response is None:
+                    return
+                try:
+                    await self._client().publish(msg.reply, response)
+                except nats.errors.Error:
+                    return
+
+
+def _redact(url: str) -> str:
+    """``redact_url``, and a token in the user position (``nats://token@host``) hidden too."""
+    safe = redact_url(url)
+    try:
+        parts = urlsplit(safe)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.username and parts.password is None:
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        return parts._replace(netloc=f"***@{host}").geturl()
+    return safe
+
+
+def _checked_name(name: str, what: str) -> str:
+    if not _SUBJECT_RE.match(name):
+        raise ValueError(
+            f"{what} {name!r} cannot be used in a NATS subject: use dot-separated tokens "
+            "without spaces, '*' or '>'"
+        )
+    return name
+
+
+_ids = NUID()
+
+
+def _nuid() -> str:
+    """A unique id (service instance ids, broadcast consumer names)."""
+    return _ids.next().decode()
