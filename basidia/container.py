@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from basidia._deadlines import HandlerWatchdog
-from basidia._version import __version__
 from basidia._speedups import FLAG_JSON, Frame, Kind, decode_frame, encode_frame
+from basidia._version import __version__
 from basidia.brokers.base import Delivery, EventSubscription, Subscription, error_reply
 from basidia.context import CallContext, current_call
 from basidia.errors import (
