@@ -1,0 +1,961 @@
+"""The RabbitMQ broker, through aiormq (``amqp://`` and ``amqps://`` URLs).
+
+Topology (``prefix`` defaults to ``basidia``; docs/rabbitmq.md has the details):
+
+* requests: one queue per service, ``<prefix>.rpc.<service>``, non-durable and
+  auto-delete, so it exists exactly while some instance consumes it.  Requests
+  are published with ``mandatory``: one that no queue takes comes back as
+  ``basic.return`` and becomes a ``ServiceUnavailable`` error frame at once;
+* replies: RabbitMQ's direct reply-to, consumed no-ack on the channel that
+  publishes the requests.  A frame's reply address is the placeholder
+  ``amq.rabbitmq.reply-to``; the service answers to the address RabbitMQ wrote
+  into the request's AMQP ``reply_to`` property;
+* events: a durable topic exchange ``<prefix>.events``; one durable queue per
+  consumer group, ``<prefix>.events.<group>``, bound to the event name;
+  persistent messages, publisher confirms, ack after the handler.  A retry is
+  a confirmed republish to the group's queue with the next attempt number in a
+  header, then an ack; a dead letter goes to ``<prefix>.events.<group>.dlq`` with
+  the reason, event and attempts in headers.
+
+aiormq has no reconnection of its own and can hang while the broker is down, so
+every network await here has a deadline, and a lost connection is opened again
+in the background with capped, jittered exponential backoff, every consumer restored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import aiormq
+from aiormq import Channel, Connection
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+from basidia.brokers import redact_url
+from basidia.brokers.base import (
+    Broker,
+    Delivery,
+    DeliveryHandler,
+    EventSubscription,
+    InboxHandler,
+    Subscription,
+    no_responders,
+)
+from basidia.errors import BrokerError, ConfigError, ConnectionLost
+
+__all__ = ["DIRECT_REPLY_TO", "AmqpBroker"]
+
+logger = logging.getLogger("basidia.brokers.amqp")
+
+T = TypeVar("T")
+
+#: The reply address of every request frame sent through this adapter.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+_REPLY_ADDRESS_PREFIX = DIRECT_REPLY_TO + "."
+
+# Message headers Basidia writes; documented in docs/rabbitmq.md.
+ATTEMPT_HEADER = "x-basidia-attempt"
+EVENT_HEADER = "x-basidia-event"
+REASON_HEADER = "x-basidia-reason"
+GROUP_HEADER = "x-basidia-group"
+QUEUE_HEADER = "x-basidia-queue"
+DEAD_AT_HEADER = "x-basidia-dead-lettered-at"
+
+_CONTENT_TYPE = "application/vnd.basidia.frame"
+_MAX_NAME_BYTES = 255  # AMQP short strings: queue names and routing keys
+_MAX_REASON_CHARS = 4096  # a dead letter's reason header; tracebacks can be long
+_PERSISTENT = 2  # AMQP delivery mode: written to disk by durable queues
+_GIVE_BACK_PAUSE = 0.5  # seconds before requeueing an event whose retry could not be published
+
+# How an AMQP operation fails when its link or channel goes away.
+_LINK_ERRORS = (aiormq.AMQPError, ConnectionError, OSError, RuntimeError, asyncio.TimeoutError)
+
+
+# The AMQP reply address of the request being handled, set by the request workers for
+# each delivery: the framework replies from inside the delivery handler (or a task it
+# starts, which keeps the value it had then), so ``send_reply`` finds the right caller.
+_serving: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "basidia_amqp_serving", default=None
+)
+
+
+def _really_cancelled() -> bool:
+    """Whether this task is being cancelled, rather than awaiting a future that aiormq
+    failed with ``CancelledError`` when it closed a channel."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is None or bool(cancelling())
+
+
+def _check_name(name: str, what: str) -> str:
+    if not name or len(name.encode()) > _MAX_NAME_BYTES:
+        raise ValueError(f"{what} {name!r} must be 1 to {_MAX_NAME_BYTES} bytes long")
+    return name
+
+
+class AmqpBroker(Broker):
+    """A connection to RabbitMQ (``amqp://`` or ``amqps://``), shared by a process's services.
+
+    Options (keyword arguments, also accepted as ``broker_options`` in the config):
+
+    * ``name``: connection name shown in the management UI;
+    * ``connect_timeout``: seconds to open the connection;
+    * ``heartbeat``: AMQP heartbeat in seconds (the URL's ``?heartbeat=`` if not given,
+      else 5); a silent link is declared dead after about ``3 * (heartbeat + 1)`` s;
+    * ``operation_timeout``: seconds for channel opens, declares, consumes, cancels,
+      settlements, and for handing a request or reply to the connection;
+    * ``publish_timeout``: seconds an event publish may take, waiting for a reconnection
+      and the publisher confirm included;
+    * ``prefetch``: unacknowledged deliveries per consumer (default: its concurrency);
+    * ``reconnect_wait``, ``reconnect_wait_max``: capped exponential backoff, with
+      jitter, between reconnection attempts;
+    * ``prefix``: first word of every exchange and queue name;
+    * ``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``: TLS trust and client
+      certificate for ``amqps://`` (the URL's ``cafile``, ``certfile``, ``keyfile``
+      work too); the server certificate and host name are always verified.
+    """
+
+    def __init__(
+        self,
+        url: str = "amqp://guest:guest@127.0.0.1:5672/",
+        *,
+        name: str = "basidia",
+        connect_timeout: float = 5.0,
+        heartbeat: int | None = None,
+        operation_timeout: float = 5.0,
+        publish_timeout: float = 5.0,
+        prefetch: int | None = None,
+        reconnect_wait: float = 0.1,
+        reconnect_wait_max: float = 5.0,
+        prefix: str = "basidia",
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.safe_url = redact_url(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ConfigError(f"invalid AMQP URL {self.safe_url!r}") from None
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ConfigError(f"not an AMQP URL: {self.safe_url!r} (amqp:// or amqps://)")
+        self._secrets = [s for s in {parts.password, unquote(parts.password or "")} if s]
+        query = dict(parse_qsl(parts.query))
+        if "no_verify_ssl" in query:
+            raise ConfigError("no_verify_ssl is refused: TLS certificates are always verified")
+        tls = (
+            tls_ca_file or query.pop("cafile", None),
+            tls_cert_file or query.pop("certfile", None),
+            tls_key_file or query.pop("keyfile", None),
+        )
+        if parts.scheme == "amqp" and any(tls):
+            raise ConfigError("TLS options need an amqps:// URL")
+        self._tls = tls if parts.scheme == "amqps" else None
+        self._context: ssl.SSLContext | None = None
+        query["heartbeat"] = str(int(query.get("heartbeat", 5) if heartbeat is None else heartbeat))
+        query["name"] = name
+        # The URL aiormq gets keeps the credentials; no log line or error of ours shows it.
+        self._url = urlunsplit(parts._replace(query=urlencode(query)))
+        self._connect_timeout = float(connect_timeout)
+        self._timeout = float(operation_timeout)
+        self._publish_timeout = float(publish_timeout)
+        self._prefetch = int(prefetch) if prefetch else None
+        self._reconnect_wait = float(reconnect_wait)
+        self._reconnect_wait_max = float(reconnect_wait_max)
+        self._prefix = prefix
+        self.exchange = _check_name(f"{prefix}.events", "exchange name")
+
+        self._connection: Connection | None = None
+        self._rpc: Channel | None = None  # publishes requests and replies, consumes replies
+        self._confirms: Channel | None = None  # confirmed publishes: events, retries
+        self._inbox: InboxHandler | None = None
+        self._consumers: list[_Consumer] = []
+        self._request_queues: dict[str, str] = {}
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._up = asyncio.Event()
+        self._reopening = asyncio.Lock()
+        self._closed = True
+        #: Reconnection attempts, and those that succeeded (for health checks and tests).
+        self.reconnect_attempts = 0
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        return f"AmqpBroker({self.safe_url!r})"
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _describe(self, exc: BaseException) -> str:
+        """``exc`` for an error message or a log line: type and text, password removed."""
+        if isinstance(exc, asyncio.TimeoutError):
+            return "timed out"
+        text = str(exc) if str(exc) not in ("", "()") else repr(exc)
+        text = f"{type(exc).__name__}: {text}"
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    async def _deadline(self, awaitable: Awaitable[T], what: str, timeout: float = 0.0) -> T:
+        """Await ``awaitable`` for at most ``timeout`` s (default: the operation timeout);
+        a refusal becomes ``BrokerError``, anything else ``ConnectionLost``."""
+        timeout = timeout or self._timeout
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+            raise ConnectionLost(f"{what}: the connection to {self.safe_url} closed") from None
+        except asyncio.TimeoutError:
+            raise ConnectionLost(
+                f"{what}: no answer from {self.safe_url} in {timeout:g} s"
+            ) from None
+        except aiormq.AMQPChannelError as exc:
+            raise BrokerError(f"{what}: {self._describe(exc)}") from None
+        except _LINK_ERRORS as exc:
+            raise ConnectionLost(f"{what}: {self._describe(exc)}") from None
+
+    async def _channel(self, connection: Connection, *, confirms: bool = False) -> Channel:
+        channel = connection.channel(publisher_confirms=confirms)
+        return cast(Channel, await self._deadline(channel, "open a channel"))
+
+    async def _publish(
+        self,
+        channel: Channel,
+        body: bytes,
+        routing_key: str,
+        properties: spec.Basic.Properties,
+        what: str,
+        mandatory: bool = False,
+    ) -> None:
+        """Hand a message to the connection without waiting for the broker (no confirm)."""
+        try:
+            await channel.basic_publish(
+                body,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+                wait=False,
+                timeout=self._timeout,
+            )
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+            raise ConnectionLost(f"could not {what} to {routing_key}: channel closed") from None
+        except _LINK_ERRORS as exc:
+            error = self._describe(exc)
+            raise ConnectionLost(f"could not {what} to {routing_key}: {error}") from None
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _backoff(self, attempt: int) -> float:
+        """Delay before attempt ``attempt`` (0-based): exponential, capped, jittered."""
+        ceiling = min(self._reconnect_wait_max, self._reconnect_wait * 2.0 ** min(attempt, 30))
+        # "Equal jitter": at least half the ceiling, so retries never bunch up at zero.
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    # -- connection ---------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and self._up.is_set()
+
+    async def connect(self) -> None:
+        if not self._closed:
+            return
+        self._closed = False
+        try:
+            await self._open()
+        except BaseException:
+            self._closed = True
+            raise
+        logger.info("connected to %s", self.safe_url)
+
+    async def _open(self) -> None:
+        """Connect, open the shared channels, declare the exchange, restore consumers."""
+        if self._tls is not None and self._context is None:
+            ca_file, cert_file, key_file = self._tls
+            try:
+                # The default context verifies the certificate chain and the host name.
+                self._context = ssl.create_default_context(cafile=ca_file)
+                if cert_file:
+                    self._context.load_cert_chain(cert_file, key_file)
+            except (OSError, ssl.SSLError) as exc:
+                self._context = None
+                raise ConfigError(f"cannot load the TLS files: {self._describe(exc)}") from None
+        connection = aiormq.Connection(self._url, context=self._context)
+        try:
+            await self._deadline(connection.connect(), "connect", self._connect_timeout)
+            self._confirms = await self._channel(connection, confirms=True)
+            declare = self._confirms.exchange_declare(
+                self.exchange, exchange_type="topic", durable=True
+            )
+            await self._deadline(declare, f"declare exchange {self.exchange!r}")
+            self._rpc = await self._open_rpc_channel(connection)
+            for consumer in list(self._consumers):
+                try:
+                    await consumer.attach(connection)
+                except ConnectionLost:
+                    raise
+                except BrokerError as exc:
+                    # One queue the broker refuses (declared elsewhere with other arguments,
+                    # say) must not keep every other consumer from coming back.
+                    logger.error("could not consume %s: %s", consumer.queue, exc)
+                    consumer.restart_soon()
+        except BaseException:
+            self._rpc = self._confirms = None
+            await self._discard(connection)
+            raise
+        self._connection = connection
+        connection.closing.add_done_callback(lambda done: self._on_lost(connection, done))
+        for consumer in self._consumers:
+            if consumer.channel is None:
+                consumer.restart_soon()  # added while this connection was being set up
+        self._up.set()
+
+    async def _open_rpc_channel(self, connection: Connection) -> Channel:
+        channel = await self._channel(connection)
+        _on_returns(channel, self._on_return)
+        if self._inbox is not None:
+            consume = channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+            await self._deadline(consume, "consume replies")
+
+        def on_closed(_: object) -> None:
+            # Direct reply-to is bound to this channel: without it no reply can arrive, so
+            # treat its loss as the connection's (fail the calls waiting, then start over).
+            if channel is self._rpc and connection is self._connection and connection.is_opened:
+                logger.warning("the RPC channel to %s closed; reconnecting", self.safe_url)
+                self._spawn(self._discard(connection, BrokerError("the RPC channel closed")))
+
+        channel.closing.add_done_callback(on_closed)
+        return channel
+
+    async def _discard(self, connection: Connection, reason: Exception | None = None) -> None:
+        try:
+            await asyncio.wait_for(
+                connection.close(reason or asyncio.CancelledError), self._timeout
+            )
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+        except Exception:  # it is being thrown away: how it ends does not matter
+            pass
+
+    def _on_lost(self, connection: Connection, closing: asyncio.Future[Any]) -> None:
+        if connection is not self._connection or self._closed:
+            return  # closed by us
+        exc = None if closing.cancelled() else closing.exception()
+        if exc is None:
+            reason = "closed"
+        elif isinstance(exc, asyncio.CancelledError):
+            # aiormq cancels its reader when no frame arrived within the heartbeat grace.
+            reason = "no frame from the broker within the heartbeat grace"
+        else:
+            reason = self._describe(exc)
+        self._connection = self._rpc = self._confirms = None
+        self._up.clear()
+        logger.warning("lost the connection to %s (%s); reconnecting", self.safe_url, reason)
+        self._notify_disconnect(ConnectionLost(f"lost the connection to {self.safe_url}: {reason}"))
+        if not self._closed and self._reconnecting is None:
+            self._reconnecting = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        try:
+            while not self._closed:
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+                self.reconnect_attempts += 1
+                try:
+                    await self._open()
+                except Exception as exc:  # whatever it was, the next attempt may succeed
+                    known = isinstance(exc, (BrokerError, ConfigError))
+                    reason = str(exc) if known else self._describe(exc)
+                    logger.warning(
+                        "reconnection %d to %s failed: %s", attempt, self.safe_url, reason
+                    )
+                    continue
+                self.reconnects += 1
+                logger.info("reconnected to %s after %d attempt(s)", self.safe_url, attempt)
+                return
+        finally:
+            self._reconnecting = None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        reconnecting, self._reconnecting = self._reconnecting, None
+        if reconnecting is not None:
+            reconnecting.cancel()
+            await asyncio.gather(reconnecting, return_exceptions=True)
+        consumers, self._consumers = self._consumers, []
+        for consumer in consumers:
+            await consumer.aclose()
+        self._inbox = None
+        connection, self._connection = self._connection, None
+        self._rpc = self._confirms = None
+        self._up.clear()
+        if connection is not None:
+            await self._discard(connection)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        logger.info("closed the connection to %s", self.safe_url)
+
+    # -- requests and replies -------------------------------------------------------------
+
+    def _request_queue(self, service: str) -> str:
+        queue = self._request_queues.get(service)
+        if queue is None:
+            queue = _check_name(f"{self._prefix}.rpc.{service}", "request queue name")
+            if len(self._request_queues) > 4096:  # bound the cache for dynamic service names
+                self._request_queues.clear()
+            self._request_queues[service] = queue
+        return queue
+
+    async def serve_requests(
+        self, service: str, handler: DeliveryHandler, *, concurrency: int
+    ) -> Subscription:
+        queue = self._request_queue(service)
+        return await self._add(_RequestConsumer(self, queue, handler, concurrency))
+
+    async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
+        channel = self._rpc
+        if channel is None:
+            # Fail fast instead of holding a call that would wait for its deadline.
+            raise ConnectionLost(f"not connected to {self.safe_url}")
+        # Few properties, each costs encoding time: the message id names the call (it comes
+        # back with a returned request), no delivery mode means transient.
+        properties = spec.Basic.Properties(
+            message_id=str(correlation_id),
+            reply_to=DIRECT_REPLY_TO if self._inbox is not None else None,
+        )
+        queue = self._request_queues.get(service) or self._request_queue(service)
+        # mandatory: a request that no queue takes comes back (see _on_return).
+        await self._publish(channel, body, queue, properties, "send a request", mandatory=True)
+
+    def _on_return(self, message: DeliveredMessage) -> None:
+        """A request that no queue took: no instance of its service runs."""
+        inbox = self._inbox
+        correlation_id = message.header.properties.message_id or ""
+        service = (message.routing_key or "").partition(f"{self._prefix}.rpc.")[2]
+        if inbox is not None and correlation_id.isdigit() and service:
+            inbox(no_responders(int(correlation_id), service))
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        inbox = self._inbox
+        if inbox is not None:
+            try:
+                inbox(message.body)
+            except Exception:
+                logger.exception("the reply handler failed")
+
+    async def open_inbox(self, handler: InboxHandler) -> str:
+        if self._inbox is not None:
+            # Direct reply-to answers the channel that sent the request, and a request
+            # names no inbox of its own: a second inbox could get the first one's replies.
+            raise BrokerError(f"{self!r} already has a reply inbox; open another connection")
+        channel = self._rpc
+        if channel is None:
+            raise ConnectionLost(f"not connected to {self.safe_url}")
+        # Consume first: a request naming direct reply-to on a channel that does not
+        # consume it yet would close the channel.
+        consume = channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+        await self._deadline(consume, "consume replies")
+        self._inbox = handler
+        return DIRECT_REPLY_TO
+
+    async def send_reply(self, reply_to: str, body: bytes) -> None:
+        address: str | None = reply_to
+        if reply_to == DIRECT_REPLY_TO:
+            address = _serving.get()
+        # Only ever answer into a direct reply-to inbox: a forged request must not make a
+        # service publish into a queue of its choosing.
+        if not address or not address.startswith(_REPLY_ADDRESS_PREFIX):
+            return
+        channel = self._rpc
+        if channel is None:
+            raise ConnectionLost(f"could not send a reply: not connected to {self.safe_url}")
+        await self._publish(channel, body, address, _REPLY_PROPERTIES, "send a reply")
+
+    # -- events -------------------------------------------------------------------------
+
+    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
+        properties = spec.Basic.Properties(
+            delivery_mode=_PERSISTENT, message_id=idempotency_key, content_type=_CONTENT_TYPE
+        )
+        what = f"publish event {_check_name(event, 'event name')!r}"
+        await self._publish_confirmed(body, self.exchange, event, properties, what)
+
+    async def _publish_confirmed(
+        self,
+        body: bytes,
+        exchange: str,
+        routing_key: str,
+        properties: spec.Basic.Properties,
+        what: str,
+        *,
+        reconnect: bool = True,
+    ) -> None:
+        """Publish and wait for the broker's confirm, within ``publish_timeout``.
+
+        With ``reconnect``, a connection lost before the confirm is waited for and the
+        message published again: a copy at worst, which its idempotency key gives away.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._publish_timeout
+        while True:
+            if reconnect and not self._up.is_set() and not self._closed:
+                try:
+                    await asyncio.wait_for(self._up.wait(), max(deadline - loop.time(), 0))
+                except asyncio.TimeoutError:
+                    raise ConnectionLost(f"{what}: not connected to {self.safe_url}") from None
+            channel, connection = self._confirms, self._connection
+            if connection is None or self._closed:
+                raise ConnectionLost(f"{what}: not connected to {self.safe_url}")
+            if channel is None or channel.is_closed:
+                async with self._reopening:  # one new channel for all the publishers waiting
+                    channel = self._confirms
+                    if channel is None or channel.is_closed:
+                        channel = self._confirms = await self._channel(connection, confirms=True)
+            try:
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    wait=False,
+                    timeout=max(deadline - loop.time(), 0.001),
+                )
+                return
+            except aiormq.DeliveryError:
+                raise BrokerError(f"{what}: the broker refused it (basic.nack)") from None
+            except asyncio.TimeoutError:
+                raise ConnectionLost(
+                    f"{what}: no confirm within {self._publish_timeout:g} s; "
+                    "it may or may not have been stored"
+                ) from None
+            except asyncio.CancelledError:
+                if _really_cancelled():
+                    raise
+                error = "the channel closed before the confirm"
+            except _LINK_ERRORS as exc:
+                error = self._describe(exc)
+            if not reconnect or loop.time() >= deadline:
+                raise ConnectionLost(f"{what}: {error}")
+            await asyncio.sleep(0.05)  # the connection or the channel went: try again
+
+    async def subscribe_events(
+        self, subscription: EventSubscription, handler: DeliveryHandler, *, concurrency: int
+    ) -> Subscription:
+        event = _check_name(subscription.event, "event name")
+        if "*" in event or "#" in event:
+            raise ValueError(f"event name {event!r} cannot contain '*' or '#'")
+        group = f"{self._prefix}.events.{subscription.group}"
+        _check_name(f"{group}.dlq", "dead-letter queue name")
+        return await self._add(_EventConsumer(self, subscription, group, handler, concurrency))
+
+    async def _add(self, consumer: _Consumer) -> _Consumer:
+        if self._closed:
+            raise BrokerError(f"{self!r} is not connected")
+        if self._connection is not None:
+            await consumer.attach(self._connection)
+        # While reconnecting, it starts with the other consumers once the connection is back.
+        self._consumers.append(consumer)
+        return consumer
+
+
+# A message id of our own spares aiormq making up a random one for every reply.
+_REPLY_PROPERTIES = spec.Basic.Properties(message_id="reply")
+
+
+def _on_returns(channel: Channel, callback: Callable[[DeliveredMessage], None]) -> None:
+    """Hand every ``basic.return`` on ``channel`` to ``callback``.
+
+    aiormq reports returns only on channels with publisher confirms, matched to the
+    publish's confirm; requests go without confirms (the reply is their acknowledgement),
+    so the channel's return handler is replaced.  It reads the content frames after
+    ``basic.return`` with aiormq's own helpers, as aiormq's handler does.
+    """
+    impl: Any = channel
+    if not all(hasattr(impl, name) for name in ("_get_frame", "_read_content", "_on_return_frame")):
+        logger.warning(
+            "this aiormq version hides returned requests: calls to a service without "
+            "instances will end in RpcTimeout instead of ServiceUnavailable"
+        )
+        return
+
+    async def on_return(frame: spec.Basic.Return) -> None:
+        header = await impl._get_frame()
+        if not isinstance(header, ContentHeader):
+            raise ValueError(f"unexpected frame {header!r} after basic.return")
+        callback(await impl._read_content(frame, header))
+
+    impl._on_return_frame = on_return
+
+
+async def _close_channel(channel: Channel, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(channel.close(), timeout)
+    except asyncio.CancelledError:
+        if _really_cancelled():
+            raise
+    except Exception:  # closed by the broker or with the connection already
+        pass
+
+
+# -- consumers --------------------------------------------------------------------------------
+
+
+class _Consumer(Subscription):
+    """One queue consumed on a channel of its own by a pool of ``concurrency`` workers.
+
+    ``attach`` declares the queue and consumes it, again after every reconnection.
+    Handlers run in the workers, not in the tasks aiormq creates per delivery: aiormq
+    cancels those when a channel closes, and a lost link must not interrupt a handler.
+    """
+
+    def __init__(self, broker: AmqpBroker, handler: DeliveryHandler, concurrency: int) -> None:
+        self.broker = broker
+        self.handler = handler
+        self.concurrency = max(1, int(concurrency))
+        self.queue = ""
+        self.channel: Channel | None = None
+        self._tag = ""
+        # Deliveries for the workers; None tells a worker to stop (after those before it).
+        self._pending: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._cancelled = False
+        self._restarting = False
+        self._attaching = asyncio.Lock()
+
+    async def _declare(self, channel: Channel) -> None:
+        raise NotImplementedError
+
+    async def _dispatch(self, message: DeliveredMessage) -> None:
+        raise NotImplementedError
+
+    async def attach(self, connection: Connection) -> None:
+        """Open a channel on ``connection``, declare the queue and consume it (once: the
+        reconnection and a consumer's own restart may both try)."""
+        async with self._attaching:
+            if self.channel is None or self.channel.is_closed:
+                await self._attach(connection)
+
+    async def _attach(self, connection: Connection) -> None:
+        broker = self.broker
+        channel = await broker._channel(connection)
+        try:
+            qos = channel.basic_qos(prefetch_count=broker._prefetch or self.concurrency)
+            await broker._deadline(qos, "set the prefetch")
+            await self._declare(channel)
+            channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            consume = channel.basic_consume(self.queue, self._on_message)
+            ok = await broker._deadline(consume, f"consume queue {self.queue!r}")
+        except BaseException:
+            await _close_channel(channel, broker._timeout)
+            raise
+        self.channel, self._tag = channel, ok.consumer_tag or ""
+        channel.closing.add_done_callback(lambda _: self._on_channel_closed(channel))
+        while len(self._workers) < self.concurrency:
+            worker = asyncio.ensure_future(self._work())
+            self._workers.add(worker)
+            worker.add_done_callback(self._on_worker_done)
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        # Runs in the task aiormq creates per delivery: hand the message over, at once.
+        self._pending.put_nowait(message)
+
+    async def _work(self) -> None:
+        pending = self._pending
+        while (message := await pending.get()) is not None:
+            try:
+                await self._dispatch(message)
+            except Exception:  # the framework settles and logs its own errors: a bug
+                logger.exception("delivery handler failed on queue %s", self.queue)
+
+    def _release_channel(self) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None and not channel.is_closed:
+            self.broker._spawn(_close_channel(channel, self.broker._timeout))
+
+    def _on_worker_done(self, worker: asyncio.Task[None]) -> None:
+        self._workers.discard(worker)
+        if not (self._cancelled or self.broker._closed):
+            # A handler cancelled its worker's task: keep the pool full.
+            replacement = asyncio.ensure_future(self._work())
+            self._workers.add(replacement)
+            replacement.add_done_callback(self._on_worker_done)
+        elif not self._workers:
+            self._release_channel()  # the last handler has settled: nothing is left to do
+
+    def _on_channel_closed(self, channel: Channel) -> None:
+        if channel is not self.channel:
+            return
+        self.channel = None
+        if self._cancelled:
+            return  # the workers finish what they hold, then stop
+        # Deliveries no worker took yet come back from the broker anyway.
+        while not self._pending.empty():
+            self._pending.get_nowait()
+        connection = self.broker._connection
+        if connection is not None and connection.is_opened:
+            logger.warning("the channel of queue %s closed; consuming it again", self.queue)
+            self.restart_soon()
+        # Otherwise the whole connection went, and the reconnection attaches us again.
+
+    async def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
+        # The broker cancelled the consumer (its queue was deleted): declare it again.
+        if frame.consumer_tag == self._tag and not self._cancelled:
+            logger.warning("the broker cancelled the consumer of %s; consuming again", self.queue)
+            self._release_channel()
+            self.restart_soon()
+
+    def restart_soon(self) -> None:
+        """Attach again after a backoff delay, in the background."""
+        if not self._restarting:
+            self._restarting = True
+            self.broker._spawn(self._restart())
+
+    async def _restart(self) -> None:
+        broker = self.broker
+        attempt = 0
+        try:
+            while not self._cancelled and not broker._closed:
+                await asyncio.sleep(broker._backoff(attempt))
+                attempt += 1
+                connection = broker._connection
+                if connection is None:
+                    return  # the reconnection attaches us
+                try:
+                    return await self.attach(connection)
+                except BrokerError as exc:
+                    logger.warning("could not consume %s again: %s", self.queue, exc)
+        finally:
+            self._restarting = False
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        if self in self.broker._consumers:
+            self.broker._consumers.remove(self)
+        channel = self.channel
+        if channel is not None and not channel.is_closed:
+            try:
+                await asyncio.wait_for(channel.basic_cancel(self._tag), self.broker._timeout)
+            except asyncio.CancelledError:
+                if _really_cancelled():
+                    raise
+            except _LINK_ERRORS:
+                pass  # the channel is going anyway: the broker requeues what it holds
+        # Deliveries that came before the cancel took effect are still handled, then
+        # each worker stops.
+        for _ in self._workers:
+            self._pending.put_nowait(None)
+        if not self._workers:
+            self._release_channel()
+
+    async def aclose(self) -> None:
+        """Cancel, then stop every worker, busy or not (broker close)."""
+        await self.cancel()
+        workers = list(self._workers)
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await _close_channel(channel, self.broker._timeout)
+
+
+class _Delivery(Delivery):
+    """A message on a channel; settling it never raises (unsettled, it goes back)."""
+
+    __slots__ = ("_message", "_settled", "_timeout")
+
+    def __init__(self, message: DeliveredMessage, timeout: float) -> None:
+        self.body = message.body
+        self._message = message
+        self._timeout = timeout
+        self._settled = False
+
+    @property
+    def attempt(self) -> int:
+        return 2 if self._message.redelivered else 1
+
+    async def _settle(self, *, ack: bool, requeue: bool = False) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        channel = cast(Channel, self._message.channel)
+        if channel.is_closed:
+            return  # the broker has requeued it with the channel
+        tag = self._message.delivery_tag or 0
+        if ack:
+            send = channel.basic_ack(tag, wait=False)
+        else:
+            send = channel.basic_reject(tag, requeue=requeue, wait=False)
+        try:
+            if channel.connection.write_queue.full():
+                await asyncio.wait_for(send, self._timeout)
+            else:
+                await send  # room in aiormq's write queue: queued without suspending
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+        except _LINK_ERRORS:
+            pass
+
+    async def ack(self) -> None:
+        await self._settle(ack=True)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        await self._settle(ack=False, requeue=requeue)
+
+    async def dead_letter(self, reason: str) -> None:
+        await self._settle(ack=False)
+
+
+class _RequestConsumer(_Consumer):
+    def __init__(
+        self, broker: AmqpBroker, queue: str, handler: DeliveryHandler, concurrency: int
+    ) -> None:
+        super().__init__(broker, handler, concurrency)
+        self.queue = queue
+
+    async def _declare(self, channel: Channel) -> None:
+        # Not durable, auto-delete: the queue lives exactly while an instance consumes it,
+        # so a request for a service without instances comes back at once (mandatory).
+        declare = channel.queue_declare(self.queue, auto_delete=True)
+        await self.broker._deadline(declare, f"declare queue {self.queue!r}")
+
+    async def _dispatch(self, message: DeliveredMessage) -> None:
+        _serving.set(message.header.properties.reply_to)
+        await self.handler(_Delivery(message, self.broker._timeout))
+
+
+class _EventConsumer(_Consumer):
+    def __init__(
+        self,
+        broker: AmqpBroker,
+        subscription: EventSubscription,
+        group_queue: str,
+        handler: DeliveryHandler,
+        concurrency: int,
+    ) -> None:
+        super().__init__(broker, handler, concurrency)
+        self.subscription = subscription
+        self.dead_letter_queue = f"{group_queue}.dlq"
+        self.queue = group_queue
+        if subscription.broadcast:
+            # A private queue per instance; its name stays the same across reconnections.
+            self.queue = _check_name(f"{group_queue}.{uuid.uuid4().hex[:12]}", "queue name")
+
+    async def _declare(self, channel: Channel) -> None:
+        deadline = self.broker._deadline
+        subscription = self.subscription
+        if subscription.broadcast:
+            declare = channel.queue_declare(self.queue, exclusive=True, auto_delete=True)
+        elif subscription.durable:
+            declare = channel.queue_declare(self.queue, durable=True)
+        else:
+            declare = channel.queue_declare(self.queue, auto_delete=True)
+        await deadline(declare, f"declare queue {self.queue!r}")
+        bind = channel.queue_bind(self.queue, self.broker.exchange, subscription.event)
+        await deadline(bind, f"bind queue {self.queue!r}")
+        declare = channel.queue_declare(self.dead_letter_queue, durable=True)
+        await deadline(declare, f"declare queue {self.dead_letter_queue!r}")
+
+    async def _dispatch(self, message: DeliveredMessage) -> None:
+        delivery = _EventDelivery(self, message)
+        if message.redelivered:
+            # The broker gives it again after a lost channel or connection: that was an
+            # attempt too.  Count it by republishing it with the next attempt number, so
+            # the count stays right however often a worker dies on this event.
+            await delivery.nack(requeue=True)
+        else:
+            await self.handler(delivery)
+
+
+class _EventDelivery(_Delivery):
+    """An event: ack, retry (republish with the next attempt number), or dead-letter."""
+
+    __slots__ = ("_consumer",)
+
+    def __init__(self, consumer: _EventConsumer, message: DeliveredMessage) -> None:
+        super().__init__(message, consumer.broker._timeout)
+        self._consumer = consumer
+
+    @property
+    def attempt(self) -> int:
+        headers = self._message.header.properties.headers or {}
+        value = headers.get(ATTEMPT_HEADER)
+        return value if isinstance(value, int) and value > 0 else 1
+
+    @property
+    def event(self) -> str:
+        """The event's name, also after a republish to the group's queue."""
+        value = (self._message.header.properties.headers or {}).get(EVENT_HEADER)
+        return value if isinstance(value, str) else self._message.routing_key or ""
+
+    async def _move(self, queue: str, headers: dict[str, Any], what: str) -> None:
+        """Publish a copy to ``queue`` (confirmed), then ack this one; or give it back."""
+        broker = self._consumer.broker
+        message = self._message
+        if not message.channel.is_closed and not broker._closed:
+            original = message.header.properties
+            properties = spec.Basic.Properties(
+                delivery_mode=_PERSISTENT,
+                message_id=original.message_id,
+                content_type=original.content_type,
+                headers={**(original.headers or {}), **headers},
+            )
+            try:
+                await broker._publish_confirmed(
+                    message.body, "", queue, properties, what, reconnect=False
+                )
+            except BrokerError as exc:
+                logger.warning("could not %s: %s", what, exc)
+                await asyncio.sleep(_GIVE_BACK_PAUSE)  # no tight loop of redeliveries
+            else:
+                await self.ack()
+                return
+        # The broker redelivers it, and the next delivery counts the attempt.
+        await self._settle(ack=False, requeue=True)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        if self._settled or not requeue:
+            await self._settle(ack=False)
+            return
+        headers = {ATTEMPT_HEADER: self.attempt + 1, EVENT_HEADER: self.event}
+        queue = self._consumer.queue
+        await self._move(queue, headers, f"retry an event on {queue}")
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settled:
+            return
+        consumer = self._consumer
+        headers = {
+            REASON_HEADER: reason[:_MAX_REASON_CHARS],
+            EVENT_HEADER: self.event,
+            GROUP_HEADER: consumer.subscription.group,
+            QUEUE_HEADER: consumer.queue,
+            ATTEMPT_HEADER: self.attempt,
+            DEAD_AT_HEADER: int(time.time() * 1000),
+        }
+        queue = consumer.dead_letter_queue
+        await self._move(queue, headers, f"dead-letter an event to {queue}")
