@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import sys
+import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +19,6 @@ from typing import Any
 from basidia._speedups import DEFAULT_MAX_FRAME_SIZE, HARD_MAX_FRAME_SIZE
 from basidia.brokers import redact_url
 from basidia.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 __all__ = ["Config", "Settings"]
 

@@ -6,7 +6,6 @@ import asyncio
 import enum
 import inspect
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ _msgpack_encode = msgspec.msgpack.Encoder().encode
 _json_encode = msgspec.json.Encoder().encode
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     """Lifecycle of a container: STOPPED → STARTING → RUNNING → STOPPING → STOPPED, or ERROR."""
 
     STOPPED = "STOPPED"
@@ -259,7 +258,7 @@ class ServiceContainer:
             self._drained = asyncio.Event()
             try:
                 await asyncio.wait_for(self._drained.wait(), grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logger.warning(
                     "%s: %d calls still running after %.1f s; cancelling them",
                     self.service_name,
@@ -320,8 +319,7 @@ class ServiceContainer:
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and task in watchdog.expired:
                 watchdog.expired.discard(task)
-                if sys.version_info >= (3, 11):
-                    task.uncancel()
+                task.uncancel()
                 exc = TimeoutError(f"{ctx.service}.{ctx.entrypoint} passed its deadline")
             stats.errors += 1
             stats.last_error = f"{type(exc).__name__}: {exc}"
@@ -482,14 +480,27 @@ class ServiceContainer:
             logger.error("%s.%s: invalid event data: %s", self.service_name, handler.name, exc)
             await self._dead_letter(delivery, f"invalid event data: {exc}")
             return
-        ctx = CallContext(self.service_name, handler.name, frame, 0.0)
+        attempts = handler.max_attempts or self.runtime.settings.event_max_attempts
+        if delivery.attempt > attempts:
+            # Redelivered past its attempts without a verdict: the process handling it
+            # died each time.  Stop the crash loop here.
+            logger.error(
+                "%s.%s: event delivered %d times without completing; dead-lettering it",
+                self.service_name,
+                handler.name,
+                delivery.attempt,
+            )
+            await self._dead_letter(
+                delivery, f"delivered {delivery.attempt} times without completing"
+            )
+            return
+        ctx = CallContext(self.service_name, handler.name, frame, 0.0, delivery.attempt)
         try:
             await self._handle_call(ctx, handler.func, (data,), task)
         except asyncio.CancelledError:
             await delivery.nack(requeue=True)  # shutdown: another instance takes it
             raise
         except Exception as exc:
-            attempts = handler.max_attempts or self.runtime.settings.event_max_attempts
             reason = f"{type(exc).__name__}: {exc}"
             if delivery.attempt < attempts:
                 logger.warning(

@@ -28,13 +28,17 @@ class CallContext:
     made while handling inherit it.  ``data`` is free for middleware.
     """
 
-    __slots__ = ("_call_id", "data", "deadline", "entrypoint", "frame", "service")
+    __slots__ = ("_call_id", "attempt", "data", "deadline", "entrypoint", "frame", "service")
 
-    def __init__(self, service: str, entrypoint: str, frame: Frame, deadline: float) -> None:
+    def __init__(
+        self, service: str, entrypoint: str, frame: Frame, deadline: float, attempt: int = 1
+    ) -> None:
         self.service = service
         self.entrypoint = entrypoint
         self.frame = frame
         self.deadline = deadline
+        #: Delivery attempt of an event: 1, or more when it is being redelivered.
+        self.attempt = attempt
         self.data: dict[str, Any] = {}
         self._call_id: str | None = None
 

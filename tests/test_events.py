@@ -150,3 +150,40 @@ async def test_events_published_while_a_service_is_down_wait_for_it(memory_url: 
         async with ServiceRunner([Mailer], broker=memory_url):
             await eventually(lambda: len(received) == 1)
     assert received[0][1] == {"email": "late@example.com"}
+
+
+async def test_handlers_see_the_attempt_number(memory_url: str) -> None:
+    seen: list[int] = []
+
+    class Counting(Service):
+        name = "counting"
+
+        @event_handler("tick", max_attempts=2)
+        async def on_tick(self, data: int) -> None:
+            ctx = current_context()
+            assert ctx is not None
+            seen.append(ctx.attempt)
+            if ctx.attempt == 1:
+                raise RuntimeError("first attempt fails")
+
+    async with ServiceRunner([Counting], broker=memory_url) as runner:
+        await runner.dispatch("tick", 1)
+        await eventually(lambda: seen == [1, 2])
+
+
+async def test_an_event_redelivered_past_its_attempts_is_dead_lettered_unrun(
+    memory_url: str,
+) -> None:
+    # As if every earlier attempt had killed the process before it could settle.
+    from basidia._speedups import Frame, Kind, encode_frame
+    from basidia.brokers.memory import _EventDelivery
+
+    async with ServiceRunner([Flaky], broker=memory_url) as runner:
+        broker = runner.broker
+        assert isinstance(broker, MemoryBroker)
+        queue = broker._connected_hub().groups["payment.due"]["flaky.on_payment"]
+        body = encode_frame(Frame(Kind.EVENT, 0, "payment.due", b"\x81\xa2id\x05", "", 0, {}))
+        queue.put(_EventDelivery(body, queue, attempt=4))
+        await eventually(lambda: len(broker.dead_letters) == 1)
+        assert "delivered 4 times" in broker.dead_letters[0].reason
+    assert attempts["5"] == 0

@@ -11,7 +11,7 @@ exercise the plugin's code.
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,11 +23,6 @@ from basidia.rpc import ClusterProxy
 from basidia.testing import entrypoint_waiter
 from basidia.testing import plugin as _plugin
 from basidia.testing.plugin import RunnerFactory
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 basidia_broker_url = _plugin.basidia_broker_url
 basidia_config = _plugin.basidia_config

@@ -598,7 +598,7 @@ class NatsBroker(Broker):
         sub = await nc.subscribe(subject, **options)
         try:
             await round_trip(nc, self._publish_timeout)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
             raise BrokerError(f"could not subscribe to {subject} on {self.safe_url}") from exc

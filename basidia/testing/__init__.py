@@ -197,7 +197,7 @@ async def entrypoint_waiter(
         yield outcome
         try:
             await asyncio.wait_for(done.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TimeoutError(
                 f"{container.service_name}.{name} did not complete within {timeout} s"
             ) from None

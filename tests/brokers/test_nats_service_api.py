@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -183,7 +183,7 @@ async def test_stats_count_requests_errors_and_processing_time(
         [stats] = await gather(plain, f"$SRV.STATS.{echo.name}", expected=1)
     assert set(stats) == STANDARD_FIELDS | {"started", "endpoints"}
     started = datetime.strptime(stats["started"], "%Y-%m-%dT%H:%M:%S.%fZ")
-    assert 0 <= time.time() - started.replace(tzinfo=timezone.utc).timestamp() < 60
+    assert 0 <= time.time() - started.replace(tzinfo=UTC).timestamp() < 60
     endpoints = {endpoint["name"]: endpoint for endpoint in stats["endpoints"]}
     for endpoint in endpoints.values():
         assert set(endpoint) == ENDPOINT_STATS_FIELDS

@@ -190,7 +190,7 @@ class FaultProxy:
             target_reader, target_writer = await asyncio.wait_for(
                 asyncio.open_connection(self.target_host, self.target_port), _CONNECT_TIMEOUT
             )
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             # Like a target that is down: the client sees its connection closed.
             client_writer.transport.abort()
             return
@@ -326,6 +326,6 @@ class _Link:
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), _CLOSE_TIMEOUT)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 # A peer that never reads keeps a flushing socket open; drop it instead.
                 writer.transport.abort()

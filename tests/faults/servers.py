@@ -262,13 +262,13 @@ class NatsServer(_BrokerProcess):
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.monitor_port), _PROBE_TIMEOUT
             )
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             return False
         try:
             writer.write(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
             status_line = await asyncio.wait_for(reader.readline(), _PROBE_TIMEOUT)
             return status_line.split(b" ", 2)[1:2] == [b"200"]
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             return False
         finally:
             writer.close()
@@ -367,7 +367,7 @@ class RabbitServer(_BrokerProcess):
             await writer.wait_closed()
         try:
             connection = await asyncio.wait_for(aiormq.connect(self.url), _PROBE_TIMEOUT)
-        except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError):
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError):
             return False
         await connection.close()
         return True

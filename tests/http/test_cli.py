@@ -77,7 +77,7 @@ class Basidia:
             self.process.send_signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.process.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.process.kill()
             await self.process.wait()
             pytest.fail(f"basidia did not stop within {timeout} s of SIGTERM:\n{self.output()}")

@@ -141,7 +141,7 @@ async def test_slow_headers_are_cut_off_even_while_bytes_trickle_in(server: Http
                 if await asyncio.wait_for(reader.read(1), 0.01) == b"":
                     closed = True
                     break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         assert closed
         assert loop.time() - began < 3.0
