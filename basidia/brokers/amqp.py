@@ -25,12 +25,9 @@ in the background with capped, jittered exponential backoff, every consumer rest
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import random
 import ssl
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -42,9 +39,26 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from basidia.brokers import redact_url
+from basidia.brokers._amqp_consumers import (
+    _LINK_ERRORS,
+    _PERSISTENT,
+    _check_name,
+    _Consumer,
+    _EventConsumer,
+    _really_cancelled,
+    _RequestConsumer,
+    _serving,
+)
+
+# Message headers Basidia writes (documented in docs/rabbitmq.md), still importable from here.
+from basidia.brokers._amqp_consumers import ATTEMPT_HEADER as ATTEMPT_HEADER
+from basidia.brokers._amqp_consumers import DEAD_AT_HEADER as DEAD_AT_HEADER
+from basidia.brokers._amqp_consumers import EVENT_HEADER as EVENT_HEADER
+from basidia.brokers._amqp_consumers import GROUP_HEADER as GROUP_HEADER
+from basidia.brokers._amqp_consumers import QUEUE_HEADER as QUEUE_HEADER
+from basidia.brokers._amqp_consumers import REASON_HEADER as REASON_HEADER
 from basidia.brokers.base import (
     Broker,
-    Delivery,
     DeliveryHandler,
     EventSubscription,
     InboxHandler,
@@ -63,43 +77,7 @@ T = TypeVar("T")
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _REPLY_ADDRESS_PREFIX = DIRECT_REPLY_TO + "."
 
-# Message headers Basidia writes; documented in docs/rabbitmq.md.
-ATTEMPT_HEADER = "x-basidia-attempt"
-EVENT_HEADER = "x-basidia-event"
-REASON_HEADER = "x-basidia-reason"
-GROUP_HEADER = "x-basidia-group"
-QUEUE_HEADER = "x-basidia-queue"
-DEAD_AT_HEADER = "x-basidia-dead-lettered-at"
-
 _CONTENT_TYPE = "application/vnd.basidia.frame"
-_MAX_NAME_BYTES = 255  # AMQP short strings: queue names and routing keys
-_MAX_REASON_CHARS = 4096  # a dead letter's reason header; tracebacks can be long
-_PERSISTENT = 2  # AMQP delivery mode: written to disk by durable queues
-_GIVE_BACK_PAUSE = 0.5  # seconds before requeueing an event whose retry could not be published
-
-# How an AMQP operation fails when its link or channel goes away.
-_LINK_ERRORS = (aiormq.AMQPError, ConnectionError, OSError, RuntimeError, asyncio.TimeoutError)
-
-
-# The AMQP reply address of the request being handled, set by the request workers for
-# each delivery: the framework replies from inside the delivery handler (or a task it
-# starts, which keeps the value it had then), so ``send_reply`` finds the right caller.
-_serving: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "basidia_amqp_serving", default=None
-)
-
-
-def _really_cancelled() -> bool:
-    """Whether this task is being cancelled, rather than awaiting a future that aiormq
-    failed with ``CancelledError`` when it closed a channel."""
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is None or bool(cancelling())
-
-
-def _check_name(name: str, what: str) -> str:
-    if not name or len(name.encode()) > _MAX_NAME_BYTES:
-        raise ValueError(f"{what} {name!r} must be 1 to {_MAX_NAME_BYTES} bytes long")
-    return name
 
 
 class AmqpBroker(Broker):
@@ -216,7 +194,7 @@ class AmqpBroker(Broker):
             if _really_cancelled():
                 raise
             raise ConnectionLost(f"{what}: the connection to {self.safe_url} closed") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectionLost(
                 f"{what}: no answer from {self.safe_url} in {timeout:g} s"
             ) from None
@@ -522,7 +500,7 @@ class AmqpBroker(Broker):
             if reconnect and not self._up.is_set() and not self._closed:
                 try:
                     await asyncio.wait_for(self._up.wait(), max(deadline - loop.time(), 0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise ConnectionLost(f"{what}: not connected to {self.safe_url}") from None
             channel, connection = self._confirms, self._connection
             if connection is None or self._closed:
@@ -544,7 +522,7 @@ class AmqpBroker(Broker):
                 return
             except aiormq.DeliveryError:
                 raise BrokerError(f"{what}: the broker refused it (basic.nack)") from None
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ConnectionLost(
                     f"{what}: no confirm within {self._publish_timeout:g} s; "
                     "it may or may not have been stored"
@@ -606,356 +584,3 @@ def _on_returns(channel: Channel, callback: Callable[[DeliveredMessage], None]) 
         callback(await impl._read_content(frame, header))
 
     impl._on_return_frame = on_return
-
-
-async def _close_channel(channel: Channel, timeout: float) -> None:
-    try:
-        await asyncio.wait_for(channel.close(), timeout)
-    except asyncio.CancelledError:
-        if _really_cancelled():
-            raise
-    except Exception:  # closed by the broker or with the connection already
-        pass
-
-
-# -- consumers --------------------------------------------------------------------------------
-
-
-class _Consumer(Subscription):
-    """One queue consumed on a channel of its own by a pool of ``concurrency`` workers.
-
-    ``attach`` declares the queue and consumes it, again after every reconnection.
-    Handlers run in the workers, not in the tasks aiormq creates per delivery: aiormq
-    cancels those when a channel closes, and a lost link must not interrupt a handler.
-    """
-
-    def __init__(self, broker: AmqpBroker, handler: DeliveryHandler, concurrency: int) -> None:
-        self.broker = broker
-        self.handler = handler
-        self.concurrency = max(1, int(concurrency))
-        self.queue = ""
-        self.channel: Channel | None = None
-        self._tag = ""
-        # Deliveries for the workers; None tells a worker to stop (after those before it).
-        self._pending: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
-        self._workers: set[asyncio.Task[None]] = set()
-        self._cancelled = False
-        self._restarting = False
-        self._attaching = asyncio.Lock()
-
-    async def _declare(self, channel: Channel) -> None:
-        raise NotImplementedError
-
-    async def _dispatch(self, message: DeliveredMessage) -> None:
-        raise NotImplementedError
-
-    async def attach(self, connection: Connection) -> None:
-        """Open a channel on ``connection``, declare the queue and consume it (once: the
-        reconnection and a consumer's own restart may both try)."""
-        async with self._attaching:
-            if self.channel is None or self.channel.is_closed:
-                await self._attach(connection)
-
-    async def _attach(self, connection: Connection) -> None:
-        broker = self.broker
-        channel = await broker._channel(connection)
-        try:
-            qos = channel.basic_qos(prefetch_count=broker._prefetch or self.concurrency)
-            await broker._deadline(qos, "set the prefetch")
-            await self._declare(channel)
-            channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-            consume = channel.basic_consume(self.queue, self._on_message)
-            ok = await broker._deadline(consume, f"consume queue {self.queue!r}")
-        except BaseException:
-            await _close_channel(channel, broker._timeout)
-            raise
-        self.channel, self._tag = channel, ok.consumer_tag or ""
-        channel.closing.add_done_callback(lambda _: self._on_channel_closed(channel))
-        while len(self._workers) < self.concurrency:
-            worker = asyncio.ensure_future(self._work())
-            self._workers.add(worker)
-            worker.add_done_callback(self._on_worker_done)
-
-    async def _on_message(self, message: DeliveredMessage) -> None:
-        # Runs in the task aiormq creates per delivery: hand the message over, at once.
-        self._pending.put_nowait(message)
-
-    async def _work(self) -> None:
-        pending = self._pending
-        while (message := await pending.get()) is not None:
-            try:
-                await self._dispatch(message)
-            except Exception:  # the framework settles and logs its own errors: a bug
-                logger.exception("delivery handler failed on queue %s", self.queue)
-
-    def _release_channel(self) -> None:
-        channel, self.channel = self.channel, None
-        if channel is not None and not channel.is_closed:
-            self.broker._spawn(_close_channel(channel, self.broker._timeout))
-
-    def _on_worker_done(self, worker: asyncio.Task[None]) -> None:
-        self._workers.discard(worker)
-        if not (self._cancelled or self.broker._closed):
-            # A handler cancelled its worker's task: keep the pool full.
-            replacement = asyncio.ensure_future(self._work())
-            self._workers.add(replacement)
-            replacement.add_done_callback(self._on_worker_done)
-        elif not self._workers:
-            self._release_channel()  # the last handler has settled: nothing is left to do
-
-    def _on_channel_closed(self, channel: Channel) -> None:
-        if channel is not self.channel:
-            return
-        self.channel = None
-        if self._cancelled:
-            return  # the workers finish what they hold, then stop
-        # Deliveries no worker took yet come back from the broker anyway.
-        while not self._pending.empty():
-            self._pending.get_nowait()
-        connection = self.broker._connection
-        if connection is not None and connection.is_opened:
-            logger.warning("the channel of queue %s closed; consuming it again", self.queue)
-            self.restart_soon()
-        # Otherwise the whole connection went, and the reconnection attaches us again.
-
-    async def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
-        # The broker cancelled the consumer (its queue was deleted): declare it again.
-        if frame.consumer_tag == self._tag and not self._cancelled:
-            logger.warning("the broker cancelled the consumer of %s; consuming again", self.queue)
-            self._release_channel()
-            self.restart_soon()
-
-    def restart_soon(self) -> None:
-        """Attach again after a backoff delay, in the background."""
-        if not self._restarting:
-            self._restarting = True
-            self.broker._spawn(self._restart())
-
-    async def _restart(self) -> None:
-        broker = self.broker
-        attempt = 0
-        try:
-            while not self._cancelled and not broker._closed:
-                await asyncio.sleep(broker._backoff(attempt))
-                attempt += 1
-                connection = broker._connection
-                if connection is None:
-                    return  # the reconnection attaches us
-                try:
-                    return await self.attach(connection)
-                except BrokerError as exc:
-                    logger.warning("could not consume %s again: %s", self.queue, exc)
-        finally:
-            self._restarting = False
-
-    async def cancel(self) -> None:
-        if self._cancelled:
-            return
-        self._cancelled = True
-        if self in self.broker._consumers:
-            self.broker._consumers.remove(self)
-        channel = self.channel
-        if channel is not None and not channel.is_closed:
-            try:
-                await asyncio.wait_for(channel.basic_cancel(self._tag), self.broker._timeout)
-            except asyncio.CancelledError:
-                if _really_cancelled():
-                    raise
-            except _LINK_ERRORS:
-                pass  # the channel is going anyway: the broker requeues what it holds
-        # Deliveries that came before the cancel took effect are still handled, then
-        # each worker stops.
-        for _ in self._workers:
-            self._pending.put_nowait(None)
-        if not self._workers:
-            self._release_channel()
-
-    async def aclose(self) -> None:
-        """Cancel, then stop every worker, busy or not (broker close)."""
-        await self.cancel()
-        workers = list(self._workers)
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        channel, self.channel = self.channel, None
-        if channel is not None:
-            await _close_channel(channel, self.broker._timeout)
-
-
-class _Delivery(Delivery):
-    """A message on a channel; settling it never raises (unsettled, it goes back)."""
-
-    __slots__ = ("_message", "_settled", "_timeout")
-
-    def __init__(self, message: DeliveredMessage, timeout: float) -> None:
-        self.body = message.body
-        self._message = message
-        self._timeout = timeout
-        self._settled = False
-
-    @property
-    def attempt(self) -> int:
-        return 2 if self._message.redelivered else 1
-
-    async def _settle(self, *, ack: bool, requeue: bool = False) -> None:
-        if self._settled:
-            return
-        self._settled = True
-        channel = cast(Channel, self._message.channel)
-        if channel.is_closed:
-            return  # the broker has requeued it with the channel
-        tag = self._message.delivery_tag or 0
-        if ack:
-            send = channel.basic_ack(tag, wait=False)
-        else:
-            send = channel.basic_reject(tag, requeue=requeue, wait=False)
-        try:
-            if channel.connection.write_queue.full():
-                await asyncio.wait_for(send, self._timeout)
-            else:
-                await send  # room in aiormq's write queue: queued without suspending
-        except asyncio.CancelledError:
-            if _really_cancelled():
-                raise
-        except _LINK_ERRORS:
-            pass
-
-    async def ack(self) -> None:
-        await self._settle(ack=True)
-
-    async def nack(self, *, requeue: bool = True) -> None:
-        await self._settle(ack=False, requeue=requeue)
-
-    async def dead_letter(self, reason: str) -> None:
-        await self._settle(ack=False)
-
-
-class _RequestConsumer(_Consumer):
-    def __init__(
-        self, broker: AmqpBroker, queue: str, handler: DeliveryHandler, concurrency: int
-    ) -> None:
-        super().__init__(broker, handler, concurrency)
-        self.queue = queue
-
-    async def _declare(self, channel: Channel) -> None:
-        # Not durable, auto-delete: the queue lives exactly while an instance consumes it,
-        # so a request for a service without instances comes back at once (mandatory).
-        declare = channel.queue_declare(self.queue, auto_delete=True)
-        await self.broker._deadline(declare, f"declare queue {self.queue!r}")
-
-    async def _dispatch(self, message: DeliveredMessage) -> None:
-        _serving.set(message.header.properties.reply_to)
-        await self.handler(_Delivery(message, self.broker._timeout))
-
-
-class _EventConsumer(_Consumer):
-    def __init__(
-        self,
-        broker: AmqpBroker,
-        subscription: EventSubscription,
-        group_queue: str,
-        handler: DeliveryHandler,
-        concurrency: int,
-    ) -> None:
-        super().__init__(broker, handler, concurrency)
-        self.subscription = subscription
-        self.dead_letter_queue = f"{group_queue}.dlq"
-        self.queue = group_queue
-        if subscription.broadcast:
-            # A private queue per instance; its name stays the same across reconnections.
-            self.queue = _check_name(f"{group_queue}.{uuid.uuid4().hex[:12]}", "queue name")
-
-    async def _declare(self, channel: Channel) -> None:
-        deadline = self.broker._deadline
-        subscription = self.subscription
-        if subscription.broadcast:
-            declare = channel.queue_declare(self.queue, exclusive=True, auto_delete=True)
-        elif subscription.durable:
-            declare = channel.queue_declare(self.queue, durable=True)
-        else:
-            declare = channel.queue_declare(self.queue, auto_delete=True)
-        await deadline(declare, f"declare queue {self.queue!r}")
-        bind = channel.queue_bind(self.queue, self.broker.exchange, subscription.event)
-        await deadline(bind, f"bind queue {self.queue!r}")
-        declare = channel.queue_declare(self.dead_letter_queue, durable=True)
-        await deadline(declare, f"declare queue {self.dead_letter_queue!r}")
-
-    async def _dispatch(self, message: DeliveredMessage) -> None:
-        delivery = _EventDelivery(self, message)
-        if message.redelivered:
-            # The broker gives it again after a lost channel or connection: that was an
-            # attempt too.  Count it by republishing it with the next attempt number, so
-            # the count stays right however often a worker dies on this event.
-            await delivery.nack(requeue=True)
-        else:
-            await self.handler(delivery)
-
-
-class _EventDelivery(_Delivery):
-    """An event: ack, retry (republish with the next attempt number), or dead-letter."""
-
-    __slots__ = ("_consumer",)
-
-    def __init__(self, consumer: _EventConsumer, message: DeliveredMessage) -> None:
-        super().__init__(message, consumer.broker._timeout)
-        self._consumer = consumer
-
-    @property
-    def attempt(self) -> int:
-        headers = self._message.header.properties.headers or {}
-        value = headers.get(ATTEMPT_HEADER)
-        return value if isinstance(value, int) and value > 0 else 1
-
-    @property
-    def event(self) -> str:
-        """The event's name, also after a republish to the group's queue."""
-        value = (self._message.header.properties.headers or {}).get(EVENT_HEADER)
-        return value if isinstance(value, str) else self._message.routing_key or ""
-
-    async def _move(self, queue: str, headers: dict[str, Any], what: str) -> None:
-        """Publish a copy to ``queue`` (confirmed), then ack this one; or give it back."""
-        broker = self._consumer.broker
-        message = self._message
-        if not message.channel.is_closed and not broker._closed:
-            original = message.header.properties
-            properties = spec.Basic.Properties(
-                delivery_mode=_PERSISTENT,
-                message_id=original.message_id,
-                content_type=original.content_type,
-                headers={**(original.headers or {}), **headers},
-            )
-            try:
-                await broker._publish_confirmed(
-                    message.body, "", queue, properties, what, reconnect=False
-                )
-            except BrokerError as exc:
-                logger.warning("could not %s: %s", what, exc)
-                await asyncio.sleep(_GIVE_BACK_PAUSE)  # no tight loop of redeliveries
-            else:
-                await self.ack()
-                return
-        # The broker redelivers it, and the next delivery counts the attempt.
-        await self._settle(ack=False, requeue=True)
-
-    async def nack(self, *, requeue: bool = True) -> None:
-        if self._settled or not requeue:
-            await self._settle(ack=False)
-            return
-        headers = {ATTEMPT_HEADER: self.attempt + 1, EVENT_HEADER: self.event}
-        queue = self._consumer.queue
-        await self._move(queue, headers, f"retry an event on {queue}")
-
-    async def dead_letter(self, reason: str) -> None:
-        if self._settled:
-            return
-        consumer = self._consumer
-        headers = {
-            REASON_HEADER: reason[:_MAX_REASON_CHARS],
-            EVENT_HEADER: self.event,
-            GROUP_HEADER: consumer.subscription.group,
-            QUEUE_HEADER: consumer.queue,
-            ATTEMPT_HEADER: self.attempt,
-            DEAD_AT_HEADER: int(time.time() * 1000),
-        }
-        queue = consumer.dead_letter_queue
-        await self._move(queue, headers, f"dead-letter an event to {queue}")

@@ -47,6 +47,45 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> No
         await asyncio.sleep(0.01)
 
 
+async def exercise_examples(broker_url: str, unique: str) -> None:
+    """Run the services of ``examples/`` on ``broker_url`` and use them as the README does.
+
+    Service names get ``unique`` appended: other runs may share the broker.  The
+    caller removes the durable group ``notification_<unique>.on_user_created``.
+    """
+    from basidia import Dependency
+    from examples.greeting_service import GreetingService
+    from examples.notification_service import NotificationService
+    from examples.user_service import DatabaseService, UserService
+
+    greeting = type("GreetingService", (GreetingService,), {"name": f"greeting_{unique}"})
+    database = type("DatabaseService", (DatabaseService,), {"name": f"database_{unique}"})
+    users = type(
+        "UserService",
+        (UserService,),
+        {"name": f"user_{unique}", "db": Dependency(f"database_{unique}")},
+    )
+    notifications = type(
+        "NotificationService",
+        (NotificationService,),
+        {"name": f"notification_{unique}", "sent": [], "seen_keys": set()},
+    )
+    config = {"database": {"url": "postgres://example"}}
+    services = [greeting, database, users, notifications]
+    async with ServiceRunner(services, broker=broker_url, config=config):
+        async with connect(broker_url) as cluster:
+            assert await cluster.rpc[f"greeting_{unique}"].hello("World") == "Hello, World!"
+            greeting_text = await cluster.rpc[f"user_{unique}"].get_user_greeting(7)
+            assert greeting_text == "Hello, User 7!"
+            user_id = await cluster.rpc[f"user_{unique}"].create_user("ada@example.com")
+            notes = cluster.rpc[f"notification_{unique}"].sent_notes
+            deadline = time.monotonic() + 10
+            while not await notes():
+                assert time.monotonic() < deadline, "no welcome note within 10 s"
+                await asyncio.sleep(0.05)
+            assert await notes() == [{"id": user_id, "email": "ada@example.com"}]
+
+
 class BrokerContract:
     """Behaviour every broker adapter must show; see the module docstring."""
 

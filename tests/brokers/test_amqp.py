@@ -25,7 +25,7 @@ import aiormq
 import msgspec
 import pytest
 
-from basidia import ConnectionLost, ServiceRunner, ServiceUnavailable, connect
+from basidia import ConnectionLost, ServiceUnavailable, connect
 from basidia._speedups import Frame, Kind, decode_frame
 from basidia.brokers import Delivery, EventSubscription, broker_from_url
 from basidia.brokers.amqp import DIRECT_REPLY_TO, AmqpBroker
@@ -33,7 +33,7 @@ from basidia.errors import BrokerError, ConfigError
 
 from ..faults.proxy import FaultProxy
 from ..faults.servers import free_port
-from .contract import BrokerContract, eventually
+from .contract import BrokerContract, eventually, exercise_examples
 
 pytestmark = [pytest.mark.amqp, pytest.mark.timeout(60)]
 
@@ -718,38 +718,7 @@ def test_broker_options_come_from_the_config() -> None:
 
 
 async def test_examples_run_on_rabbitmq(amqp_url: str, unique: str) -> None:
-    from basidia import Dependency
-    from examples.greeting_service import GreetingService
-    from examples.notification_service import NotificationService
-    from examples.user_service import DatabaseService, UserService
-
-    # Unique names: other runs may use the shared broker at the same time.
-    greeting = type("GreetingService", (GreetingService,), {"name": f"greeting_{unique}"})
-    database = type("DatabaseService", (DatabaseService,), {"name": f"database_{unique}"})
-    users = type(
-        "UserService",
-        (UserService,),
-        {"name": f"user_{unique}", "db": Dependency(f"database_{unique}")},
-    )
-    notifications = type(
-        "NotificationService",
-        (NotificationService,),
-        {"name": f"notification_{unique}", "sent": [], "seen_keys": set()},
-    )
-    config = {"database": {"url": "postgres://example"}}
-    services = [greeting, database, users, notifications]
     try:
-        async with ServiceRunner(services, broker=amqp_url, config=config):
-            async with connect(amqp_url) as cluster:
-                assert await cluster.rpc[f"greeting_{unique}"].hello("World") == "Hello, World!"
-                greeting_text = await cluster.rpc[f"user_{unique}"].get_user_greeting(7)
-                assert greeting_text == "Hello, User 7!"
-                user_id = await cluster.rpc[f"user_{unique}"].create_user("ada@example.com")
-                notes = cluster.rpc[f"notification_{unique}"].sent_notes
-                deadline = time.monotonic() + 10
-                while not await notes():
-                    assert time.monotonic() < deadline, "no welcome note within 10 s"
-                    await asyncio.sleep(0.05)
-                assert await notes() == [{"id": user_id, "email": "ada@example.com"}]
+        await exercise_examples(amqp_url, unique)
     finally:
         await _delete(amqp_url, _group_queues("basidia", f"notification_{unique}.on_user_created"))

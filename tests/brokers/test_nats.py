@@ -24,13 +24,13 @@ import msgspec
 import nats
 import pytest
 
-from basidia import ServiceRunner, ServiceUnavailable, connect
+from basidia import ServiceUnavailable
 from basidia._speedups import Frame, Kind, decode_frame, encode_frame, env_flag
 from basidia.brokers import Delivery, EventSubscription
 from basidia.brokers.nats import DLQ_STREAM, EVENTS_STREAM, NatsBroker
 from basidia.errors import BrokerError
 
-from .contract import BrokerContract, eventually
+from .contract import BrokerContract, eventually, exercise_examples
 
 pytestmark = [pytest.mark.nats, pytest.mark.timeout(60)]
 
@@ -448,39 +448,8 @@ async def test_a_tls_url_refuses_a_server_without_tls(nats_url: str) -> None:
 
 
 async def test_examples_run_on_nats(nats_url: str, unique: str) -> None:
-    from basidia import Dependency
-    from examples.greeting_service import GreetingService
-    from examples.notification_service import NotificationService
-    from examples.user_service import DatabaseService, UserService
-
-    # Unique names: other runs may use the shared server at the same time.
-    greeting = type("GreetingService", (GreetingService,), {"name": f"greeting_{unique}"})
-    database = type("DatabaseService", (DatabaseService,), {"name": f"database_{unique}"})
-    users = type(
-        "UserService",
-        (UserService,),
-        {"name": f"user_{unique}", "db": Dependency(f"database_{unique}")},
-    )
-    notifications = type(
-        "NotificationService",
-        (NotificationService,),
-        {"name": f"notification_{unique}", "sent": [], "seen_keys": set()},
-    )
-    config = {"database": {"url": "postgres://example"}}
-    services = [greeting, database, users, notifications]
     try:
-        async with ServiceRunner(services, broker=nats_url, config=config):
-            async with connect(nats_url) as cluster:
-                assert await cluster.rpc[f"greeting_{unique}"].hello("World") == "Hello, World!"
-                greeting_text = await cluster.rpc[f"user_{unique}"].get_user_greeting(7)
-                assert greeting_text == "Hello, User 7!"
-                user_id = await cluster.rpc[f"user_{unique}"].create_user("ada@example.com")
-                notes = cluster.rpc[f"notification_{unique}"].sent_notes
-                deadline = time.monotonic() + 10
-                while not await notes():
-                    assert time.monotonic() < deadline, "no welcome note within 10 s"
-                    await asyncio.sleep(0.05)
-                assert await notes() == [{"id": user_id, "email": "ada@example.com"}]
+        await exercise_examples(nats_url, unique)
     finally:
         await _delete_consumers(nats_url, unique)  # the groups of this test's services
 
