@@ -18,7 +18,10 @@ import pytest
 from basidia import _speedups
 from basidia._speedups import Frame, env_flag
 
-REQUIRE_EXTENSIONS = env_flag("BASIDIA_REQUIRE_EXTENSIONS")
+# An explicit BASIDIA_NO_EXTENSIONS=1 asks for the pure-Python core: it wins over the requirement.
+REQUIRE_EXTENSIONS = env_flag("BASIDIA_REQUIRE_EXTENSIONS") and not env_flag(
+    "BASIDIA_NO_EXTENSIONS"
+)
 
 
 @dataclass(frozen=True)
