@@ -59,7 +59,9 @@ _FALLBACK_REASON: str | None = "BASIDIA_NO_EXTENSIONS or a non-CPython interpret
 if not TYPE_CHECKING and not NO_EXTENSIONS:  # pragma: no branch
     try:
         # All or nothing: a half-compiled install runs the pure twins throughout.
-        from basidia._speedups import _frames_c, _router_c
+        # Full module names: "No module named ..." when absent, not a circular-import hint.
+        import basidia._speedups._frames_c as _frames_c
+        import basidia._speedups._router_c as _router_c
     except ImportError as exc:  # pragma: no cover - no compiled core in this install
         _FALLBACK_REASON = f"{type(exc).__name__}: {exc}"
     else:
