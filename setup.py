@@ -89,12 +89,9 @@ MODULES = [
     ),
     CythonModule(
         "basidia._speedups._router_c",
-        # The pure-Python twin, compiled as it is under another module name
-        # (Cython's pure-Python mode); the C types come from _router_c.pxd.
-        "basidia/_speedups/_router_py.py",
+        # Hand-written twin of _router_py.py: C hash table and deadline heap.
+        "basidia/_speedups/_router_c.pyx",
         ("basidia/_speedups/_router_c.pxd",),
-        # The annotations are for mypy; only the .pxd should give C types.
-        {"annotation_typing": False},
     ),
 ]
 

@@ -7,10 +7,10 @@
 Each operation runs once per implementation (ids ``py`` and ``c``); the run ends
 with a "compiled core speed-ups" section giving the ratios.  The gate measures
 both implementations again, alternating them so that load from elsewhere on the
-machine hits both alike, in CPU time, and asserts the ratios with a margin:
-frame encode+decode at least 3x faster compiled, reply routing at least 1.15x
-(see ``test_gate`` for why routing's bar is lower).  The compiled module is
-required where ``BASIDIA_REQUIRE_EXTENSIONS=1``; elsewhere its cases are skipped.
+machine hits both alike, in CPU time, and asserts the ratios the issue asks for:
+frame encode+decode at least 3x faster compiled, reply routing at least 2x.  The
+compiled module is required where ``BASIDIA_REQUIRE_EXTENSIONS=1``; elsewhere its
+cases are skipped.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ async def test_gate(record_speed: Recorder) -> None:
     codec = _fastest({impl.tag: (lambda i=impl: i.decode(i.encode(REQUEST))) for impl in (py, c)})
     loop = asyncio.get_running_loop()
     routers = {impl.tag: impl.ReplyRouter(loop) for impl in (py, c)}
-    routing = _fastest({tag: _route_cycle(router) for tag, router in routers.items()})
+    # More rounds than the codec's: a routing cycle is shorter, so noisier.
+    routing = _fastest({tag: _route_cycle(router) for tag, router in routers.items()}, rounds=15)
     for router in routers.values():
         router.fail_all(RuntimeError("gate over"))
     record_speed("gate: frame encode+decode", "py", codec["py"])
@@ -146,9 +147,6 @@ async def test_gate(record_speed: Recorder) -> None:
     record_speed("gate: reply routing", "c", routing["c"])
     # The issue asks for 3x; typical runs measure 6-9x.
     assert codec["py"] / codec["c"] >= 3.0, codec
-    # Both twins are one source running one algorithm, and creating and resolving
-    # the asyncio.Future alone is about half of a compiled cycle, the same cost in
-    # both; typical runs measure 1.3-1.7x.  (Both are 3-4x cheaper than the
-    # router with a loop timer per call that they replaced.)  This bar catches a
-    # compiled router that has stopped paying for itself.
-    assert routing["py"] / routing["c"] >= 1.15, routing
+    # The issue asks for 2x; typical runs measure 2.5-2.7x on asyncio's loop
+    # (callgrind: about 9,200 instructions a cycle pure, 3,700 compiled).
+    assert routing["py"] / routing["c"] >= 2.0, routing

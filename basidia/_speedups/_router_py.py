@@ -1,9 +1,8 @@
 """Reply routing: correlation id → the caller's future, with deadlines.
 
-This one source is both implementations: setup.py also compiles it, unchanged,
-in Cython's pure-Python mode as ``basidia._speedups._router_c``, with
-``_router_c.pxd`` adding C types.  Keep it to plain attribute, dict, list and
-float work so that it compiles well.
+This is the reference implementation.  ``_router_c.pyx`` is its hand-written
+compiled twin (a C hash table and deadline heap): it must keep the same public
+behaviour, which the differential tests in ``tests/speedups`` check.
 
 Deadlines do not cost a loop timer per call.  The router keeps a heap of
 ``(deadline, correlation id)`` and arms a single timer for the earliest live
