@@ -3,8 +3,8 @@
 Basidia is measured through its public surface only: an echo service hosted
 by a ``ServiceRunner`` and called through ``connect(url)``, as a user would.
 On a network broker the raw client floor (``basidia.bench.raw_<broker>``) is
-measured in the same run, in interleaved rounds, so that both figures see the
-same machine and the same noise.
+measured in the same run, interleaved (latency call by call, throughput in
+alternating windows), so that both figures see the same machine and the same noise.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class BenchPlan:
     duration: float = 3.0
     #: Calls in flight during the throughput measurement.
     concurrency: int = 64
-    #: Contenders alternate in this many rounds, so slow drift hits both alike.
+    #: Throughput alternates between contenders in twice this many windows, so slow
+    #: drift hits both alike (latency samples alternate call by call).
     rounds: int = 3
 
 
@@ -242,14 +243,18 @@ async def _compare(
         await measure_throughput(call, payload, plan.concurrency, min(0.5, plan.duration / 5))
 
     latencies: dict[str, list[int]] = {name: [] for name, _ in contenders}
-    # The calls split over the rounds, the first rounds taking one more if they do not divide.
-    per_round = [plan.calls // rounds + (index < plan.calls % rounds) for index in range(rounds)]
     progress(f"measuring latency ({label}, {plan.calls} calls at 1 in flight): {names} ...")
-    for index in range(rounds):
-        order = contenders if index % 2 == 0 else list(reversed(contenders))
-        for name, call in order:
-            gc.collect()  # the last contender's garbage is not this one's to pay for
-            latencies[name] += await measure_latency(call, payload, per_round[index])
+    # Paired samples: call after call the contenders take turns (in alternating order),
+    # so a broker's drift over the run, large next to the differences measured, hits
+    # every contender alike.
+    clock = time.perf_counter_ns
+    orders = [list(contenders), list(reversed(contenders))]
+    gc.collect()
+    for index in range(plan.calls):
+        for name, call in orders[index % 2]:
+            start = clock()
+            await call(payload)
+            latencies[name].append(clock() - start)
 
     done: dict[str, int] = {name: 0 for name, _ in contenders}
     elapsed: dict[str, float] = {name: 0.0 for name, _ in contenders}
@@ -257,12 +262,12 @@ async def _compare(
         f"measuring throughput ({label}, {plan.duration:g} s at {plan.concurrency} in flight):"
         f" {names} ..."
     )
-    for index in range(rounds):
-        order = contenders if index % 2 == 0 else list(reversed(contenders))
-        for name, call in order:
-            gc.collect()
+    windows = 2 * rounds  # short windows, alternating, for the same reason
+    for index in range(windows):
+        for name, call in orders[index % 2]:
+            gc.collect()  # the last contender's garbage is not this one's to pay for
             calls, seconds = await measure_throughput(
-                call, payload, plan.concurrency, plan.duration / rounds
+                call, payload, plan.concurrency, plan.duration / windows
             )
             done[name] += calls
             elapsed[name] += seconds

@@ -159,7 +159,7 @@ def render_table(report: BenchReport) -> str:
     elif report.raw_unavailable is not None:
         floor = f"{report.raw_floor}: raw floor unavailable ({report.raw_unavailable})"
     else:
-        floor = f"{report.raw_floor}, interleaved in {plan.rounds} rounds"
+        floor = f"{report.raw_floor}, interleaved call by call"
     lines = [
         f"basidia {report.basidia_version} · core: {core} · {report.python} · {loop} · "
         f"{report.cpus} CPUs",
