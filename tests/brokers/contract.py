@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from basidia import (
@@ -32,6 +33,7 @@ from basidia import (
     event_handler,
     rpc,
 )
+from basidia._speedups import Frame, Kind, decode_frame
 from basidia.brokers import Broker, Delivery, EventSubscription, broker_from_url
 from basidia.errors import ServiceUnavailable as _ServiceUnavailable
 
@@ -211,6 +213,34 @@ class BrokerContract:
             await client.send_request(name, b"after", correlation_id=index + 1)
         await eventually(lambda: len(new_seen) == 20)
         assert old_seen == []
+
+    async def test_a_request_nobody_serves_is_answered_at_once(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        # Either send_request raises ServiceUnavailable, or the broker's "no responders"
+        # reaches the inbox as an error frame for the right call; both within a second.
+        client = await make_broker()
+        frames: list[Frame] = []
+        await client.open_inbox(lambda body: frames.append(decode_frame(body)))
+        started = time.monotonic()
+        raised: list[int] = []
+        for correlation_id, service in ((7, "a"), (8, "b")):
+            try:
+                await client.send_request(
+                    f"{name}_nobody_{service}", b"x", correlation_id=correlation_id
+                )
+            except ServiceUnavailable as exc:
+                assert f"{name}_nobody_{service}" in str(exc)
+                raised.append(correlation_id)
+        await eventually(lambda: len(frames) + len(raised) == 2, timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        for frame in frames:
+            assert frame.kind == Kind.ERROR
+            error = msgspec.msgpack.decode(frame.payload)
+            assert error["code"] == ServiceUnavailable.code
+            service = "a" if frame.correlation_id == 7 else "b"
+            assert f"{name}_nobody_{service}" in error["message"]
+        assert sorted([f.correlation_id for f in frames] + raised) == [7, 8]
 
     async def test_reply_to_a_vanished_inbox_is_not_an_error(
         self, make_broker: Callable[[], Awaitable[Broker]]

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiormq
-import msgspec
 import pytest
 
-from basidia import ConnectionLost, ServiceUnavailable, connect
+from basidia import ConnectionLost, connect
 from basidia._speedups import Frame, Kind, decode_frame
 from basidia.brokers import Delivery, EventSubscription, broker_from_url
 from basidia.brokers.amqp import DIRECT_REPLY_TO, AmqpBroker
@@ -164,26 +163,6 @@ def _request(correlation_id: int, payload: bytes = b"ping") -> bytes:
 
 
 # -- requests and replies -------------------------------------------------------------------------
-
-
-async def test_a_call_to_a_service_without_consumers_is_answered_at_once(
-    make_broker: Callable[..., Awaitable[AmqpBroker]], unique: str
-) -> None:
-    client = await make_broker()
-    frames: list[Frame] = []
-    await client.open_inbox(lambda body: frames.append(decode_frame(body)))
-    started = time.monotonic()
-    await client.send_request(f"nobody_{unique}_a", b"a", correlation_id=7)
-    await client.send_request(f"nobody_{unique}_b", b"b", correlation_id=8)
-    await eventually(lambda: len(frames) == 2, timeout=1.0)
-    assert time.monotonic() - started < 1.0
-    by_id = {frame.correlation_id: frame for frame in frames}
-    for correlation_id, service in ((7, "a"), (8, "b")):
-        frame = by_id[correlation_id]
-        assert frame.kind == Kind.ERROR
-        error = msgspec.msgpack.decode(frame.payload)
-        assert error["code"] == ServiceUnavailable.code
-        assert f"nobody_{unique}_{service}" in error["message"]
 
 
 async def test_the_request_queue_goes_with_the_last_instance(

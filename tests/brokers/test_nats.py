@@ -20,11 +20,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats
 import pytest
 
-from basidia import ServiceUnavailable
 from basidia._speedups import Frame, Kind, decode_frame, encode_frame, env_flag
 from basidia.brokers import Delivery, EventSubscription
 from basidia.brokers.nats import DLQ_STREAM, EVENTS_STREAM, NatsBroker
@@ -97,27 +95,6 @@ def _collect(into: list[Delivery] | Counter[bytes]) -> Callable[[Delivery], Awai
 
 
 # -- RPC ----------------------------------------------------------------------------------------
-
-
-async def test_no_responders_reaches_the_right_call_at_once(
-    make_broker: Callable[..., Awaitable[NatsBroker]], unique: str
-) -> None:
-    client = await make_broker()
-    frames: list[Frame] = []
-    await client.open_inbox(lambda body: frames.append(decode_frame(body)))
-    started = time.monotonic()
-    await client.send_request(f"nobody_{unique}_a", b"a", correlation_id=7)
-    await client.send_request(f"nobody_{unique}_b", b"b", correlation_id=8)
-    await eventually(lambda: len(frames) == 2, timeout=1.0)
-    assert time.monotonic() - started < 1.0
-    by_id = {frame.correlation_id: frame for frame in frames}
-    assert set(by_id) == {7, 8}
-    for correlation_id, service in ((7, "a"), (8, "b")):
-        frame = by_id[correlation_id]
-        assert frame.kind == Kind.ERROR
-        error = msgspec.msgpack.decode(frame.payload)
-        assert error["code"] == ServiceUnavailable.code
-        assert f"nobody_{unique}_{service}" in error["message"]
 
 
 async def test_handlers_run_concurrently_although_nats_py_callbacks_do_not(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -191,3 +191,34 @@ def _sample(items: tuple[str, ...]) -> str:
         return ""
     more = f", ... {len(items) - _SHOWN_IDS} more" if len(items) > _SHOWN_IDS else ""
     return " (" + ", ".join(items[:_SHOWN_IDS]) + more + ")"
+
+
+async def publish_until_confirmed(
+    ledger: Ledger,
+    message_id: str,
+    publish: Callable[[], Awaitable[object]],
+    *,
+    timeout: float,
+    attempts: int,
+    retry_on: tuple[type[BaseException], ...],
+    pause: float = 0.2,
+) -> int:
+    """Publish ``message_id`` again (same idempotency key) until the broker confirms it.
+
+    Every attempt is bounded by ``timeout`` (a hang is recorded, not waited out);
+    an attempt failing with one of ``retry_on`` is recorded as failed and retried
+    after ``pause``.  Returns the number of failed attempts.
+    """
+    ledger.record_sent(message_id)
+    failures = 0
+    for _ in range(attempts):
+        try:
+            await ledger.guard(publish(), timeout=timeout, what=f"publish {message_id}")
+        except retry_on:
+            ledger.record_failed(message_id)
+            failures += 1
+            await asyncio.sleep(pause)
+        else:
+            ledger.record_confirmed(message_id)
+            break
+    return failures

@@ -20,6 +20,7 @@ import textwrap
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from basidia.brokers import Delivery, EventSubscription
 from basidia.brokers.amqp import AmqpBroker
 from basidia.errors import BrokerError, ConnectionLost
 
-from .ledger import Ledger
+from .ledger import Ledger, publish_until_confirmed
 from .proxy import FaultProxy
 from .servers import RabbitServer
 
@@ -313,29 +314,25 @@ async def test_f1_rabbitmq_killed_and_restarted_under_a_load_of_10k_events(
     try:
         ids = iter(range(total))
         published = 0
-        publish_errors: list[str] = []
+        publish_errors = 0
 
         async def publisher() -> None:
-            nonlocal published
+            nonlocal published, publish_errors
             for number in ids:
                 message_id = f"order-{number}"
-                ledger.record_sent(message_id)
-                for _ in range(50):  # publish again (same key) until RabbitMQ confirms
-                    try:
-                        await ledger.guard(
-                            cluster.dispatch(
-                                "f1.placed", {"id": message_id}, idempotency_key=message_id
-                            ),
-                            timeout=FAST["publish_timeout"] + 2,
-                            what=f"publish {message_id}",
-                        )
-                    except BrokerError:
-                        ledger.record_failed(message_id)
-                        publish_errors.append(message_id)
-                        await asyncio.sleep(0.2)
-                    else:
-                        ledger.record_confirmed(message_id)
-                        break
+                publish_errors += await publish_until_confirmed(
+                    ledger,
+                    message_id,
+                    partial(
+                        cluster.dispatch,
+                        "f1.placed",
+                        {"id": message_id},
+                        idempotency_key=message_id,
+                    ),
+                    timeout=FAST["publish_timeout"] + 2,
+                    attempts=50,
+                    retry_on=(BrokerError,),
+                )
                 published += 1
 
         async def crash() -> None:
@@ -362,7 +359,7 @@ async def test_f1_rabbitmq_killed_and_restarted_under_a_load_of_10k_events(
         await asyncio.gather(crash(), caller(), *(publisher() for _ in range(32)))
         assert await ledger.wait_delivered(timeout=60), str(ledger.report())
         resumed = min(at for at in handled_at if at > back_at) - back_at
-        print(f"consumers resumed {resumed:.2f} s after the broker; {len(publish_errors)} "
+        print(f"consumers resumed {resumed:.2f} s after the broker; {publish_errors} "
               f"publish attempts raised and were retried; calls: {dict(calls)}")  # fmt: skip
         assert calls["ok"] > 0 and calls["wrong"] == 0, calls
         assert resumed <= 10, f"consumers resumed {resumed:.1f} s after the broker"

@@ -15,6 +15,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -33,7 +34,7 @@ from basidia.brokers import Delivery, EventSubscription
 from basidia.brokers.nats import NatsBroker
 from basidia.errors import BrokerError, ConnectionLost
 
-from .ledger import Ledger
+from .ledger import Ledger, publish_until_confirmed
 from .proxy import FaultProxy
 from .servers import NatsServer
 
@@ -124,22 +125,19 @@ async def test_f2_jetstream_killed_and_restarted_under_load(
             nonlocal published
             for number in ids:
                 message_id = f"order-{number}"
-                ledger.record_sent(message_id)
-                for _ in range(20):  # publish again (same key) until JetStream confirms
-                    try:
-                        await ledger.guard(
-                            cluster.dispatch(
-                                "orders.placed", {"id": message_id}, idempotency_key=message_id
-                            ),
-                            timeout=FAST["publish_timeout"] + 2,
-                            what=f"publish {message_id}",
-                        )
-                    except (BrokerError, ConnectionLost):
-                        ledger.record_failed(message_id)
-                        await asyncio.sleep(0.2)
-                    else:
-                        ledger.record_confirmed(message_id)
-                        break
+                await publish_until_confirmed(
+                    ledger,
+                    message_id,
+                    partial(
+                        cluster.dispatch,
+                        "orders.placed",
+                        {"id": message_id},
+                        idempotency_key=message_id,
+                    ),
+                    timeout=FAST["publish_timeout"] + 2,
+                    attempts=20,
+                    retry_on=(BrokerError, ConnectionLost),
+                )
                 published += 1
 
         async def crash() -> None:
