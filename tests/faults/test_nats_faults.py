@@ -2,17 +2,16 @@
 
 Each test runs a throw-away nats-server (``nats_server``), sometimes behind a
 ``FaultProxy``, with short timers: ping every second, two outstanding pings,
-acks within 2 s.  F12's three-minute outage is shortened to 20 s: nothing in
-the NATS adapter expires with time (no reply-queue TTL, the inbox and the
-durable consumers live as long as the process and the stream), and the
-reconnection backoff reaches its cap within the first second, so a longer
-outage only repeats the same capped attempt; the test checks that count.
+acks within 2 s.  F12 keeps RELIABILITY.md's three-minute outage
+(``BASIDIA_F12_OUTAGE`` shortens it for a quick local run); it also checks that
+the reconnection attempts stay within the capped backoff's bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -326,10 +325,11 @@ async def test_stopping_while_the_server_is_down_does_not_hang(nats_server: Nats
 # -- F12 ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(300)
 async def test_f12_long_outage_then_every_subscription_delivers_again(
     nats_server: NatsServer,
 ) -> None:
-    outage = 20.0
+    outage = float(os.environ.get("BASIDIA_F12_OUTAGE", "180"))
     base, cap = 0.05, 1.0
     options = {**FAST, "reconnect_wait": base, "reconnect_wait_max": cap}
     received: dict[str, list[Any]] = {"durable": [], "broadcast": [], "core": []}
