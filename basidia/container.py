@@ -18,6 +18,7 @@ from basidia._speedups import FLAG_JSON, Frame, Kind, decode_frame, encode_frame
 from basidia._version import __version__
 from basidia.brokers.base import Delivery, EventSubscription, Subscription, error_reply
 from basidia.context import CallContext, current_call
+from basidia.dependencies import declared_dependencies
 from basidia.errors import (
     FrameError,
     MethodNotFound,
@@ -102,7 +103,7 @@ class ServiceContainer:
         self.rpc_entrypoints = {e.name: e for e in entrypoints.values() if isinstance(e, Rpc)}
         self.event_entrypoints = [e for e in entrypoints.values() if isinstance(e, EventHandler)]
         self.http_entrypoints = [e for e in entrypoints.values() if isinstance(e, HttpEndpoint)]
-        declarations = _declared_dependencies(service_cls)
+        declarations = declared_dependencies(service_cls)
         self.dependencies: dict[str, DependencyProvider] = {
             name: declaration.bind(self) for name, declaration in declarations.items()
         }
@@ -569,14 +570,3 @@ def _kind(frame: Frame) -> str:
         return Kind(frame.kind).name.lower()
     except ValueError:
         return f"kind {frame.kind}"
-
-
-def _declared_dependencies(service_cls: type[Service]) -> dict[str, DependencyProvider]:
-    from basidia.dependencies import DependencyProvider
-
-    found: dict[str, DependencyProvider] = {}
-    for klass in reversed(service_cls.__mro__):
-        for name, value in vars(klass).items():
-            if isinstance(value, DependencyProvider):
-                found[name] = value
-    return found

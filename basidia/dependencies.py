@@ -34,6 +34,16 @@ ProviderFactory = Callable[..., AsyncIterator[Any]]
 _FACTORIES: dict[type, ProviderFactory] = {}
 
 
+def declared_dependencies(service_cls: type) -> dict[str, DependencyProvider]:
+    """The dependency providers a service class declares, inherited ones included."""
+    found: dict[str, DependencyProvider] = {}
+    for klass in reversed(service_cls.__mro__):
+        for name, value in vars(klass).items():
+            if isinstance(value, DependencyProvider):
+                found[name] = value
+    return found
+
+
 class DependencyProvider:
     """Base class of dependency providers (Nameko's DependencyProvider, async).
 

@@ -23,7 +23,13 @@ from unittest.mock import AsyncMock, MagicMock
 
 from basidia.container import ServiceContainer
 from basidia.context import CallContext
-from basidia.dependencies import ConfigDependency, Dependency, DependencyProvider, EventDispatcher
+from basidia.dependencies import (
+    ConfigDependency,
+    Dependency,
+    DependencyProvider,
+    EventDispatcher,
+    declared_dependencies,
+)
 from basidia.rpc import ClusterProxy
 from basidia.runner import Cluster, ServiceRunner, connect
 from basidia.service import Service
@@ -89,15 +95,6 @@ def _mock_for(provider: DependencyProvider) -> Any:
     return MagicMock(name=provider.attr_name)
 
 
-def _dependencies(service_cls: type[Service]) -> dict[str, DependencyProvider]:
-    found: dict[str, DependencyProvider] = {}
-    for klass in reversed(service_cls.__mro__):
-        for name, value in vars(klass).items():
-            if isinstance(value, DependencyProvider):
-                found[name] = value
-    return found
-
-
 def worker_factory(service_cls: type[Service], **dependencies: Any) -> Any:
     """An instance of ``service_cls`` whose dependencies are mocks, or the values given.
 
@@ -106,7 +103,7 @@ def worker_factory(service_cls: type[Service], **dependencies: Any) -> Any:
     ``service.dispatch.assert_awaited_with(...)`` work; config values take the
     declared default.
     """
-    declared = _dependencies(service_cls)
+    declared = declared_dependencies(service_cls)
     unknown = set(dependencies) - set(declared)
     if unknown:
         raise TypeError(f"{service_cls.__qualname__} has no dependencies {sorted(unknown)}")
