@@ -74,7 +74,29 @@ class _Connection:
         await self.broker.close()
 
 
-class ServiceRunner:
+class _Client:
+    """What a runner and a standalone client both offer over their connection."""
+
+    _connection: _Connection
+
+    @property
+    def broker(self) -> Broker:
+        """The broker connection."""
+        return self._connection.broker
+
+    @property
+    def rpc(self) -> ClusterProxy:
+        """``rpc.<service>.<method>(...)`` for any service on the broker."""
+        return self._connection.rpc
+
+    async def dispatch(self, event: str, data: Any, *, idempotency_key: str | None = None) -> str:
+        """Publish an event; return its idempotency key once the broker has it."""
+        return await self._connection.publisher.publish(
+            event, data, idempotency_key=idempotency_key
+        )
+
+
+class ServiceRunner(_Client):
     """Hosts services on one shared broker connection.
 
     ``broker`` is a URL (``memory://``, ``amqp://...``, ``nats://...``) or a
@@ -112,22 +134,6 @@ class ServiceRunner:
     def __repr__(self) -> str:
         names = ", ".join(self.containers)
         return f"<ServiceRunner [{names}] on {self.broker.safe_url}>"
-
-    @property
-    def broker(self) -> Broker:
-        """The shared broker connection."""
-        return self._connection.broker
-
-    @property
-    def rpc(self) -> ClusterProxy:
-        """A proxy to call any service through this runner's connection."""
-        return self._connection.rpc
-
-    async def dispatch(self, event: str, data: Any, *, idempotency_key: str | None = None) -> str:
-        """Publish an event; return its idempotency key."""
-        return await self._connection.publisher.publish(
-            event, data, idempotency_key=idempotency_key
-        )
 
     def add_service(self, service: type[Service]) -> ServiceContainer:
         """Host ``service`` too; start it with ``start`` (or ``start_service`` once running)."""
@@ -212,7 +218,7 @@ class ServiceRunner:
             await self.stop()
 
 
-class Cluster:
+class Cluster(_Client):
     """A standalone client: ``async with connect(url) as cluster: await cluster.rpc.svc.m()``."""
 
     def __init__(
@@ -224,22 +230,6 @@ class Cluster:
         middleware: Sequence[Middleware] = (),
     ) -> None:
         self._connection = _Connection(broker, _config(config), timeout, list(middleware))
-
-    @property
-    def rpc(self) -> ClusterProxy:
-        """``cluster.rpc.<service>.<method>(...)``."""
-        return self._connection.rpc
-
-    @property
-    def broker(self) -> Broker:
-        """The client's broker connection."""
-        return self._connection.broker
-
-    async def dispatch(self, event: str, data: Any, *, idempotency_key: str | None = None) -> str:
-        """Publish an event; return its idempotency key once the broker has it."""
-        return await self._connection.publisher.publish(
-            event, data, idempotency_key=idempotency_key
-        )
 
     async def start(self) -> Cluster:
         """Connect (``async with`` does this for you)."""
