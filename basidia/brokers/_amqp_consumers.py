@@ -97,8 +97,9 @@ class _Consumer(Subscription):
     """One queue consumed on a channel of its own by a pool of ``concurrency`` workers.
 
     ``attach`` declares the queue and consumes it, again after every reconnection.
-    Handlers run in the workers, not in the tasks aiormq creates per delivery: aiormq
-    cancels those when a channel closes, and a lost link must not interrupt a handler.
+    Deliveries go from the channel's reader straight to the workers' queue
+    (``_amqp_fast.DirectDeliveries``): no task per message, and nothing a closing
+    channel cancels, for a lost link must not interrupt a handler.
     """
 
     def __init__(self, broker: AmqpBroker, handler: DeliveryHandler, concurrency: int) -> None:
@@ -136,21 +137,17 @@ class _Consumer(Subscription):
             await broker._deadline(qos, "set the prefetch")
             await self._declare(channel)
             channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-            consume = channel.basic_consume(self.queue, self._on_message)
-            ok = await broker._deadline(consume, f"consume queue {self.queue!r}")
+            sink = self._pending.put_nowait
+            tag = await broker._consume(channel, self.queue, sink, f"consume queue {self.queue!r}")
         except BaseException:
             await _close_channel(channel, broker._timeout)
             raise
-        self.channel, self._tag = channel, ok.consumer_tag or ""
+        self.channel, self._tag = channel, tag
         channel.closing.add_done_callback(lambda _: self._on_channel_closed(channel))
         while len(self._workers) < self.concurrency:
             worker = asyncio.ensure_future(self._work())
             self._workers.add(worker)
             worker.add_done_callback(self._on_worker_done)
-
-    async def _on_message(self, message: DeliveredMessage) -> None:
-        # Runs in the task aiormq creates per delivery: hand the message over, at once.
-        self._pending.put_nowait(message)
 
     async def _work(self) -> None:
         pending = self._pending

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import random
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -57,6 +58,7 @@ from basidia.brokers._amqp_consumers import EVENT_HEADER as EVENT_HEADER
 from basidia.brokers._amqp_consumers import GROUP_HEADER as GROUP_HEADER
 from basidia.brokers._amqp_consumers import QUEUE_HEADER as QUEUE_HEADER
 from basidia.brokers._amqp_consumers import REASON_HEADER as REASON_HEADER
+from basidia.brokers._amqp_fast import Sink, direct_deliveries, publish_nowait
 from basidia.brokers.base import (
     Broker,
     DeliveryHandler,
@@ -217,6 +219,8 @@ class AmqpBroker(Broker):
         mandatory: bool = False,
     ) -> None:
         """Hand a message to the connection without waiting for the broker (no confirm)."""
+        if publish_nowait(channel, body, routing_key, properties, mandatory=mandatory):
+            return
         try:
             await channel.basic_publish(
                 body,
@@ -233,6 +237,28 @@ class AmqpBroker(Broker):
         except _LINK_ERRORS as exc:
             error = self._describe(exc)
             raise ConnectionLost(f"could not {what} to {routing_key}: {error}") from None
+
+    async def _consume(
+        self, channel: Channel, queue: str, sink: Sink, what: str, *, no_ack: bool = False
+    ) -> str:
+        """Consume ``queue`` on ``channel``, each message to ``sink`` (synchronously, in
+        the channel's reader); returns the consumer tag."""
+        tag = f"basidia.{uuid.uuid4().hex}"
+        direct = direct_deliveries(channel)
+        if direct is not None:
+            direct.add(tag, sink)
+
+        async def callback(message: DeliveredMessage) -> None:  # without direct deliveries
+            sink(message)
+
+        try:
+            consume = channel.basic_consume(queue, callback, no_ack=no_ack, consumer_tag=tag)
+            await self._deadline(consume, what)
+        except BaseException:
+            if direct is not None:
+                direct.discard(tag)
+            raise
+        return tag
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -308,8 +334,9 @@ class AmqpBroker(Broker):
         channel = await self._channel(connection)
         _on_returns(channel, self._on_return)
         if self._inbox is not None:
-            consume = channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
-            await self._deadline(consume, "consume replies")
+            await self._consume(
+                channel, DIRECT_REPLY_TO, self._on_reply, "consume replies", no_ack=True
+            )
 
         def on_closed(_: object) -> None:
             # Direct reply-to is bound to this channel: without it no reply can arrive, so
@@ -434,7 +461,7 @@ class AmqpBroker(Broker):
         if inbox is not None and correlation_id.isdigit() and service:
             inbox(no_responders(int(correlation_id), service))
 
-    async def _on_reply(self, message: DeliveredMessage) -> None:
+    def _on_reply(self, message: DeliveredMessage) -> None:
         inbox = self._inbox
         if inbox is not None:
             try:
@@ -452,8 +479,9 @@ class AmqpBroker(Broker):
             raise ConnectionLost(f"not connected to {self.safe_url}")
         # Consume first: a request naming direct reply-to on a channel that does not
         # consume it yet would close the channel.
-        consume = channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
-        await self._deadline(consume, "consume replies")
+        await self._consume(
+            channel, DIRECT_REPLY_TO, self._on_reply, "consume replies", no_ack=True
+        )
         self._inbox = handler
         return DIRECT_REPLY_TO
 

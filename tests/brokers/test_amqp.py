@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import shutil
 import ssl
 import subprocess
@@ -195,6 +196,33 @@ async def test_many_calls_in_flight_share_one_reply_consumer(
         await client.send_request(service, _request(correlation_id), correlation_id=correlation_id)
     await eventually(lambda: len(replies) == 500)
     assert client._rpc is not None and len(client._rpc.consumers) == 1
+
+
+async def test_bodies_larger_than_a_frame_arrive_whole_when_the_link_is_busy(
+    make_broker: Callable[..., Awaitable[AmqpBroker]], unique: str
+) -> None:
+    """Forty requests of 300 KB at once: each spans several AMQP frames, the connection's
+    write queue fills, publishes wait for room rather than fail, and every body comes
+    back whole to its own caller."""
+    server, client = await make_broker(), await make_broker()
+    replies: dict[int, bytes] = {}
+
+    def on_reply(body: bytes) -> None:
+        frame = decode_frame(body)
+        replies[frame.correlation_id] = frame.payload
+
+    await client.open_inbox(on_reply)
+    service = f"big_{unique}"
+    await _echo_service(server, service)
+    payloads = {n: os.urandom(300_000 + n) for n in range(1, 41)}
+    await asyncio.gather(
+        *(
+            client.send_request(service, _request(n, p), correlation_id=n)
+            for n, p in payloads.items()
+        )
+    )
+    await eventually(lambda: len(replies) == len(payloads), timeout=20)
+    assert replies == payloads
 
 
 async def test_a_reply_sent_later_from_another_task_reaches_its_own_caller(
