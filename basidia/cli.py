@@ -170,6 +170,8 @@ def _run_with_http(runner: ServiceRunner) -> Coroutine[Any, Any, None]:
     off = listen is False or (
         listen is not None and str(listen).strip().lower() in ("off", "false", "no", "none", "")
     )
+    if off:
+        return runner.run()  # nor is the HTTP stack imported: a lighter process
     try:
         from basidia.http.server import http_server_for, serve
     except ImportError:

@@ -23,3 +23,6 @@ BASIDIA_NO_EXTENSIONS=1 BASIDIA_REQUIRE_EXTENSIONS= "$python" -m pytest "$@"
 
 step "benchmark gates: basidia bench --max-overhead-us 1000 on every broker available"
 "$python" benchmarks/bench_gate.py
+
+step "footprint: a basic service under basidia run stays under 40 MB RSS"
+"$python" -m pytest -q -s benchmarks/test_footprint.py
