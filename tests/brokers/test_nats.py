@@ -361,8 +361,12 @@ async def test_core_nats_events_are_at_most_once(
     await publisher.publish_event(event, b"missed", idempotency_key=f"{unique}-2")
     await consumer.subscribe_events(group, _collect(seen), concurrency=2)
     await publisher.publish_event(event, b"heard again", idempotency_key=f"{unique}-3")
-    await eventually(lambda: seen[b"heard again"] == 1)
-    assert seen[b"missed"] == 0
+    try:
+        await eventually(lambda: seen[b"heard again"] > 0)
+    except AssertionError:
+        raise AssertionError(f"'heard again' never came; seen: {dict(seen)}") from None
+    await asyncio.sleep(0.1)  # room for a second copy, which must not come
+    assert seen == Counter({b"heard": 1, b"heard again": 1})
 
 
 # -- the connection -----------------------------------------------------------------------------
