@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import os
@@ -31,7 +30,6 @@ import pytest
 import pytest_asyncio
 
 from basidia import (
-    BasidiaError,
     RpcError,
     RpcTimeout,
     Service,
@@ -49,6 +47,7 @@ from basidia.errors import BrokerError, ConnectionLost
 
 from .ledger import Ledger, publish_until_confirmed
 from .proxy import FaultProxy
+from .scenarios import f7_links_cut_after_2_to_the_k_bytes, f10_server_paused
 from .servers import RabbitServer
 
 pytestmark = [pytest.mark.amqp, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -448,104 +447,17 @@ async def test_f5_no_instances_is_service_unavailable_at_once_not_a_timeout(
         assert time.monotonic() - started < 1.0
 
 
-# -- F7 -------------------------------------------------------------------------------------------
+# -- F7, F10 (tests/faults/scenarios.py) ---------------------------------------------------------
 
 
-async def test_f7_link_cut_after_2_to_the_k_bytes(rabbit: SentinelRabbit) -> None:
-    """Both sides' links are cut after 2, 4, ... 4096 bytes, so mid-handshake, mid-frame or
-    between frames: every call ends in its result or a typed error well within 30 s, no
-    handler ever sees a corrupt payload, and once the links are whole the service answers."""
-    corrupt: list[bytes] = []
-
-    class Checked(Service):
-        name = "f7_checked"
-
-        @rpc
-        async def echo(self, blob: bytes, digest: bytes) -> bytes:
-            if hashlib.sha256(blob).digest() != digest:
-                corrupt.append(blob)
-            return blob
-
-    answered: dict[int, int] = {}  # cut -> calls answered before the first failure
+async def test_f7_links_cut_after_2_to_the_k_bytes(rabbit: SentinelRabbit) -> None:
     async with FaultProxy("127.0.0.1", rabbit.port) as proxy:
         url = proxy.url_for("amqp", "guest", SENTINEL)
-        server, client = broker(url), broker(url)
-        async with (
-            ServiceRunner([Checked], broker=server),
-            connect(client, timeout=CALL_TIMEOUT) as cluster,
-        ):
-            echo = cluster.rpc.f7_checked.echo
-            for cut in (2**k for k in range(1, 13)):
-                proxy.cut_after(cut)
-                answered[cut] = 0
-                started = time.monotonic()
-                for n in range(64):
-                    blob = os.urandom(1 + 37 * n)
-                    try:
-                        assert await echo(blob, hashlib.sha256(blob).digest()) == blob
-                    except BasidiaError:
-                        break
-                    answered[cut] += 1
-                took = time.monotonic() - started
-                assert took < 30, f"cut after {cut} bytes: the calls took {took:.1f} s"
-                proxy.pass_through()
-                await until(lambda: server.connected and client.connected, 15, f"after {cut}")
-                assert await echo(b"whole", hashlib.sha256(b"whole").digest()) == b"whole"
-    assert corrupt == []
-    # The cuts fell at different places: small ones before any call, large ones after some.
-    assert answered[2] == 0 and answered[4096] > 0, answered
-
-
-# -- F10 ------------------------------------------------------------------------------------------
-
-PAUSE = 20.0
+        await f7_links_cut_after_2_to_the_k_bytes(proxy, broker(url), broker(url))
 
 
 async def test_f10_broker_paused_for_20_s(rabbit: SentinelRabbit) -> None:
-    """While the node is stopped (SIGSTOP), every call fails with a typed error, those left
-    waiting for a reply at their deadline (within 10 %), none later; after SIGCONT, the
-    service is whole again within 10 s."""
-    server, client = broker(rabbit.url), broker(rabbit.url)
-    async with (
-        ServiceRunner([slow_service(0.0, "f10_echo")], broker=server),
-        connect(client, timeout=CALL_TIMEOUT) as cluster,
-    ):
-        work = cluster.rpc.f10_echo.work
-        assert await work(0) == 0
-
-        async def timed(n: int) -> tuple[BaseException | int, float]:
-            started = time.monotonic()
-            try:
-                outcome: BaseException | int = await work(n)
-            except BasidiaError as exc:
-                outcome = exc
-            return outcome, time.monotonic() - started
-
-        rabbit.pause()
-        paused = time.monotonic()
-        try:
-            outcomes = list(await asyncio.gather(*(timed(n) for n in range(1, 11))))
-            while time.monotonic() - paused < PAUSE:
-                outcomes.append(await timed(11))
-                await asyncio.sleep(0.25)
-        finally:
-            rabbit.resume()
-        resumed = time.monotonic()
-        for outcome, took in outcomes:
-            assert isinstance(outcome, RpcTimeout | ConnectionLost), outcome
-            assert took <= CALL_TIMEOUT * 1.1, (outcome, took)
-            if isinstance(outcome, RpcTimeout):
-                assert took >= CALL_TIMEOUT * 0.9, took
-        # The first calls were sent before the link was known dead: they waited for replies.
-        assert all(isinstance(outcome, RpcTimeout) for outcome, _ in outcomes[:10])
-
-        while True:
-            outcome, _ = await timed(12)
-            if outcome == 12:
-                break
-            assert time.monotonic() - resumed < 10, f"no answer 10 s after SIGCONT: {outcome}"
-            await asyncio.sleep(0.1)
-        assert await asyncio.gather(*(work(n) for n in range(100))) == list(range(100))
+    await f10_server_paused(rabbit.pause, rabbit.resume, broker(rabbit.url), broker(rabbit.url))
 
 
 # -- F8 -------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ the reconnection attempts stay within the capped backoff's bound.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import os
 import time
@@ -21,7 +20,6 @@ from typing import Any
 import pytest
 
 from basidia import (
-    BasidiaError,
     RpcTimeout,
     Service,
     ServiceRunner,
@@ -37,6 +35,7 @@ from basidia.errors import BrokerError, ConnectionLost
 
 from .ledger import Ledger, publish_until_confirmed
 from .proxy import FaultProxy
+from .scenarios import f7_links_cut_after_2_to_the_k_bytes, f10_server_paused
 from .servers import NatsServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -248,120 +247,21 @@ async def test_f6_half_open_link_is_detected_and_recovers(
             assert await work(2) == 2
 
 
-# -- F7 -----------------------------------------------------------------------------------------
-
-CALL_TIMEOUT = 2.0
+# -- F7, F10 (tests/faults/scenarios.py) -------------------------------------------------------
 
 
-def checked_echo(corrupt: list[bytes]) -> type[Service]:
-    class Checked(Service):
-        name = "checked"
-
-        @rpc
-        async def echo(self, blob: bytes, digest: bytes) -> bytes:
-            if hashlib.sha256(blob).digest() != digest:
-                corrupt.append(blob)
-            return blob
-
-    return Checked
-
-
-async def test_f7_link_cut_after_2_to_the_k_bytes(
-    nats_server: NatsServer, proxy: FaultProxy
-) -> None:
-    """Both sides' links are cut after 2, 4, ... 4096 bytes, so mid-handshake, mid-message or
-    between messages: every call ends in its result or a typed error well within 30 s, no
-    handler ever sees a corrupt payload, and once the links are whole the service answers."""
-    corrupt: list[bytes] = []
-    answered: dict[int, int] = {}  # cut -> calls answered before the first failure
-    server = NatsBroker(proxy.url_for("nats"), **FAST)
-    client = NatsBroker(proxy.url_for("nats"), **FAST)
-    async with (
-        ServiceRunner([checked_echo(corrupt)], broker=server),
-        connect(client, timeout=CALL_TIMEOUT) as cluster,
-    ):
-        echo = cluster.rpc.checked.echo
-        for cut in (2**k for k in range(1, 13)):
-            proxy.cut_after(cut)
-            answered[cut] = 0
-            started = time.monotonic()
-            for n in range(64):
-                blob = os.urandom(1 + 37 * n)
-                try:
-                    assert await echo(blob, hashlib.sha256(blob).digest()) == blob
-                except BasidiaError:
-                    break
-                answered[cut] += 1
-            took = time.monotonic() - started
-            assert took < 30, f"cut after {cut} bytes: the calls took {took:.1f} s"
-            proxy.pass_through()
-            await until(lambda: server.connected and client.connected, 15, f"after {cut}")
-            # The service's interest reaches the server a moment after its reconnection.
-            await until_answered(lambda: echo(b"whole", hashlib.sha256(b"whole").digest()), 5)
-    assert corrupt == []
-    # The cuts fell at different places: small ones before any call, large ones after some.
-    assert answered[2] == 0 and answered[4096] > 0, answered
-
-
-async def until_answered(call: Any, timeout: float) -> Any:
-    """``await call()`` until it answers, retrying typed errors for ``timeout`` seconds."""
-    started = time.monotonic()
-    while True:
-        try:
-            return await call()
-        except BasidiaError:
-            if time.monotonic() - started > timeout:
-                raise
-            await asyncio.sleep(0.05)
-
-
-# -- F10 ----------------------------------------------------------------------------------------
-
-PAUSE = 20.0
+async def test_f7_links_cut_after_2_to_the_k_bytes(proxy: FaultProxy) -> None:
+    url = proxy.url_for("nats")
+    await f7_links_cut_after_2_to_the_k_bytes(
+        proxy, NatsBroker(url, **FAST), NatsBroker(url, **FAST)
+    )
 
 
 async def test_f10_server_paused_for_20_s(nats_server: NatsServer) -> None:
-    """While the server is stopped (SIGSTOP), every call fails with a typed error, those left
-    waiting for a reply at their deadline (within 10 %), none later; after SIGCONT, the
-    service is whole again within 10 s."""
-    server = NatsBroker(nats_server.url, **FAST)
-    client = NatsBroker(nats_server.url, **FAST)
-    async with (
-        ServiceRunner([slow_service(0.0)], broker=server),
-        connect(client, timeout=CALL_TIMEOUT) as cluster,
-    ):
-        work = cluster.rpc.slow.work
-        assert await work(0) == 0
-
-        async def timed(n: int) -> tuple[BaseException | int, float]:
-            started = time.monotonic()
-            try:
-                outcome: BaseException | int = await work(n)
-            except BasidiaError as exc:
-                outcome = exc
-            return outcome, time.monotonic() - started
-
-        nats_server.pause()
-        paused = time.monotonic()
-        try:
-            outcomes = list(await asyncio.gather(*(timed(n) for n in range(1, 11))))
-            while time.monotonic() - paused < PAUSE:
-                outcomes.append(await timed(11))
-                await asyncio.sleep(0.25)
-        finally:
-            nats_server.resume()
-        resumed = time.monotonic()
-        for outcome, took in outcomes:
-            assert isinstance(outcome, RpcTimeout | ConnectionLost), outcome
-            assert took <= CALL_TIMEOUT * 1.1, (outcome, took)
-            if isinstance(outcome, RpcTimeout):
-                assert took >= CALL_TIMEOUT * 0.9, took
-        # The first calls were sent before the link was known dead: they waited for replies.
-        assert all(isinstance(outcome, RpcTimeout) for outcome, _ in outcomes[:10])
-
-        assert await until_answered(lambda: work(12), 10) == 12
-        assert time.monotonic() - resumed < 10
-        assert await asyncio.gather(*(work(n) for n in range(100))) == list(range(100))
+    url = nats_server.url
+    await f10_server_paused(
+        nats_server.pause, nats_server.resume, NatsBroker(url, **FAST), NatsBroker(url, **FAST)
+    )
 
 
 # -- nats.py#504 --------------------------------------------------------------------------------
