@@ -48,6 +48,10 @@ _CHANNEL_INTERNALS = (
 )
 
 
+# What publish_nowait needs of the classes (the instance attributes it checks per call).
+_PUBLISH_INTERNALS = hasattr(Channel, "_split_body") and hasattr(ChannelFrame, "marshall")
+
+
 def supported(channel: Channel) -> bool:
     """Whether ``channel`` has the aiormq internals this module uses."""
     return all(hasattr(channel, name) for name in _CHANNEL_INTERNALS)
@@ -110,18 +114,26 @@ def publish_nowait(
     """Queue a publish to the default exchange without suspending.
 
     Only for a channel without publisher confirms.  Returns False, having done
-    nothing, when the channel is closed or the connection's write queue is full:
-    the caller then publishes through ``basic_publish``, which waits for room and
-    raises the channel's error.
+    nothing, when the channel is closed, the connection's write queue is full, or
+    this aiormq lacks the internals used here: the caller then publishes through
+    ``basic_publish``, which waits for room and raises the channel's error.
     """
     impl: Any = channel
-    queue = impl.write_queue
-    if channel.is_closed or queue.full() or impl.publisher_confirms:
+    queue = getattr(impl, "write_queue", None)
+    number = getattr(impl, "number", None)
+    if (
+        queue is None
+        or number is None
+        or not _PUBLISH_INTERNALS
+        or getattr(impl, "publisher_confirms", True)
+        or channel.is_closed
+        or queue.full()
+    ):
         return False
     frames: list[Any] = [
         spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=mandatory),
         ContentHeader(properties=properties, body_size=len(body)),
     ]
     frames += impl._split_body(body)
-    queue.put_nowait(ChannelFrame.marshall(channel_number=impl.number, frames=frames))
+    queue.put_nowait(ChannelFrame.marshall(channel_number=number, frames=frames))
     return True

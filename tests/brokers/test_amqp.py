@@ -729,3 +729,17 @@ async def test_examples_run_on_rabbitmq(amqp_url: str, unique: str) -> None:
         await exercise_examples(amqp_url, unique)
     finally:
         await _delete(amqp_url, _group_queues("basidia", f"notification_{unique}.on_user_created"))
+
+
+async def test_examples_run_on_aiormqs_public_api_alone(
+    amqp_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the aiormq internals of the hot path (basidia/brokers/_amqp_fast.py), the
+    adapter uses aiormq's public API: deliveries through its callbacks, publishes through
+    basic_publish, and the examples behave the same."""
+    monkeypatch.setattr("basidia.brokers.amqp.direct_deliveries", lambda channel: None)
+    monkeypatch.setattr("basidia.brokers.amqp.publish_nowait", lambda *args, **kwargs: False)
+    try:
+        await exercise_examples(amqp_url, unique)
+    finally:
+        await _delete(amqp_url, _group_queues("basidia", f"notification_{unique}.on_user_created"))
