@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import os
 import shutil
@@ -18,7 +17,7 @@ import ssl
 import subprocess
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +32,7 @@ from basidia.errors import BrokerError, ConfigError
 
 from ..faults.proxy import FaultProxy
 from ..faults.servers import free_port
+from ..logs import captured_logs
 from .contract import BrokerContract, eventually, exercise_examples
 
 pytestmark = [pytest.mark.amqp, pytest.mark.timeout(60)]
@@ -573,28 +573,6 @@ async def test_a_half_open_link_is_detected_by_heartbeats(
 # -- credentials and TLS --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _captured_logs() -> Iterator[list[str]]:
-    """Every log record of every logger at DEBUG, formatted with its traceback."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
-
-    handler = Collect(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield lines
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
 def _exception_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)) + repr(exc) + str(exc)
 
@@ -603,7 +581,7 @@ def _exception_text(exc: BaseException) -> str:
 async def test_the_password_never_appears_in_logs_or_errors(where: str) -> None:
     port = free_port() if where == "closed port" else 5672
     url = f"amqp://guest:{SENTINEL}@127.0.0.1:{port}/"
-    with _captured_logs() as lines:
+    with captured_logs() as lines:
         broker = broker_from_url(url, {"connect_timeout": 3})
         with pytest.raises(BrokerError) as raised:
             await broker.connect()

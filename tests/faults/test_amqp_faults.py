@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import os
 import signal
 import sys
@@ -45,9 +44,10 @@ from basidia.brokers import Delivery, EventSubscription
 from basidia.brokers.amqp import AmqpBroker
 from basidia.errors import BrokerError, ConnectionLost
 
+from ..logs import captured_logs
 from .ledger import Ledger, publish_until_confirmed
 from .proxy import FaultProxy
-from .scenarios import f7_links_cut_after_2_to_the_k_bytes, f10_server_paused
+from .scenarios import f7_links_cut_after_2_to_the_k_bytes, f10_server_paused, until
 from .servers import RabbitServer
 
 pytestmark = [pytest.mark.amqp, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -100,42 +100,14 @@ async def rabbit(_module_rabbit: SentinelRabbit) -> AsyncIterator[SentinelRabbit
         await _module_rabbit.start()
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-
 @pytest.fixture(autouse=True)
-def no_password_in_logs() -> Iterator[_Collect]:
+def no_password_in_logs() -> Iterator[list[str]]:
     """B3: every record at DEBUG, tracebacks included, must be free of the password."""
-    handler = _Collect()
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-    assert handler.lines, "nothing was logged: the password check would prove nothing"
-    leaks = [line for line in handler.lines if SENTINEL in line]
+    with captured_logs() as lines:
+        yield lines
+    assert lines, "nothing was logged: the password check would prove nothing"
+    leaks = [line for line in lines if SENTINEL in line]
     assert not leaks, leaks[:3]
-
-
-async def until(predicate: Any, timeout: float, what: str) -> float:
-    """Wait for ``predicate()``; return the seconds it took, fail after ``timeout``."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 def broker(url: str, **options: Any) -> AmqpBroker:

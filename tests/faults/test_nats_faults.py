@@ -35,7 +35,7 @@ from basidia.errors import BrokerError, ConnectionLost
 
 from .ledger import Ledger, publish_until_confirmed
 from .proxy import FaultProxy
-from .scenarios import f7_links_cut_after_2_to_the_k_bytes, f10_server_paused
+from .scenarios import f7_links_cut_after_2_to_the_k_bytes, f10_server_paused, until
 from .servers import NatsServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -53,16 +53,6 @@ FAST: dict[str, Any] = {
     "ack_wait": 2.0,
     "pull_expires": 4.0,
 }
-
-
-async def until(predicate: Any, timeout: float, what: str) -> float:
-    """Wait for ``predicate()``; return the seconds it took, fail after ``timeout``."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 @pytest.fixture
