@@ -14,19 +14,29 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from basidia._deadlines import HandlerWatchdog
-from basidia._speedups import FLAG_JSON, Frame, Kind, decode_frame, encode_frame
+from basidia._speedups import (
+    FLAG_JSON,
+    HARD_MAX_FRAME_SIZE,
+    Frame,
+    Kind,
+    decode_frame,
+    encode_frame,
+)
 from basidia._version import __version__
 from basidia.brokers.base import Delivery, EventSubscription, Subscription, error_reply
 from basidia.context import CallContext, current_call
 from basidia.dependencies import declared_dependencies
 from basidia.errors import (
+    BrokerError,
     FrameError,
+    MessageTooLarge,
     MethodNotFound,
     RemoteError,
     RpcError,
     ServiceUnavailable,
     ValidationError,
 )
+from basidia.log import ThrottledLog, shorten
 from basidia.middleware import Middleware, handle_chain
 from basidia.service import EventHandler, HttpEndpoint, Rpc, Service
 
@@ -48,6 +58,8 @@ logger = logging.getLogger("basidia.container")
 _REQUEST, _REPLY, _EVENT = int(Kind.REQUEST), int(Kind.REPLY), int(Kind.EVENT)
 _msgpack_encode = msgspec.msgpack.Encoder().encode
 _json_encode = msgspec.json.Encoder().encode
+# Reply addresses already checked with the broker (callers' inboxes repeat); bounded.
+_MAX_KNOWN_REPLY_ADDRESSES = 1024
 
 
 class State(enum.StrEnum):
@@ -118,6 +130,10 @@ class ServiceContainer:
         self._handle = handle_chain(runtime.middleware, self._run_handler)
         self._observers: list[Observer] = []
         self._max_frame_size = settings.max_frame_size
+        self._reply_addresses: set[str] = set()
+        #: Bad input (malformed frames, unusable reply addresses, unsendable replies) is
+        #: logged once per kind per interval, and counted (``stats.malformed``).
+        self.bad_input = ThrottledLog(logger)
         self._limit: asyncio.Semaphore | None = None
         self._watchdog = HandlerWatchdog()
 
@@ -362,35 +378,94 @@ class ServiceContainer:
     async def _on_request(self, delivery: Delivery) -> None:
         task = self._track()
         try:
-            frame = self._accept_request(delivery.body)
+            body = delivery.body
+            frame = self._accept_request(body)
             if frame is not None:
-                body = await self._answer(frame, task)
-                if body is not None and frame.reply_to:
-                    await self.runtime.broker.send_reply(frame.reply_to, body)
+                if len(body) > self._max_frame_size:
+                    size = f"a request of {len(body)} bytes"
+                    reply: bytes | None = self._error_body(
+                        frame,
+                        MessageTooLarge(
+                            f"{size} exceeds {self.service_name}'s frame limit "
+                            f"of {self._max_frame_size} bytes"
+                        ),
+                    )
+                else:
+                    reply = await self._answer(frame, task)
+                if reply is not None and frame.reply_to:
+                    await self._send_reply(frame, reply)
+        except asyncio.CancelledError:
+            await delivery.nack(requeue=True)  # shutdown: another instance takes it
+            raise
+        except Exception:  # a bug: still settle the delivery, or it holds a slot forever
+            logger.exception("%s: a request failed unexpectedly", self.service_name)
+            await delivery.ack()
+        else:
             await delivery.ack()
         finally:
             self._untrack(task)
 
+    async def _send_reply(self, frame: Frame, body: bytes) -> None:
+        try:
+            await self.runtime.broker.send_reply(frame.reply_to, body)
+        except BrokerError as exc:
+            # The caller fails at its deadline or on its own disconnect; nothing to retry.
+            self.bad_input.log(
+                logging.WARNING,
+                "reply not sent",
+                "%s: could not answer %s: %s",
+                self.service_name,
+                shorten(frame.target, 200),
+                shorten(str(exc)),
+            )
+
+    def _reject(self, kind: str, detail: str) -> None:
+        self.stats.malformed += 1
+        self.bad_input.log(
+            logging.ERROR, kind, "%s: rejected %s: %s", self.service_name, kind, shorten(detail)
+        )
+
     def _accept_request(self, body: bytes) -> Frame | None:
-        """The request frame in ``body``; None (logged, counted) if it must be dropped."""
+        """The request frame in ``body``; None (logged, counted) if it must be dropped.
+
+        A well-formed request over the service's frame limit (but under the hard
+        ceiling) is accepted, so that its caller gets ``MessageTooLarge`` rather than a
+        timeout; the handler never runs for it.
+        """
         try:
             frame = decode_frame(body, self._max_frame_size)
         except FrameError as exc:
-            # Without a frame there is no trustworthy reply address: log, count, drop.
-            self.stats.malformed += 1
-            logger.error("%s: rejected a malformed request frame: %s", self.service_name, exc)
-            return None
+            oversized = self._oversized_request(body)
+            if oversized is None:
+                # Without a frame there is no trustworthy reply address: log, count, drop.
+                self._reject("a malformed request frame", str(exc))
+                return None
+            frame = oversized
         if frame.kind != _REQUEST:
-            self.stats.malformed += 1
-            logger.error(
-                "%s: rejected a %s frame on the request queue", self.service_name, _kind(frame)
-            )
+            self._reject("a frame of another kind on the request queue", _kind(frame))
             return None
+        reply_to = frame.reply_to
+        if reply_to and reply_to not in self._reply_addresses:
+            problem = self.runtime.broker.reply_to_problem(reply_to)
+            if problem is not None:
+                self._reject("a request with an unusable reply address", problem)
+                return None
+            if len(self._reply_addresses) >= _MAX_KNOWN_REPLY_ADDRESSES:
+                self._reply_addresses.clear()
+            self._reply_addresses.add(reply_to)
         if frame.deadline and frame.deadline <= time.time() * 1000:
             self.stats.expired += 1
             logger.debug("%s: dropped an expired request for %s", self.service_name, frame.target)
             return None
         return frame
+
+    def _oversized_request(self, body: bytes) -> Frame | None:
+        if not self._max_frame_size < len(body) <= HARD_MAX_FRAME_SIZE:
+            return None
+        try:
+            return decode_frame(body, HARD_MAX_FRAME_SIZE)
+        except FrameError:
+            return None
 
     async def _answer(self, frame: Frame, task: asyncio.Task[Any]) -> bytes | None:
         """The reply or error frame for a request; None when the caller has given up."""
@@ -418,13 +493,15 @@ class ServiceContainer:
                 self.service_name,
                 method,
                 type(exc).__name__,
-                exc,
+                shorten(str(exc)),
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
             return self._error_body(frame, RemoteError(type(exc).__name__, str(exc)))
         return self._reply_body(frame, result)
 
     def _reply_body(self, frame: Frame, result: Any) -> bytes:
+        # A reply must fit this service's frame limit and what the broker carries.
+        limit = min(self._max_frame_size, self.runtime.broker.max_body_size)
         try:
             flags = frame.flags
             payload = _json_encode(result) if flags & FLAG_JSON else _msgpack_encode(result)
@@ -439,20 +516,20 @@ class ServiceContainer:
                     {},
                     frame.flags & FLAG_JSON,
                 ),
-                self._max_frame_size,
+                limit,
             )
-        except (TypeError, msgspec.EncodeError, FrameError) as exc:
+        except FrameError as exc:
+            message = f"the result of {frame.target} cannot be sent: {exc}"
+            self.bad_input.log(logging.ERROR, "reply too large", "%s", message)
+            return self._error_body(frame, MessageTooLarge(message))
+        except (TypeError, msgspec.EncodeError, RecursionError) as exc:
             message = f"the result of {frame.target} cannot be sent: {exc}"
             logger.error("%s", message)
             return self._error_body(frame, RemoteError(type(exc).__name__, message))
 
     def _error_body(self, frame: Frame, exc: RpcError) -> bytes:
-        if isinstance(exc, RemoteError):
-            # Forward the original remote type, as if the caller had called it directly.
-            payload = msgspec.msgpack.encode(
-                {"code": exc.code, "type": exc.exc_type, "message": exc.message}
-            )
-            return encode_frame(Frame(Kind.ERROR, frame.correlation_id, frame.target, payload))
+        # error_reply keeps a RemoteError's original type, as if the caller had called the
+        # raising service directly, and cuts long messages so the frame always fits.
         return error_reply(frame.correlation_id, exc, frame.target)
 
     async def _on_event(self, handler: EventHandler, delivery: Delivery) -> None:
@@ -470,15 +547,14 @@ class ServiceContainer:
             if frame.kind != _EVENT:
                 raise FrameError(f"expected an event frame, got {_kind(frame)}")
         except FrameError as exc:
-            self.stats.malformed += 1
-            logger.error("%s.%s: malformed event frame: %s", self.service_name, handler.name, exc)
+            self._reject(f"a malformed event frame for {handler.name}", str(exc))
             await self._dead_letter(delivery, f"malformed frame: {exc}")
             return
         msgpack_decode, json_decode = handler.decoders()
         try:
             data = (json_decode if frame.flags & FLAG_JSON else msgpack_decode)(frame.payload)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-            logger.error("%s.%s: invalid event data: %s", self.service_name, handler.name, exc)
+            self._reject(f"invalid event data for {handler.name}", str(exc))
             await self._dead_letter(delivery, f"invalid event data: {exc}")
             return
         attempts = handler.max_attempts or self.runtime.settings.event_max_attempts

@@ -8,6 +8,7 @@ __all__ = [
     "ConfigError",
     "ConnectionLost",
     "FrameError",
+    "MessageTooLarge",
     "MethodNotFound",
     "RemoteError",
     "RpcError",
@@ -76,6 +77,16 @@ class ValidationError(RpcError):
     code = "validation_error"
 
 
+class MessageTooLarge(RpcError):
+    """A request or its reply is over a frame or broker size limit on its way.
+
+    Raised on the caller when its request was too large for the service, or the reply too
+    large for the caller's ``max_frame_size`` or the broker; docs/protocol.md ("Limits").
+    """
+
+    code = "message_too_large"
+
+
 class RemoteError(RpcError):
     """The remote handler raised; carries the remote exception's type name and message."""
 
@@ -94,7 +105,14 @@ class RemoteError(RpcError):
 # registered by users with ``register_error`` and travel under their own code.
 ERROR_TYPES: dict[str, type[RpcError]] = {
     cls.code: cls
-    for cls in (RpcError, ServiceUnavailable, MethodNotFound, RpcTimeout, ValidationError)
+    for cls in (
+        RpcError,
+        ServiceUnavailable,
+        MethodNotFound,
+        RpcTimeout,
+        ValidationError,
+        MessageTooLarge,
+    )
 }
 
 

@@ -11,9 +11,61 @@ import msgspec
 
 from basidia.context import current_call
 
-__all__ = ["CallContextFilter", "JsonFormatter", "configure_logging"]
+__all__ = ["CallContextFilter", "JsonFormatter", "ThrottledLog", "configure_logging", "shorten"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(call_id)s] %(message)s"
+
+#: Characters of untrusted text (an exception message, a reason) kept in a log line.
+MAX_LOGGED_CHARS = 2048
+
+
+def shorten(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+class ThrottledLog:
+    """Logs a recurring condition (bad input, a failing peer) once per kind per interval.
+
+    Each kind (``"malformed request"``, say) gets at most one line per ``interval``
+    seconds; the next line says how many were left out meanwhile, and ``counts`` keeps
+    the total per kind, so a flood of bad frames costs a few lines and a counter.
+    docs/operations.md lists the kinds Basidia logs this way.
+    """
+
+    __slots__ = ("_interval", "_logger", "_next", "_suppressed", "counts")
+
+    #: Distinct kinds remembered; past it the oldest are forgotten (kinds are few).
+    MAX_KINDS = 256
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        #: Occurrences per kind since this log was made.
+        self.counts: dict[str, int] = {}
+
+    def log(self, level: int, kind: str, message: str, *args: object) -> None:
+        """Log ``message % args`` at ``level`` unless ``kind`` was logged within the interval."""
+        counts = self.counts
+        counts[kind] = counts.get(kind, 0) + 1
+        now = time.monotonic()
+        if now < self._next.get(kind, 0.0):
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        if kind not in self._next and len(self._next) >= self.MAX_KINDS:
+            oldest = next(iter(self._next))
+            del self._next[oldest]
+            self._suppressed.pop(oldest, None)
+        self._next[kind] = now + self._interval
+        suppressed = self._suppressed.pop(kind, 0)
+        if suppressed:
+            message += " (and %d more like it in the last %g s)"
+            args = (*args, suppressed, self._interval)
+        self._logger.log(level, message, *args)
 
 
 class CallContextFilter(logging.Filter):

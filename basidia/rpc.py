@@ -17,11 +17,13 @@ from basidia.errors import (
     ERROR_TYPES,
     ConnectionLost,
     FrameError,
+    MessageTooLarge,
     RemoteError,
     RpcError,
     RpcTimeout,
     ValidationError,
 )
+from basidia.log import ThrottledLog
 from basidia.middleware import Middleware, OutgoingCall, call_chain
 from basidia.serialization import Serializer
 
@@ -79,6 +81,7 @@ class RpcClient:
         self._chain = call_chain(middleware, self._send_call)
         self.reply_to = ""
         self.malformed_replies = 0
+        self._bad_replies = ThrottledLog(logger)
 
     @property
     def router(self) -> ReplyRouter:
@@ -103,7 +106,19 @@ class RpcClient:
             frame = decode_frame(body, self._max_frame_size)
         except FrameError as exc:
             self.malformed_replies += 1
-            logger.warning("dropped a malformed reply frame: %s", exc)
+            if len(body) > self._max_frame_size and len(body) >= 16 and body[0] == 1:
+                # Over this client's limit (the service's is larger): fail that call now
+                # with a typed error rather than let it wait for its deadline.
+                correlation_id = int.from_bytes(body[8:16], "big")
+                too_large = MessageTooLarge(
+                    f"a reply of {len(body)} bytes exceeds this client's frame limit of "
+                    f"{self._max_frame_size} bytes (max_frame_size)"
+                )
+                if self.router.fail(correlation_id, too_large):
+                    return
+            self._bad_replies.log(
+                logging.WARNING, "malformed reply", "dropped a malformed reply frame: %s", exc
+            )
             return
         self.router.resolve(frame.correlation_id, frame)
 

@@ -23,9 +23,11 @@ import aiormq
 from aiormq import Channel, Connection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
+from pamqp.header import ContentHeader
 
 from basidia.brokers.base import Delivery, DeliveryHandler, EventSubscription, Subscription
 from basidia.errors import BrokerError
+from basidia.log import ThrottledLog
 
 if TYPE_CHECKING:
     from basidia.brokers.amqp import AmqpBroker
@@ -41,6 +43,8 @@ __all__ = [
 
 # The broker's logger: one name configures the whole adapter.
 logger = logging.getLogger("basidia.brokers.amqp")
+# Bad input from publishers (oversized headers, say): a line per kind per interval.
+bad_input = ThrottledLog(logger)
 
 # Message headers Basidia writes; documented in docs/rabbitmq.md.
 ATTEMPT_HEADER = "x-basidia-attempt"
@@ -49,11 +53,16 @@ REASON_HEADER = "x-basidia-reason"
 GROUP_HEADER = "x-basidia-group"
 QUEUE_HEADER = "x-basidia-queue"
 DEAD_AT_HEADER = "x-basidia-dead-lettered-at"
+#: On a retried or dead-lettered event whose own headers could not be carried over
+#: (they left no room in the broker's frame size): the bytes of the content header
+#: they made.
+HEADERS_DROPPED_HEADER = "x-basidia-headers-dropped"
 
 _MAX_NAME_BYTES = 255  # AMQP short strings: queue names and routing keys
 _MAX_REASON_CHARS = 4096  # a dead letter's reason header; tracebacks can be long
 _PERSISTENT = 2  # AMQP delivery mode: written to disk by durable queues
 _GIVE_BACK_PAUSE = 0.5  # seconds before requeueing an event whose retry could not be published
+_HEADER_HEADROOM = 1024  # bytes of a frame left free when republishing a content header
 
 # How an AMQP operation fails when its link or channel goes away.
 _LINK_ERRORS = (aiormq.AMQPError, ConnectionError, OSError, RuntimeError, asyncio.TimeoutError)
@@ -371,6 +380,12 @@ class _EventDelivery(_Delivery):
 
     @property
     def attempt(self) -> int:
+        if self._message.exchange:
+            # Published through the events exchange: a first attempt, whatever its headers
+            # say.  Basidia republishes retries straight to the group's queue (the default
+            # exchange), which publishers of events have no need to be allowed to do
+            # (docs/rabbitmq.md, "Permissions").
+            return 1
         headers = self._message.header.properties.headers or {}
         value = headers.get(ATTEMPT_HEADER)
         return value if isinstance(value, int) and value > 0 else 1
@@ -386,13 +401,7 @@ class _EventDelivery(_Delivery):
         broker = self._consumer.broker
         message = self._message
         if not message.channel.is_closed and not broker._closed:
-            original = message.header.properties
-            properties = spec.Basic.Properties(
-                delivery_mode=_PERSISTENT,
-                message_id=original.message_id,
-                content_type=original.content_type,
-                headers={**(original.headers or {}), **headers},
-            )
+            properties = self._properties(headers)
             try:
                 await broker._publish_confirmed(
                     message.body, "", queue, properties, what, reconnect=False
@@ -405,6 +414,39 @@ class _EventDelivery(_Delivery):
                 return
         # The broker redelivers it, and the next delivery counts the attempt.
         await self._settle(ack=False, requeue=True)
+
+    def _properties(self, headers: dict[str, Any]) -> spec.Basic.Properties:
+        """The copy's properties: the original headers with ``headers`` over them, or, if
+        that content header would not fit one frame (RabbitMQ closes the connection with
+        FRAME_ERROR), ``headers`` alone and the size of what was left out."""
+        original = self._message.header.properties
+        own = original.headers or {}
+        properties = spec.Basic.Properties(
+            delivery_mode=_PERSISTENT,
+            message_id=original.message_id,
+            content_type=original.content_type,
+            headers={**own, **headers},
+        )
+        connection = self._message.channel.connection
+        tune = getattr(connection, "connection_tune", None)
+        frame_max = getattr(tune, "frame_max", 0) or 131_072
+        try:
+            size = len(ContentHeader(0, len(self.body), properties).marshal())
+        except Exception:  # headers pamqp cannot encode again: leave them out
+            size = frame_max
+        # 8 bytes of frame envelope, and room for the broker's own additions.
+        if size + 8 + _HEADER_HEADROOM <= frame_max:
+            return properties
+        dropped = {HEADERS_DROPPED_HEADER: size}
+        bad_input.log(
+            logging.WARNING,
+            "oversized headers",
+            "an event on %s carries %d bytes of headers; its copy goes without them",
+            self._consumer.queue,
+            size,
+        )
+        properties.headers = {**headers, **dropped}
+        return properties
 
     async def nack(self, *, requeue: bool = True) -> None:
         if self._settled or not requeue:

@@ -63,11 +63,19 @@ EVENT_HEADER = "Basidia-Event"
 GROUP_HEADER = "Basidia-Group"
 ATTEMPTS_HEADER = "Basidia-Attempts"
 SEQUENCE_HEADER = "Basidia-Stream-Sequence"
+#: On a dead letter whose body was cut to fit the server's max_payload: the original size.
+TRUNCATED_HEADER = "Basidia-Truncated-From"
 
 _HEARTBEAT = "100"
 _CONSUMER_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _LOG_INTERVAL = 10.0  # seconds between two warnings about a consumer that keeps failing
 _json_encode = msgspec.json.encode
+
+
+def headers_size(headers: dict[str, str]) -> int:
+    """Bytes the headers take in a message (``NATS/1.0`` block), which the server counts
+    against ``max_payload`` together with the body."""
+    return 12 + sum(len(key.encode()) + len(value.encode()) + 4 for key, value in headers.items())
 
 
 async def round_trip(nc: Client, timeout: float) -> None:
@@ -154,6 +162,15 @@ class JetStreamEvents:
 
     async def publish(self, subject: str, body: bytes, headers: dict[str, str], what: str) -> None:
         """Publish to a stream and wait, at most ``publish_timeout``, for its PubAck."""
+        limit = self.broker.max_body_size
+        size = len(body) + headers_size(headers)
+        if size > limit:
+            # nats-py checks the body alone; the server, body and headers together, and it
+            # answers an oversized publish with -ERR and a closed connection.
+            raise BrokerError(
+                f"{what} of {len(body)} bytes (with its headers {size}) exceeds the server's "
+                f"limit of {limit} bytes"
+            )
         await self.ensure_streams()
         js = self.broker._jetstream()
         for attempt in (1, 2):
@@ -201,6 +218,12 @@ class JetStreamEvents:
             headers[SEQUENCE_HEADER] = sequence
             # Dead-lettering the same stored event twice keeps one copy.
             headers["Nats-Msg-Id"] = f"dlq:{origin.group}:{sequence}"
+        # An event that filled max_payload has no room left for these headers: keep its
+        # beginning, and say how long it was, rather than lose the record (docs/nats.md).
+        room = self.broker.max_body_size - headers_size(headers) - 64
+        if len(body) > room:
+            headers[TRUNCATED_HEADER] = str(len(body))
+            body = body[: max(room, 0)]
         what = f"a dead letter of {origin.event!r}"
         try:
             await self.publish(DLQ_PREFIX + origin.event, body, headers, what)

@@ -80,6 +80,7 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _REPLY_ADDRESS_PREFIX = DIRECT_REPLY_TO + "."
 
 _CONTENT_TYPE = "application/vnd.basidia.frame"
+_MAX_ROUTING_KEY = 255  # bytes: an AMQP short string
 
 
 class AmqpBroker(Broker):
@@ -484,6 +485,17 @@ class AmqpBroker(Broker):
         )
         self._inbox = handler
         return DIRECT_REPLY_TO
+
+    def reply_to_problem(self, reply_to: str) -> str | None:
+        # Requests name the placeholder; RabbitMQ writes the real address into the AMQP
+        # property.  Anything else must be a direct reply-to address, an AMQP short string.
+        if reply_to == DIRECT_REPLY_TO:
+            return None
+        if not reply_to.startswith(_REPLY_ADDRESS_PREFIX):
+            return f"reply address {reply_to[:64]!r} is not a direct reply-to address"
+        if len(reply_to.encode()) > _MAX_ROUTING_KEY:
+            return f"reply address of {len(reply_to.encode())} bytes (at most {_MAX_ROUTING_KEY})"
+        return None
 
     async def send_reply(self, reply_to: str, body: bytes) -> None:
         address: str | None = reply_to

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from basidia._speedups import Frame, Kind, encode_frame
-from basidia.errors import ConnectionLost, ServiceUnavailable
+from basidia._speedups import HARD_MAX_FRAME_SIZE, Frame, Kind, encode_frame
+from basidia.errors import ConnectionLost, RemoteError, ServiceUnavailable
 
 __all__ = [
     "Broker",
@@ -74,18 +74,38 @@ DisconnectCallback = Callable[[ConnectionLost], None]
 
 _error_encoder = msgspec.msgpack.Encoder()
 
+#: Characters of an error message sent back to a caller; the rest is cut (docs/protocol.md).
+MAX_ERROR_MESSAGE = 8192
+#: Characters of an exception type name or of the echoed target in an error frame.
+_MAX_ERROR_NAME = 256
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 def error_reply(correlation_id: int, error: Exception, target: str = "") -> bytes:
     """An error frame answering ``correlation_id``, as a service would send it.
 
-    Adapters use it for failures the broker reports on a call's behalf, such as
-    NATS "no responders" (``ServiceUnavailable``).
+    A ``RemoteError`` keeps the remote exception's type name.  The message is cut to
+    ``MAX_ERROR_MESSAGE`` characters, so an error frame stays a few KiB whatever the
+    exception said (a handler's 2 MiB message, a 1 MiB argument name): it always fits
+    the frame and broker limits.  Adapters use it too, for failures the broker reports
+    on a call's behalf, such as NATS "no responders" (``ServiceUnavailable``).
     """
+    if isinstance(error, RemoteError):
+        exc_type, message = error.exc_type, error.message
+    else:
+        exc_type, message = type(error).__name__, str(error)
     payload = {
-        "code": getattr(error, "code", "remote_error"),
-        "type": type(error).__name__,
-        "message": str(error),
+        "code": _cut(getattr(error, "code", "remote_error"), _MAX_ERROR_NAME),
+        "type": _cut(exc_type, _MAX_ERROR_NAME),
+        "message": _cut(message, MAX_ERROR_MESSAGE),
     }
+    if len(target) > _MAX_ERROR_NAME:
+        target = ""  # callers match errors by correlation id; the target is informative
     return encode_frame(Frame(Kind.ERROR, correlation_id, target, _error_encoder.encode(payload)))
 
 
@@ -143,6 +163,29 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def connected(self) -> bool:
         """True while the connection is up (health checks use it)."""
+
+    @property
+    def alive(self) -> bool:
+        """False once the connection is closed for good and will not be reopened: the
+        process cannot serve again, so ``/health/live`` fails and the orchestrator
+        restarts it.  A connection that is down but reconnecting is still alive."""
+        return True
+
+    @property
+    def max_body_size(self) -> int:
+        """The largest message body the broker carries, as far as the adapter knows
+        (NATS: the server's ``max_payload``).  Replies are kept under it."""
+        return HARD_MAX_FRAME_SIZE
+
+    def reply_to_problem(self, reply_to: str) -> str | None:
+        """Why a request's reply address cannot be answered on this broker, or None.
+
+        The address comes from the request frame, written by whoever published it: an
+        adapter refuses what it could not publish to (too long for the protocol, not an
+        inbox), so that such a request is dropped when it is accepted, not when its
+        reply would break the connection.
+        """
+        return None
 
     @abc.abstractmethod
     async def connect(self) -> None:

@@ -90,6 +90,17 @@ _TARGET_LENGTH_END = 26
 _FIXED_HEADER = 32
 # Names put into subjects: dot-separated tokens without blanks or wildcards.
 _SUBJECT_RE = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
+# A reply address Basidia answers to: an inbox subject of printable ASCII, no wildcards.
+_REPLY_SUBJECT_RE = re.compile(r"^_INBOX(\.[!-)+-\-/-=?-~]+)+$")
+# nats-server refuses a protocol line longer than its max_control_line (4096 bytes by
+# default) with -ERR and closes the connection.  A publish line is "HPUB <subject>
+# <reply> <header bytes> <total bytes>": subjects, names in them and reply addresses are
+# kept well under it.
+_MAX_SUBJECT_BYTES = 1024
+_MAX_NAME_BYTES = 256
+# Server errors after which the server keeps the connection, or that reconnecting cannot
+# cure (nats-py's own handling is kept for those).
+_ERRORS_NATS_PY_HANDLES = ("authorization violation", "permissions violation", "stale connection")
 _LOG_INTERVAL = 10.0  # seconds between two log lines about the same recurring condition
 
 
@@ -389,6 +400,7 @@ class NatsBroker(Broker):
         self._services: dict[str, ServiceRecord] = {}
         self._service_api_sub: NatsSubscription | None = None
         self._last_error: BaseException | None = None
+        self._closed_for_good = False
         self._slow_throttle = _Throttle()
         self._error_throttle = _Throttle()
         #: Reconnection attempts so far (each one waited its backoff first).
@@ -404,6 +416,25 @@ class NatsBroker(Broker):
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed_for_good
+
+    @property
+    def max_body_size(self) -> int:
+        nc = self._nc
+        # nats-py keeps the last server's max_payload while reconnecting.
+        return int(nc.max_payload) if nc is not None and nc.max_payload else 1024 * 1024
+
+    def reply_to_problem(self, reply_to: str) -> str | None:
+        # Only ever answer into an inbox, never on a subject a forged frame picked (a
+        # JetStream API subject, say), and never with a publish line the server refuses.
+        if len(reply_to) > _MAX_SUBJECT_BYTES:
+            return f"reply address of {len(reply_to)} characters (at most {_MAX_SUBJECT_BYTES})"
+        if not _REPLY_SUBJECT_RE.fullmatch(reply_to):
+            return f"reply address {reply_to[:64]!r} is not an _INBOX subject"
+        return None
 
     def _client(self) -> Client:
         if self._nc is None:
@@ -474,6 +505,8 @@ class NatsBroker(Broker):
                 f"could not connect to {self.safe_url} within {self._connect_timeout:g} s "
                 f"({detail})"
             ) from None
+        self._reconnect_on_server_errors(nc)
+        self._closed_for_good = False
         self._nc = nc
         self._js = nc.jetstream(timeout=self._api_timeout)
         self._inbox = nc.new_inbox()
@@ -481,6 +514,29 @@ class NatsBroker(Broker):
         if self._services:
             await self._subscribe_service_api()
         logger.info("connected to %s", self.safe_url)
+
+    def _reconnect_on_server_errors(self, nc: Client) -> None:
+        """Treat a server's ``-ERR`` as a lost link, not as the end of the connection.
+
+        nats-py closes the connection for good on most ``-ERR`` lines (a publish over
+        ``max_payload``, a control line too long, a parser error), and the server has
+        closed it anyway; but a service must not stop serving because one message was
+        refused.  Reconnecting, as for a broken link, keeps every subscription.
+        """
+        process_err = nc._process_err
+
+        async def on_server_error(err_msg: str) -> None:
+            text = err_msg.strip().strip("'")
+            if any(known in text.lower() for known in _ERRORS_NATS_PY_HANDLES) or not (
+                nc.is_connected
+            ):
+                await process_err(err_msg)
+                return
+            self._last_error = nats.errors.Error(f"nats: {text}")
+            logger.warning("%s refused a message (%s); reconnecting", self.safe_url, text[:200])
+            await nc._process_op_err(self._last_error)
+
+        nc._process_err = on_server_error  # type: ignore[method-assign]
 
     def _check_tls(self, nc: Client) -> None:
         # nats-py upgrades to TLS only when the server's INFO requires it: a server (or a
@@ -553,6 +609,9 @@ class NatsBroker(Broker):
         if self._closing:
             return
         self._up.clear()
+        # Reconnection gave up (max_reconnect_attempts) or the server refused the
+        # credentials: this process can no longer serve, and says so (/health/live).
+        self._closed_for_good = True
         logger.error("the connection to %s is closed for good", self.safe_url)
         self._notify_disconnect(ConnectionLost(f"the connection to {self.safe_url} is closed"))
 
@@ -688,12 +747,15 @@ class NatsBroker(Broker):
         state = serving.get()
         if state is not None and len(body) > 1 and body[1] == _ERROR_KIND:
             state.error = body
-        # reply_to comes from a request frame: only ever answer into an inbox, never on a
-        # subject a forged frame picked (a JetStream API subject, say).
-        if not reply_to.startswith(INBOX_PREFIX) or "*" in reply_to or ">" in reply_to:
+        # reply_to comes from a request frame; the container has checked it already.
+        if self.reply_to_problem(reply_to) is not None:
             logger.debug("dropped a reply to a non-inbox subject")
             return
         nc = self._client()
+        if len(body) > nc.max_payload:
+            raise BrokerError(
+                f"a reply of {len(body)} bytes exceeds the server's limit of {nc.max_payload} bytes"
+            )
         try:
             await nc.publish(reply_to, body)
         except nats.errors.MaxPayloadError:
@@ -835,7 +897,12 @@ def _redact(url: str) -> str:
 
 
 def _checked_name(name: str, what: str) -> str:
-    if not _SUBJECT_RE.match(name):
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        raise ValueError(
+            f"{what} {name[:64]!r}... is {len(name.encode())} bytes long; at most "
+            f"{_MAX_NAME_BYTES} fit a NATS subject"
+        )
+    if not _SUBJECT_RE.fullmatch(name):
         raise ValueError(
             f"{what} {name!r} cannot be used in a NATS subject: use dot-separated tokens "
             "without spaces, '*' or '>'"
