@@ -13,6 +13,7 @@ module imports ``basidia.brokers.amqp`` for type checking only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -25,8 +26,15 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
-from basidia.brokers.base import Delivery, DeliveryHandler, EventSubscription, Subscription
-from basidia.errors import BrokerError
+from basidia.brokers._amqp_fast import oversized
+from basidia.brokers.base import (
+    Delivery,
+    DeliveryHandler,
+    EventSubscription,
+    Subscription,
+    error_reply,
+)
+from basidia.errors import BrokerError, MessageTooLarge
 from basidia.log import ThrottledLog
 
 if TYPE_CHECKING:
@@ -147,7 +155,10 @@ class _Consumer(Subscription):
             await self._declare(channel)
             channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             sink = self._pending.put_nowait
-            tag = await broker._consume(channel, self.queue, sink, f"consume queue {self.queue!r}")
+            what = f"consume queue {self.queue!r}"
+            tag = await broker._consume(
+                channel, self.queue, sink, what, max_body=broker.max_message_size
+            )
         except BaseException:
             await _close_channel(channel, broker._timeout)
             raise
@@ -322,8 +333,34 @@ class _RequestConsumer(_Consumer):
         await self.broker._deadline(declare, f"declare queue {self.queue!r}")
 
     async def _dispatch(self, message: DeliveredMessage) -> None:
+        if oversized(message):
+            await self._refuse(message)
+            return
         _serving.set(message.header.properties.reply_to)
         await self.handler(_Delivery(message, self.broker._timeout))
+
+    async def _refuse(self, message: DeliveredMessage) -> None:
+        """Reject a request too large to read, and tell its caller why."""
+        broker = self.broker
+        size, limit = message.header.body_size, broker.max_message_size
+        bad_input.log(
+            logging.ERROR,
+            "oversized request",
+            "rejected a request of %d bytes on %s (max_message_size %d)",
+            size,
+            self.queue,
+            limit,
+        )
+        await _Delivery(message, broker._timeout).nack(requeue=False)
+        properties = message.header.properties
+        reply_to, correlation_id = properties.reply_to or "", properties.message_id or ""
+        if correlation_id.isdigit() and broker.reply_to_problem(reply_to) is None:
+            error = MessageTooLarge(
+                f"a request of {size} bytes exceeds the broker adapter's max_message_size "
+                f"of {limit} bytes"
+            )
+            with contextlib.suppress(BrokerError):
+                await broker.send_reply(reply_to, error_reply(int(correlation_id), error))
 
 
 class _EventConsumer(_Consumer):
@@ -360,7 +397,12 @@ class _EventConsumer(_Consumer):
 
     async def _dispatch(self, message: DeliveredMessage) -> None:
         delivery = _EventDelivery(self, message)
-        if message.redelivered:
+        if oversized(message):
+            size, limit = message.header.body_size, self.broker.max_message_size
+            reason = f"an event of {size} bytes exceeds max_message_size ({limit} bytes)"
+            bad_input.log(logging.ERROR, "oversized event", "%s on %s", reason, self.queue)
+            await delivery.dead_letter(f"{reason}; its body was not kept")
+        elif message.redelivered:
             # The broker gives it again after a lost channel or connection: that was an
             # attempt too.  Count it by republishing it with the next attempt number, so
             # the count stays right however often a worker dies on this event.

@@ -7,7 +7,10 @@ two publishes and two deliveries, so on the request and reply path Basidia:
 
 * takes deliveries in the channel's reader, synchronously (``DirectDeliveries``):
   a request goes straight to the consumer's worker pool, a reply straight to the
-  router, with no task in between and nothing that a closing channel cancels;
+  router, with no task in between and nothing that a closing channel cancels; a
+  message over the consumer's size bound is not gathered at all (its body frames
+  are dropped as they are read), so a publisher cannot make a consumer buffer
+  prefetch times RabbitMQ's 128 MiB;
 * queues a publish on a channel without publisher confirms with one call that
   never suspends (``publish_nowait``), and leaves anything else (a full write
   queue, a closed channel, a channel with confirms) to ``basic_publish``.
@@ -28,9 +31,17 @@ from typing import Any
 from aiormq import Channel
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
+from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-__all__ = ["DirectDeliveries", "Sink", "direct_deliveries", "publish_nowait", "supported"]
+__all__ = [
+    "DirectDeliveries",
+    "Sink",
+    "direct_deliveries",
+    "oversized",
+    "publish_nowait",
+    "supported",
+]
 
 logger = logging.getLogger("basidia.brokers.amqp")
 
@@ -78,29 +89,54 @@ class DirectDeliveries:
 
     def __init__(self, channel: Channel) -> None:
         self._channel: Any = channel
-        self._sinks: dict[str, Sink] = {}
+        self._sinks: dict[str, tuple[Sink, int]] = {}
         self._aiormq_handler = channel._on_deliver_frame
         setattr(channel, "_on_deliver_frame", self._on_deliver_frame)  # noqa: B010
 
-    def add(self, consumer_tag: str, sink: Sink) -> None:
-        """Send the deliveries of ``consumer_tag`` to ``sink`` (before consuming with it)."""
-        self._sinks[consumer_tag] = sink
+    def add(self, consumer_tag: str, sink: Sink, max_body: int = 0) -> None:
+        """Send the deliveries of ``consumer_tag`` to ``sink`` (before consuming with it).
+
+        With ``max_body``, a message whose body is larger reaches ``sink`` with an empty
+        body (its ``header.body_size`` tells the real size): see ``oversized``.
+        """
+        self._sinks[consumer_tag] = (sink, max_body)
 
     def discard(self, consumer_tag: str) -> None:
         self._sinks.pop(consumer_tag, None)
 
     async def _on_deliver_frame(self, frame: spec.Basic.Deliver) -> None:
-        sink = self._sinks.get(frame.consumer_tag or "")
-        if sink is None:
+        entry = self._sinks.get(frame.consumer_tag or "")
+        if entry is None:
             await self._aiormq_handler(frame)
             return
+        sink, max_body = entry
         channel = self._channel
         header = await channel._Channel__get_content_header()
-        message: DeliveredMessage = await channel._read_content(frame, header)
+        message: DeliveredMessage
+        if max_body and header.body_size > max_body:
+            await self._skip_body(header.body_size)
+            message = DeliveredMessage(delivery=frame, header=header, body=b"", channel=channel)
+        else:
+            message = await channel._read_content(frame, header)
         try:
             sink(message)
         except Exception:  # a bug; the reader must go on, or the channel would close
             logger.exception("a delivery sink failed on channel %s", channel.number)
+
+    async def _skip_body(self, size: int) -> None:
+        """Read and drop the body frames of a message of ``size`` bytes."""
+        channel = self._channel
+        remaining = size
+        while remaining > 0:
+            content = await channel._get_frame()
+            if not isinstance(content, ContentBody):
+                raise ValueError(f"unexpected frame {content!r} in a message body")
+            remaining -= len(content.value)
+
+
+def oversized(message: DeliveredMessage) -> bool:
+    """Whether ``message`` came without its body, being over its consumer's size bound."""
+    return message.header.body_size > len(message.body)
 
 
 def publish_nowait(

@@ -25,6 +25,7 @@ in the background with capped, jittered exponential backoff, every consumer rest
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import ssl
@@ -39,6 +40,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
+from basidia._speedups import HARD_MAX_FRAME_SIZE
 from basidia.brokers import redact_url
 from basidia.brokers._amqp_consumers import (
     _LINK_ERRORS,
@@ -100,6 +102,10 @@ class AmqpBroker(Broker):
     * ``reconnect_wait``, ``reconnect_wait_max``: capped exponential backoff, with
       jitter, between reconnection attempts;
     * ``prefix``: first word of every exchange and queue name;
+    * ``max_message_size``: bytes of a delivered message's body, at most; a larger one
+      is not read into memory: a request is rejected (its caller gets
+      ``MessageTooLarge``), an event dead-lettered without its body.  Default: the
+      hard ceiling of a frame, 16 MiB;
     * ``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``: TLS trust and client
       certificate for ``amqps://`` (the URL's ``cafile``, ``certfile``, ``keyfile``
       work too); the server certificate and host name are always verified.
@@ -118,6 +124,7 @@ class AmqpBroker(Broker):
         reconnect_wait: float = 0.1,
         reconnect_wait_max: float = 5.0,
         prefix: str = "basidia",
+        max_message_size: int = HARD_MAX_FRAME_SIZE,
         tls_ca_file: str | None = None,
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
@@ -155,6 +162,7 @@ class AmqpBroker(Broker):
         self._reconnect_wait = float(reconnect_wait)
         self._reconnect_wait_max = float(reconnect_wait_max)
         self._prefix = prefix
+        self.max_message_size = int(max_message_size)
         self.exchange = _check_name(f"{prefix}.events", "exchange name")
 
         self._connection: Connection | None = None
@@ -240,16 +248,26 @@ class AmqpBroker(Broker):
             raise ConnectionLost(f"could not {what} to {routing_key}: {error}") from None
 
     async def _consume(
-        self, channel: Channel, queue: str, sink: Sink, what: str, *, no_ack: bool = False
+        self,
+        channel: Channel,
+        queue: str,
+        sink: Sink,
+        what: str,
+        *,
+        no_ack: bool = False,
+        max_body: int = 0,
     ) -> str:
         """Consume ``queue`` on ``channel``, each message to ``sink`` (synchronously, in
-        the channel's reader); returns the consumer tag."""
+        the channel's reader); returns the consumer tag.  A message over ``max_body``
+        bytes reaches ``sink`` without its body (``_amqp_fast.oversized``)."""
         tag = f"basidia.{uuid.uuid4().hex}"
         direct = direct_deliveries(channel)
         if direct is not None:
-            direct.add(tag, sink)
+            direct.add(tag, sink, max_body)
 
         async def callback(message: DeliveredMessage) -> None:  # without direct deliveries
+            if max_body and len(message.body) > max_body:
+                message = dataclasses.replace(message, body=b"")
             sink(message)
 
         try:
