@@ -32,7 +32,7 @@ class ThrottledLog:
     Each kind (``"malformed request"``, say) gets at most one line per ``interval``
     seconds; the next line says how many were left out meanwhile, and ``counts`` keeps
     the total per kind, so a flood of bad frames costs a few lines and a counter.
-    docs/operations.md lists the kinds Basidia logs this way.
+    docs/security.md lists the kinds Basidia logs this way.
     """
 
     __slots__ = ("_interval", "_logger", "_next", "_suppressed", "counts")
