@@ -34,6 +34,12 @@ _INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
 _FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 
 
+# Settings that are always text, however they look: never read as numbers or booleans
+# from the environment or a whole-value ``${VAR}`` (a token "0" must not turn
+# authentication off, nor "1e3" become 1000.0).  Dotted, lower-case keys.
+TEXT_KEYS = frozenset({"http.token"})
+
+
 def _scalar(text: str) -> Any:
     """Read an environment or substituted value as a bool, number or string."""
     lowered = text.strip().lower()
@@ -48,15 +54,15 @@ def _scalar(text: str) -> Any:
     return text
 
 
-def _substitute(value: Any, environ: Mapping[str, str]) -> Any:
-    """Replace ``${VAR:default}`` in every string of ``value``."""
+def _substitute(value: Any, environ: Mapping[str, str], key: str = "") -> Any:
+    """Replace ``${VAR:default}`` in every string of ``value`` (found at dotted ``key``)."""
     if isinstance(value, str):
         whole = _VARIABLE.fullmatch(value)
         if whole is not None:
             found = environ.get(whole.group(1), whole.group(2))
             if found is None:
                 raise ConfigError(f"environment variable {whole.group(1)} is not set")
-            return _scalar(found)
+            return found if key in TEXT_KEYS else _scalar(found)
 
         def replace(match: re.Match[str]) -> str:
             found = environ.get(match.group(1), match.group(2))
@@ -66,7 +72,10 @@ def _substitute(value: Any, environ: Mapping[str, str]) -> Any:
 
         return _VARIABLE.sub(replace, value)
     if isinstance(value, dict):
-        return {key: _substitute(item, environ) for key, item in value.items()}
+        return {
+            name: _substitute(item, environ, f"{key}.{name}".lower() if key else str(name).lower())
+            for name, item in value.items()
+        }
     if isinstance(value, list):
         return [_substitute(item, environ) for item in value]
     return value
@@ -149,11 +158,11 @@ class Config(Mapping[str, Any]):
         ``overrides`` (CLI options) may use dotted keys.
         """
         environ = os.environ if environ is None else environ
-        env_values = {
-            name[len(ENV_PREFIX) :].lower().replace("__", "."): _scalar(value)
-            for name, value in environ.items()
-            if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)
-        }
+        env_values: dict[str, Any] = {}
+        for name, text in environ.items():
+            if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+                key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+                env_values[key] = text if key in TEXT_KEYS else _scalar(text)
         layers: list[Mapping[str, Any]] = [base or {}]
         if path is not None:
             layers.append(_read_file(Path(path), environ))

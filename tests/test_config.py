@@ -219,6 +219,21 @@ def test_substitution_does_not_mangle_text_that_merely_looks_numeric(tmp_path: P
     assert env_config["account.pin"] == "007"
 
 
+@pytest.mark.parametrize("token", ["0", "1e3", "-1", "007", "true", "off", "Infinity"])
+def test_the_management_token_stays_text_from_environment_and_substitution(
+    tmp_path: Path, token: str
+) -> None:
+    # Read as a number, "0" turned authentication off and "1e3" became "1000.0".
+    env = Config.load(None, environ={"BASIDIA_HTTP__TOKEN": token, "BASIDIA_HTTP__PORT": "8001"})
+    assert env["http.token"] == token
+    assert env["http.port"] == 8001  # other values are still read as numbers
+    path = write(tmp_path / "basidia.yaml", "HTTP:\n  Token: ${TOKEN}\n  port: ${PORT}\n")
+    substituted = Config.load(path, environ={"TOKEN": token, "PORT": "8002"})
+    assert substituted["http.token"] == token
+    assert substituted["http.port"] == 8002
+    assert Config.load(None, environ={}, overrides={"http.token": token})["http.token"] == token
+
+
 # -- config file errors -------------------------------------------------------------
 
 

@@ -36,6 +36,8 @@ _CODES = {
     405: "method_not_allowed",
     409: "conflict",
     413: "content_too_large",
+    415: "unsupported_media_type",
+    421: "misdirected_request",
     422: "validation_error",
     431: "headers_too_large",
     500: "internal_error",

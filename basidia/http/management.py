@@ -1,6 +1,7 @@
 """The lifecycle management API and the health probes.
 
-Management (token-protected when a token is set)::
+Management (token-protected when a token is set; without one, cross-site requests
+are refused, see ``basidia.http.crosssite``)::
 
     GET  /                          application status
     GET  /services                  every service: state, error, entrypoints, in-flight work
@@ -22,7 +23,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from starlette.requests import Request
@@ -31,6 +32,7 @@ from starlette.routing import Route
 
 from basidia import IMPLEMENTATION, __version__
 from basidia.container import ServiceContainer, State
+from basidia.http.crosssite import CrossSiteGuard
 from basidia.http.errors import error_response
 from basidia.runner import ServiceRunner
 from basidia.service import EventHandler, HttpEndpoint, Rpc
@@ -53,6 +55,13 @@ def health_routes(runner: ServiceRunner) -> list[Route]:
     """``/health/live`` and ``/health/ready``."""
 
     async def live(request: Request) -> Response:
+        # A broker connection closed for good cannot come back: only a restart helps
+        # (docs/security.md).  One that is reconnecting keeps the process alive.
+        if not runner.broker.alive:
+            return JSONResponse(
+                {"status": "dead", "reason": "the broker connection is closed for good"},
+                status_code=503,
+            )
         return JSONResponse({"status": "alive"})
 
     async def ready(request: Request) -> Response:
@@ -67,15 +76,25 @@ def health_routes(runner: ServiceRunner) -> list[Route]:
 
 
 class Management:
-    """The management endpoints of one runner; ``token`` protects them when set."""
+    """The management endpoints of one runner.
 
-    def __init__(self, runner: ServiceRunner, token: str | None) -> None:
+    With a ``token``, every call needs ``Authorization: Bearer <token>``. Without
+    one, calls that a browser page from another site could make are refused
+    (``CrossSiteGuard``): a foreign Host (DNS rebinding), a foreign Origin or
+    ``Sec-Fetch-Site``, a state change without ``Content-Type: application/json``.
+    ``allowed_hosts`` are the names, besides loopback ones, the API answers for then.
+    """
+
+    def __init__(
+        self, runner: ServiceRunner, token: str | None, allowed_hosts: Iterable[str] = ()
+    ) -> None:
         self.runner = runner
         self._expected = f"Bearer {token}".encode() if token else None
+        self._cross_site = CrossSiteGuard(allowed_hosts)
         self._started = time.time()
 
     def routes(self) -> list[Route]:
-        """The management routes, each behind the token check."""
+        """The management routes, each behind the token check (or the cross-site one)."""
         guard = self._guarded
         return [
             Route("/", guard(self.status), methods=["GET"], name="management.status"),
@@ -103,7 +122,15 @@ class Management:
     def _guarded(self, endpoint: Endpoint) -> Endpoint:
         expected = self._expected
         if expected is None:
-            return endpoint
+            cross_site = self._cross_site
+
+            async def same_site_only(request: Request) -> Response:
+                refusal = cross_site.refusal(request)
+                if refusal is not None:
+                    return refusal
+                return await endpoint(request)
+
+            return same_site_only
 
         async def guarded(request: Request) -> Response:
             given = request.headers.get("authorization", "").encode()

@@ -37,6 +37,7 @@ from starlette.routing import BaseRoute
 
 from basidia.config import Config
 from basidia.errors import ConfigError
+from basidia.http.crosssite import normalize_host
 from basidia.http.errors import error_response
 from basidia.http.limits import RequestLimitMiddleware, TimedH11Protocol
 from basidia.http.management import Management, health_routes
@@ -71,7 +72,11 @@ class HttpSettings:
     #: Serve the management API (``/``, ``/services...``) beside the endpoints.
     management: bool = True
     #: Bearer token the management API requires when set (a secret: never logged).
+    #: Always text, compared exactly; empty means none.
     token: str | None = None
+    #: Without a token, names besides loopback ones the management API answers for
+    #: (Host header) and whose pages may call it (Origin): a reverse proxy's name.
+    allowed_hosts: tuple[str, ...] = ()
     #: Largest request body accepted, in bytes; larger ones get 413.
     max_body_size: int = 1 << 20
     #: Largest request line plus headers, in bytes; larger ones get 431 (or 400).
@@ -114,7 +119,8 @@ class HttpSettings:
                 host=str(values.get("host", cls.host)),
                 port=int(values.get("port", cls.port)),
                 management=_flag(values.get("management", cls.management)),
-                token=str(values["token"]) if values.get("token") else None,
+                token=_token(values.get("token")),
+                allowed_hosts=_hosts(values.get("allowed_hosts")),
                 max_body_size=int(values.get("max_body_size", cls.max_body_size)),
                 max_header_size=int(values.get("max_header_size", cls.max_header_size)),
                 header_timeout=float(values.get("header_timeout", cls.header_timeout)),
@@ -140,13 +146,53 @@ class HttpSettings:
                 raise ConfigError(f"http.{name} must be in (0, 3600] seconds, got {value}")
         if self.max_connections < 1:
             raise ConfigError("http.max_connections must be at least 1")
-        if self.management and self.token is None and not is_loopback(self.host):
+        if self.token is not None and (
+            self.token != self.token.strip() or not all(" " <= c <= "~" for c in self.token)
+        ):
+            # Never shown: it is a secret. Clients could not send it as set anyway
+            # (HTTP strips blanks around header values; non-ASCII is not portable).
+            raise ConfigError(
+                "http.token must be printable ASCII without blanks around it "
+                "(a trailing newline from a secret file?)"
+            )
+        for host in self.allowed_hosts:
+            try:
+                normalize_host(host)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.management and not self.token and not is_loopback(self.host):
             raise ConfigError(
                 f"refusing to serve the management API on {self.host}, beyond loopback, "
                 "without a token: set one (BASIDIA_HTTP__TOKEN, http.token in the config file "
                 "or --management-token), listen on 127.0.0.1, or turn the API off "
                 "(--no-management / http.management: false)"
             )
+
+
+def _token(value: Any) -> str | None:
+    """The token as set: text, never a number (``"0"`` is a token); empty means none."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        # A config file's unquoted 0123 or 1e3 is a number whose text is lost: refuse.
+        raise ConfigError(
+            f"http.token must be text, not a {type(value).__name__}: quote it in the config "
+            'file (token: "..."), or set BASIDIA_HTTP__TOKEN'
+        )
+    return value
+
+
+def _hosts(value: Any) -> tuple[str, ...]:
+    """``http.allowed_hosts``: a list, or a comma-separated string (the environment)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(h, str) for h in value):
+        raise ValueError(
+            "http.allowed_hosts must be a list of host names or a comma-separated string"
+        )
+    return tuple(normalize_host(host) for host in value if host.strip())
 
 
 def _flag(value: Any) -> bool:
@@ -202,7 +248,7 @@ def build_app(runner: ServiceRunner, settings: HttpSettings) -> Starlette:
         RouteSpec(route.methods or (), route.path, "the health probes") for route in health
     )
     if settings.management:
-        management_routes = Management(runner, settings.token).routes()
+        management_routes = Management(runner, settings.token, settings.allowed_hosts).routes()
         builtin.extend(management_routes)
         specs.extend(
             RouteSpec(route.methods or (), route.path, "the management API")
@@ -248,6 +294,7 @@ class HttpServer:
         *,
         management: bool | None = None,
         token: str | None = None,
+        allowed_hosts: Sequence[str] | None = None,
         max_body_size: int | None = None,
         max_header_size: int | None = None,
         header_timeout: float | None = None,
@@ -261,6 +308,7 @@ class HttpServer:
             port=port,
             management=management,
             token=token,
+            allowed_hosts=allowed_hosts,
             max_body_size=max_body_size,
             max_header_size=max_header_size,
             header_timeout=header_timeout,
@@ -332,6 +380,8 @@ class HttpServer:
         management = "off"
         if settings.management:
             management = "token required" if settings.token else "open (loopback only)"
+            if not settings.token and settings.allowed_hosts:
+                management = f"open (loopback and {', '.join(settings.allowed_hosts)})"
         logger.info("HTTP on %s (management API: %s)", self.url, management)
 
     async def stop(self, grace: float | None = None) -> None:

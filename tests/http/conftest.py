@@ -31,6 +31,8 @@ TLS = ssl.create_default_context()
 # Small limits so that tests cross them quickly.
 MAX_BODY = 64 * 1024
 RPC_TIMEOUT = 1.5
+# Without a token, the management API takes state changes only as JSON (cross-site guard).
+JSON = {"Content-Type": "application/json"}
 
 
 class Resource:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from basidia import ServiceRunner, ServiceUnavailable, State
-from tests.http.conftest import FLAKY, AuditService, until
+from tests.http.conftest import FLAKY, JSON, AuditService, until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,7 +64,7 @@ async def test_stopping_a_service_stops_its_consumers_and_readiness_follows(
 ) -> None:
     assert await runner.rpc.pricing.price(2) == 3.0
 
-    stopped = await client.post("/services/pricing/stop")
+    stopped = await client.post("/services/pricing/stop", headers=JSON)
     assert stopped.status_code == 200
     assert stopped.json()["state"] == "STOPPED"
     assert runner.containers["pricing"].state is State.STOPPED
@@ -79,7 +79,7 @@ async def test_stopping_a_service_stops_its_consumers_and_readiness_follows(
     assert (await client.get("/")).json()["ready"] is False
     assert (await client.get("/health/live")).status_code == 200  # alive all the same
 
-    started = await client.post("/services/pricing/start")
+    started = await client.post("/services/pricing/start", headers=JSON)
     assert started.status_code == 200
     assert started.json()["state"] == "RUNNING"
     assert await runner.rpc.pricing.price(2) == 3.0
@@ -90,11 +90,11 @@ async def test_stopping_a_service_stops_its_consumers_and_readiness_follows(
 async def test_a_stopped_event_handler_gets_no_events_until_started(
     runner: ServiceRunner, client: httpx.AsyncClient
 ) -> None:
-    assert (await client.post("/services/audit/stop")).json()["state"] == "STOPPED"
+    assert (await client.post("/services/audit/stop", headers=JSON)).json()["state"] == "STOPPED"
     await runner.dispatch("item.viewed", {"id": 1})
     await asyncio.sleep(0.2)
     assert AuditService.seen == []
-    assert (await client.post("/services/audit/start")).json()["state"] == "RUNNING"
+    assert (await client.post("/services/audit/start", headers=JSON)).json()["state"] == "RUNNING"
     await runner.dispatch("item.viewed", {"id": 2})
     await until(lambda: {"id": 2} in AuditService.seen)
 
@@ -104,7 +104,7 @@ async def test_stop_waits_for_calls_in_flight(
 ) -> None:
     slow = asyncio.create_task(client.get("/slow", params={"seconds": 0.3}))
     await until(lambda: runner.containers["catalog"].in_flight > 0)
-    stopped = await client.post("/services/catalog/stop", params={"grace": 5})
+    stopped = await client.post("/services/catalog/stop", headers=JSON, params={"grace": 5})
     assert stopped.json()["state"] == "STOPPED"
     assert (await slow).json() == {"slept": 0.3}
 
@@ -112,9 +112,9 @@ async def test_stop_waits_for_calls_in_flight(
 async def test_a_failed_start_shows_error_with_the_reason(
     runner: ServiceRunner, client: httpx.AsyncClient
 ) -> None:
-    await client.post("/services/pricing/stop")
+    await client.post("/services/pricing/stop", headers=JSON)
     FLAKY.fail = True
-    failed = await client.post("/services/pricing/start")
+    failed = await client.post("/services/pricing/start", headers=JSON)
     assert failed.status_code == 500
     assert failed.json()["error"] == "start_failed"
     assert failed.json()["detail"] == "RuntimeError: the resource is down"
@@ -124,7 +124,7 @@ async def test_a_failed_start_shows_error_with_the_reason(
     assert (await client.get("/health/ready")).status_code == 503
 
     FLAKY.fail = False
-    restarted = await client.post("/services/pricing/start")
+    restarted = await client.post("/services/pricing/start", headers=JSON)
     assert restarted.status_code == 200
     assert (await _state(client, "pricing"))["error"] is None
     assert (await client.get("/health/ready")).status_code == 200
@@ -133,22 +133,22 @@ async def test_a_failed_start_shows_error_with_the_reason(
 async def test_a_service_in_transition_answers_409(
     runner: ServiceRunner, client: httpx.AsyncClient
 ) -> None:
-    await client.post("/services/pricing/stop")
+    await client.post("/services/pricing/stop", headers=JSON)
     FLAKY.gate = asyncio.Event()
-    starting = asyncio.create_task(client.post("/services/pricing/start"))
+    starting = asyncio.create_task(client.post("/services/pricing/start", headers=JSON))
     await until(lambda: runner.containers["pricing"].state is State.STARTING)
     assert (await _state(client, "pricing"))["state"] == "STARTING"
-    assert (await client.post("/services/pricing/start")).status_code == 409
-    assert (await client.post("/services/pricing/stop")).status_code == 409
+    assert (await client.post("/services/pricing/start", headers=JSON)).status_code == 409
+    assert (await client.post("/services/pricing/stop", headers=JSON)).status_code == 409
     assert (await client.get("/health/ready")).status_code == 503
     FLAKY.gate.set()
     assert (await starting).json()["state"] == "RUNNING"
 
 
 async def test_start_and_stop_are_idempotent(client: httpx.AsyncClient) -> None:
-    assert (await client.post("/services/audit/start")).json()["state"] == "RUNNING"
-    assert (await client.post("/services/audit/stop")).json()["state"] == "STOPPED"
-    assert (await client.post("/services/audit/stop")).json()["state"] == "STOPPED"
+    assert (await client.post("/services/audit/start", headers=JSON)).json()["state"] == "RUNNING"
+    assert (await client.post("/services/audit/stop", headers=JSON)).json()["state"] == "STOPPED"
+    assert (await client.post("/services/audit/stop", headers=JSON)).json()["state"] == "STOPPED"
 
 
 @pytest.mark.parametrize(
@@ -160,7 +160,7 @@ async def test_start_and_stop_are_idempotent(client: httpx.AsyncClient) -> None:
     ],
 )
 async def test_unknown_service_gets_404(client: httpx.AsyncClient, method: str, path: str) -> None:
-    response = await client.request(method, path)
+    response = await client.request(method, path, headers=JSON)
     assert response.status_code == 404
     assert response.json()["error"] == "not_found"
 
@@ -169,7 +169,7 @@ async def test_unknown_service_gets_404(client: httpx.AsyncClient, method: str, 
 async def test_invalid_grace_gets_400_and_the_service_keeps_running(
     client: httpx.AsyncClient, grace: str
 ) -> None:
-    response = await client.post("/services/audit/stop", params={"grace": grace})
+    response = await client.post("/services/audit/stop", headers=JSON, params={"grace": grace})
     assert response.status_code == 400
     assert (await _state(client, "audit"))["state"] == "RUNNING"
 
