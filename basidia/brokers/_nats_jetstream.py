@@ -405,6 +405,7 @@ class JetStreamDelivery(Delivery):
             return
         self._settled = True
         self._consumer.unsettled.discard(self)
+        self._consumer.settled()
         try:
             await self._consumer.events.broker._client().publish(self._reply, verdict)
         except Exception as exc:  # JetStream redelivers what was never settled
@@ -605,10 +606,13 @@ class PullConsumer(Subscription):
             return
         self._cancelled = True
         self.events.consumers.discard(self)
-        tasks = [task for task in (self._loop_task, self._keepalive_task) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Stop pulling, but keep telling JetStream that the handlers still running are at
+        # work: while the service drains (shutdown grace), their events must not go to
+        # another instance after ack_wait.  The keep-alive stops with the last settlement.
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self.settled()
         sub = self._sub
         if sub is not None:
             # As for requests: take back the interest at the server, and wait until it is
@@ -633,9 +637,18 @@ class PullConsumer(Subscription):
             except Exception as exc:
                 logger.debug("could not delete the consumer %s: %s", self.name, exc)
 
+    def settled(self) -> None:
+        """A delivery was settled: once cancelled with none left, stop the keep-alive."""
+        task = self._keepalive_task
+        if self._cancelled and not self.unsettled and task is not None:
+            task.cancel()
+
     async def aclose(self) -> None:
         """Cancel, then stop the handlers still running (broker close)."""
         await self.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+            await asyncio.gather(self._keepalive_task, return_exceptions=True)

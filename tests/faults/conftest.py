@@ -6,6 +6,11 @@ takes seconds); after each test it is resumed and restarted if the test paused o
 Its queues and streams persist between tests, so use unique names.
 
 Set ``BASIDIA_REQUIRE_BROKERS=1`` to turn the skips into failures, as CI should.
+
+CI runs the suite twice, with the compiled core and then with ``BASIDIA_NO_EXTENSIONS=1``.
+The broker adapters and the fault paths are the same Python code in both runs, so tests
+marked ``long_fault`` (a scenario over about 20 s) run only in the first: under the pure
+core they are skipped with the reason ``LONG_FAULT_SKIP``.
 """
 
 from __future__ import annotations
@@ -17,8 +22,22 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
+from basidia._speedups import NO_EXTENSIONS
+
 from .ledger import Ledger
 from .servers import NatsServer, RabbitServer
+
+LONG_FAULT_SKIP = "runs once, in the compiled-core run (BASIDIA_NO_EXTENSIONS is set)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``long_fault`` tests in the pure-Python run (see the module docstring)."""
+    if not NO_EXTENSIONS:
+        return
+    skip = pytest.mark.skip(reason=LONG_FAULT_SKIP)
+    for item in items:
+        if item.get_closest_marker("long_fault") is not None:
+            item.add_marker(skip)
 
 
 def _brokers_required() -> bool:

@@ -1,22 +1,22 @@
-"""Fault scenarios on NATS (RELIABILITY.md F2, F4, F5, F6, F7, F10, F12, and nats.py#504).
+"""Fault scenarios on NATS (RELIABILITY.md F2 to F12, and nats.py#504).
 
 Each test runs a throw-away nats-server (``nats_server``), sometimes behind a
 ``FaultProxy``, with short timers: ping every second, two outstanding pings,
-acks within 2 s.  F12 keeps RELIABILITY.md's three-minute outage
-(``BASIDIA_F12_OUTAGE`` shortens it for a quick local run); it also checks that
-the reconnection attempts stay within the capped backoff's bound.
+acks within 2 s.  The scenarios themselves are in ``scenarios.py``, shared with
+RabbitMQ; F4, F5 and the nats.py#504 regressions are NATS's own here.  F12 keeps
+RELIABILITY.md's three-minute outage (``BASIDIA_F12_OUTAGE`` shortens it for a
+quick local run).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import os
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any
 
+import nats
+import nats.js.errors
 import pytest
 
 from basidia import (
@@ -25,23 +25,36 @@ from basidia import (
     ServiceRunner,
     ServiceUnavailable,
     connect,
-    current_context,
     event_handler,
     rpc,
 )
 from basidia.brokers import Delivery, EventSubscription
-from basidia.brokers.nats import NatsBroker
-from basidia.errors import BrokerError, ConnectionLost
+from basidia.brokers.nats import DLQ_STREAM, NatsBroker
+from basidia.errors import ConnectionLost
 
-from .ledger import Ledger, publish_until_confirmed
+from .ledger import Ledger
 from .proxy import FaultProxy
-from .scenarios import f7_links_cut_after_2_to_the_k_bytes, f10_server_paused, until
+from .scenarios import (
+    BrokerKit,
+    DeadLetter,
+    f1_f2_killed_and_restarted_under_load,
+    f3_service_link_dropped_mid_handler,
+    f6_half_open_link,
+    f7_links_cut_after_2_to_the_k_bytes,
+    f8_killed_worker_events_are_all_redelivered,
+    f9_poison_event_among_1000_good_ones,
+    f10_server_paused,
+    f11_sigterm_with_200_handlers_in_flight,
+    f12_long_outage,
+    until,
+)
 from .servers import NatsServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 PING = 1.0
 MAX_PINGS = 2
+ACK_WAIT = 2.0
 FAST: dict[str, Any] = {
     "connect_timeout": 1.0,
     "ping_interval": PING,
@@ -50,9 +63,53 @@ FAST: dict[str, Any] = {
     "reconnect_wait_max": 0.5,
     "publish_timeout": 2.0,
     "api_timeout": 2.0,
-    "ack_wait": 2.0,
+    "ack_wait": ACK_WAIT,
     "pull_expires": 4.0,
 }
+
+
+async def _dead_letters(url: str, event: str, group: str) -> list[DeadLetter]:
+    """Every message of the dead-letter stream for ``event`` and ``group``."""
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+    letters = []
+    try:
+        js = nc.jetstream(timeout=5)
+        try:
+            state = (await js.stream_info(DLQ_STREAM)).state
+        except nats.js.errors.NotFoundError:
+            return []
+        for sequence in range(state.first_seq, state.last_seq + 1):
+            try:
+                message = await js.get_msg(DLQ_STREAM, sequence)
+            except nats.js.errors.NotFoundError:
+                continue  # deleted
+            headers = message.headers or {}
+            if message.subject != f"basidia.dlq.{event}":
+                continue
+            if headers.get("Basidia-Group") != group:
+                continue
+            letters.append(
+                DeadLetter(
+                    body=message.data or b"",
+                    reason=headers["Basidia-Dead-Letter-Reason"],
+                    attempts=int(headers["Basidia-Attempts"]),
+                    event=headers["Basidia-Event"],
+                )
+            )
+    finally:
+        await nc.close()
+    return letters
+
+
+@pytest.fixture
+def kit(nats_server: NatsServer) -> BrokerKit:
+    return BrokerKit(
+        url=nats_server.url,
+        options=FAST,
+        detection_bound=PING * MAX_PINGS + 1,
+        redelivery_after=ACK_WAIT,  # JetStream redelivers what is not acked in time
+        dead_letters=lambda event, group: _dead_letters(nats_server.url, event, group),
+    )
 
 
 @pytest.fixture
@@ -76,84 +133,22 @@ def slow_service(delay: float) -> type[Service]:
 # -- F2 -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.long_fault
+@pytest.mark.timeout(300)
 async def test_f2_jetstream_killed_and_restarted_under_load(
-    nats_server: NatsServer, ledger: Ledger
+    nats_server: NatsServer, kit: BrokerKit, ledger: Ledger
 ) -> None:
-    """10,000 events, the server SIGKILLed at 30% and restarted: nothing confirmed is lost,
-    no side effect happens twice, and the subscription delivers again."""
-    total = 10_000
-    applied: set[str] = set()
-    restarted_at = math.inf
-    resumed_at = math.inf
+    await f1_f2_killed_and_restarted_under_load(kit, nats_server.kill, nats_server.start, ledger)
 
-    class Sink(Service):
-        name = "sink"
 
-        @event_handler("orders.placed")
-        async def on_placed(self, order: dict[str, str]) -> None:
-            nonlocal resumed_at
-            ledger.record_received(order["id"])
-            if resumed_at == math.inf and time.monotonic() > restarted_at:
-                resumed_at = time.monotonic()
-            ctx = current_context()
-            key = ctx.idempotency_key if ctx else None
-            assert key is not None
-            if key not in applied:  # the idempotency store of a real handler
-                applied.add(key)
-                ledger.record_side_effect(key)
+# -- F3 -----------------------------------------------------------------------------------------
 
-    service_broker = NatsBroker(nats_server.url, **FAST)
-    client = NatsBroker(nats_server.url, **FAST)
-    runner = ServiceRunner([Sink], broker=service_broker)
-    await runner.start()
-    cluster = await connect(client).start()
-    try:
-        ids = iter(range(total))
-        published = 0
 
-        async def publisher() -> None:
-            nonlocal published
-            for number in ids:
-                message_id = f"order-{number}"
-                await publish_until_confirmed(
-                    ledger,
-                    message_id,
-                    partial(
-                        cluster.dispatch,
-                        "orders.placed",
-                        {"id": message_id},
-                        idempotency_key=message_id,
-                    ),
-                    timeout=FAST["publish_timeout"] + 2,
-                    attempts=20,
-                    retry_on=(BrokerError, ConnectionLost),
-                )
-                published += 1
-
-        async def crash() -> None:
-            nonlocal restarted_at
-            await until(lambda: published >= total * 0.3, 60, "30% published")
-            nats_server.kill()
-            await asyncio.sleep(1.0)
-            await nats_server.start()
-            restarted_at = time.monotonic()
-
-        await asyncio.gather(crash(), *(publisher() for _ in range(32)))
-        assert await ledger.wait_delivered(timeout=30), str(ledger.report())
-        assert service_broker.reconnects == client.reconnects == 1  # the crash did happen
-        assert resumed_at - restarted_at <= 10, "consumers resumed late"
-        # Every subscription delivers again: a probe after the restart arrives.
-        await cluster.dispatch("orders.placed", {"id": "probe"}, idempotency_key="probe")
-        await until(lambda: "probe" in applied, 10, "the probe event")
-    finally:
-        await cluster.close()
-        await runner.stop()
-    report = ledger.report()
-    print(report)  # the Jepsen-style summary, for the CI log
-    assert report.confirmed == total, str(report)
-    ledger.record_sent("probe")
-    ledger.record_confirmed("probe")
-    ledger.assert_clean()
+async def test_f3_service_connection_dropped_mid_handler(kit: BrokerKit, proxy: FaultProxy) -> None:
+    late = await f3_service_link_dropped_mid_handler(
+        proxy, kit.broker(kit.via(proxy)), kit.broker()
+    )
+    print(f"late replies dropped: {late}")
 
 
 # -- F4 -----------------------------------------------------------------------------------------
@@ -210,48 +205,45 @@ async def test_f5_no_instances_is_service_unavailable_at_once_not_a_timeout(
 
 @pytest.mark.parametrize("direction", ["up", "down"])
 async def test_f6_half_open_link_is_detected_and_recovers(
-    nats_server: NatsServer, proxy: FaultProxy, direction: str
+    kit: BrokerKit, proxy: FaultProxy, direction: Any
 ) -> None:
-    """A blackholed link is declared dead within ping x max outstanding pings + 1 s: calls
-    and event publishes in flight fail instead of hanging; then the link recovers."""
-    bound = PING * MAX_PINGS + 1
-    async with ServiceRunner([slow_service(0.5)], broker=NatsBroker(nats_server.url, **FAST)):
-        client = NatsBroker(proxy.url_for("nats"), **FAST)
-        async with connect(client, timeout=30) as cluster:
-            work = cluster.rpc.slow.work
-            assert await work(0) == 0
-            await cluster.dispatch("f6.warmup", {})  # the streams exist from here on
-            proxy.blackhole(direction)  # type: ignore[arg-type]
-            holed = time.monotonic()
-            call = asyncio.ensure_future(work(1))
-            publish = asyncio.ensure_future(cluster.dispatch("f6.during", {}))
-            with pytest.raises(ConnectionLost):
-                await call
-            detected = time.monotonic() - holed
-            assert detected < bound, f"detected after {detected:.2f} s, bound {bound} s"
-            with pytest.raises(BrokerError):
-                await asyncio.wait_for(publish, FAST["publish_timeout"] + 1)
-            await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - holed)))
-            proxy.pass_through()
-            await until(lambda: client.connected, 10, "reconnection")
-            assert await work(2) == 2
-
-
-# -- F7, F10 (tests/faults/scenarios.py) -------------------------------------------------------
-
-
-async def test_f7_links_cut_after_2_to_the_k_bytes(proxy: FaultProxy) -> None:
-    url = proxy.url_for("nats")
-    await f7_links_cut_after_2_to_the_k_bytes(
-        proxy, NatsBroker(url, **FAST), NatsBroker(url, **FAST)
+    """Declared dead within ping x max outstanding pings + 1 s, whichever way it is cut."""
+    detected = await f6_half_open_link(
+        proxy, kit.broker(), kit.broker(kit.via(proxy)), direction, kit.detection_bound
     )
+    print(f"blackholed {direction}: noticed after {detected:.2f} s")
 
 
-async def test_f10_server_paused_for_20_s(nats_server: NatsServer) -> None:
-    url = nats_server.url
-    await f10_server_paused(
-        nats_server.pause, nats_server.resume, NatsBroker(url, **FAST), NatsBroker(url, **FAST)
-    )
+# -- F7, F10 ------------------------------------------------------------------------------------
+
+
+async def test_f7_links_cut_after_2_to_the_k_bytes(kit: BrokerKit, proxy: FaultProxy) -> None:
+    url = kit.via(proxy)
+    await f7_links_cut_after_2_to_the_k_bytes(proxy, kit.broker(url), kit.broker(url))
+
+
+@pytest.mark.long_fault
+async def test_f10_server_paused_for_20_s(nats_server: NatsServer, kit: BrokerKit) -> None:
+    await f10_server_paused(nats_server.pause, nats_server.resume, kit.broker(), kit.broker())
+
+
+# -- F8, F9, F11 (JetStream events) -------------------------------------------------------------
+
+
+async def test_f8_killed_worker_events_are_all_redelivered_as_second_attempts(
+    kit: BrokerKit, ledger: Ledger
+) -> None:
+    await f8_killed_worker_events_are_all_redelivered(kit, ledger)
+
+
+async def test_f9_poison_event_among_1000_good_ones_is_dead_lettered_with_its_reason(
+    kit: BrokerKit,
+) -> None:
+    await f9_poison_event_among_1000_good_ones(kit)
+
+
+async def test_f11_sigterm_with_200_handlers_in_flight(kit: BrokerKit) -> None:
+    await f11_sigterm_with_200_handlers_in_flight(kit)
 
 
 # -- nats.py#504 --------------------------------------------------------------------------------
@@ -333,79 +325,18 @@ async def test_stopping_while_the_server_is_down_does_not_hang(nats_server: Nats
 # -- F12 ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.long_fault
 @pytest.mark.timeout(300)
 async def test_f12_long_outage_then_every_subscription_delivers_again(
-    nats_server: NatsServer,
+    nats_server: NatsServer, kit: BrokerKit
 ) -> None:
-    outage = float(os.environ.get("BASIDIA_F12_OUTAGE", "180"))
-    base, cap = 0.05, 1.0
-    options = {**FAST, "reconnect_wait": base, "reconnect_wait_max": cap}
-    received: dict[str, list[Any]] = {"durable": [], "broadcast": [], "core": []}
-
-    class Probe(Service):
-        name = "probe"
-
-        @rpc
-        async def ping(self, n: int) -> int:
-            return n
-
-        @event_handler("f12.durable")
-        async def on_durable(self, data: int) -> None:
-            received["durable"].append(data)
-
-        @event_handler("f12.broadcast", broadcast=True)
-        async def on_broadcast(self, data: int) -> None:
-            received["broadcast"].append(data)
-
-        @event_handler("f12.core", durable=False)
-        async def on_core(self, data: int) -> None:
-            received["core"].append(data)
-
-    async def probe_everything(round_: int) -> float:
-        """One probe per subscription; the seconds until all of them were handled."""
-        started = time.monotonic()
-        assert await cluster.rpc.probe.ping(round_) == round_
-        for kind in received:
-            await cluster.dispatch(f"f12.{kind}", round_)
-        await until(lambda: all(round_ in got for got in received.values()), 10, "probes")
-        return time.monotonic() - started
-
-    service_broker = NatsBroker(nats_server.url, **options)
-    client = NatsBroker(nats_server.url, **{**options, "outbound_buffer": 64 * 1024})
-    async with ServiceRunner([Probe], broker=service_broker), connect(client) as cluster:
-        await probe_everything(1)
-        attempts_before = client.reconnect_attempts
-        nats_server.kill()
-        down = time.monotonic()
-        await until(lambda: not client.connected, 5, "noticing the outage")
-
-        # While down: calls fail fast, and publishes fill a bounded buffer, then fail at once.
-        started = time.monotonic()
-        with pytest.raises(ConnectionLost):
-            await cluster.rpc.probe.ping(0)
-        assert time.monotonic() - started < 0.5
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(
-                *(cluster.dispatch("f12.durable", "x" * 16_000) for _ in range(12)),
-                return_exceptions=True,
-            ),
-            FAST["publish_timeout"] + 2,
-        )
-        assert all(isinstance(outcome, BrokerError) for outcome in outcomes), outcomes
-        assert any("outbound buffer" in str(outcome) for outcome in outcomes)
-
-        await asyncio.sleep(max(0.0, outage - (time.monotonic() - down)))
-        await nats_server.start()
-        outage_seconds = time.monotonic() - down
-        resumed = await until(
-            lambda: client.connected and service_broker.connected, 10, "reconnection"
-        )
-        # Capped exponential backoff with jitter: between (cap/2 and cap) after the ramp.
-        ramp = math.ceil(math.log2(cap / base)) + 1
-        attempts = client.reconnect_attempts - attempts_before
-        assert outage_seconds / cap - 1 <= attempts <= ramp + outage_seconds / (cap / 2) + 2, (
-            attempts,
-            outage_seconds,
-        )
-        handled_within = await probe_everything(2)
-        assert resumed + handled_within <= 10
+    """Publishes wait in a 64 kB outbound buffer, and fail at once once it is full."""
+    backoff: dict[str, Any] = {"reconnect_wait": 0.05, "reconnect_wait_max": 1.0}
+    await f12_long_outage(
+        kit.broker(**backoff),
+        kit.broker(**backoff, outbound_buffer=64 * 1024),
+        nats_server.kill,
+        nats_server.start,
+        buffer_full="outbound buffer",
+        **backoff,
+    )
