@@ -30,6 +30,7 @@ from basidia.errors import (
 from basidia.middleware import Middleware, OutgoingCall
 from basidia.runner import Cluster, ServiceRunner, connect
 from basidia.service import Service, event_handler, http_endpoint, rpc
+from basidia.timers import timer
 
 __all__ = [
     "IMPLEMENTATION",
@@ -66,4 +67,5 @@ __all__ = [
     "provides",
     "register_error",
     "rpc",
+    "timer",
 ]

@@ -5,12 +5,18 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
 from basidia.serialization import ArgumentSpec
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from basidia.brokers.base import Subscription
+    from basidia.container import ServiceContainer
 
 __all__ = [
     "Entrypoint",
@@ -20,6 +26,7 @@ __all__ = [
     "Service",
     "event_handler",
     "http_endpoint",
+    "mark",
     "rpc",
 ]
 
@@ -34,8 +41,15 @@ class Entrypoint:
     """Something that makes a service do work: an RPC method, an event handler, a route.
 
     Entrypoints are declared with decorators and collected when the service class
-    is created; the container turns them into broker subscriptions.
+    is created.  Each kind knows how to serve itself: when a container starts, it
+    hands every kind the service's entrypoints of that kind (``attach``), and each
+    call they take runs through ``container.handle``, which applies deadlines,
+    middleware, the concurrency limit and the counters.  The container knows no
+    kind; a new kind is one subclass (docs/architecture.md shows ``@timer``).
     """
+
+    #: Where the management API lists this kind in a service's entrypoints.
+    group: ClassVar[str] = "other"
 
     def __init__(self, func: Callable[..., Awaitable[Any]]) -> None:
         if not inspect.iscoroutinefunction(func):
@@ -46,11 +60,43 @@ class Entrypoint:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.func.__qualname__}>"
 
+    def describe(self) -> Any:
+        """What the management API shows of this entrypoint (JSON-able)."""
+        return self.name
+
+    @classmethod
+    def sources(cls, entrypoints: Sequence[Self]) -> int:
+        """How many independent sources of calls ``entrypoints`` open, each bounded by the
+        service's ``max_workers`` on its own (a queue's prefetch, say).  With more than
+        one source in a service, the container bounds them together."""
+        return len(entrypoints)
+
+    @classmethod
+    async def attach(
+        cls, container: ServiceContainer, entrypoints: Sequence[Self]
+    ) -> list[Subscription]:
+        """Start serving ``entrypoints`` (all of this kind in one service) for
+        ``container``; return what to cancel when it stops."""
+        return []
+
 
 class Rpc(Entrypoint):
     """An RPC method; its arguments are validated against its type hints."""
 
+    group = "rpc"
     _spec: ArgumentSpec | None = None
+
+    @classmethod
+    def sources(cls, entrypoints: Sequence[Self]) -> int:
+        return 1 if entrypoints else 0  # one request queue for all the methods
+
+    @classmethod
+    async def attach(
+        cls, container: ServiceContainer, entrypoints: Sequence[Self]
+    ) -> list[Subscription]:
+        from basidia._serving import RequestServer
+
+        return [await RequestServer(container, entrypoints).start()]
 
     @property
     def spec(self) -> ArgumentSpec:
@@ -62,6 +108,8 @@ class Rpc(Entrypoint):
 
 class EventHandler(Entrypoint):
     """Handles an event; see ``event_handler``."""
+
+    group = "events"
 
     def __init__(
         self,
@@ -86,6 +134,17 @@ class EventHandler(Entrypoint):
         self.max_attempts = max_attempts
         self._decoders: tuple[Callable[[bytes], Any], Callable[[bytes], Any]] | None = None
 
+    def describe(self) -> Any:
+        return {"name": self.name, "event": self.event, "broadcast": self.broadcast}
+
+    @classmethod
+    async def attach(
+        cls, container: ServiceContainer, entrypoints: Sequence[Self]
+    ) -> list[Subscription]:
+        from basidia._serving import serve_events
+
+        return [await serve_events(container, handler) for handler in entrypoints]
+
     def decoders(self) -> tuple[Callable[[bytes], Any], Callable[[bytes], Any]]:
         """(MessagePack, JSON) decoders validating the event against the handler's hint."""
         if self._decoders is None:
@@ -100,7 +159,10 @@ class EventHandler(Entrypoint):
 
 
 class HttpEndpoint(Entrypoint):
-    """An HTTP route served by the runner's HTTP server."""
+    """An HTTP route served by the runner's HTTP server (``basidia.http``), which calls
+    ``container.run_call``: nothing to attach to the broker."""
+
+    group = "http"
 
     def __init__(self, func: Callable[..., Awaitable[Any]], method: str, path: str) -> None:
         super().__init__(func)
@@ -109,15 +171,23 @@ class HttpEndpoint(Entrypoint):
         self.methods = [part.strip().upper() for part in method.split(",") if part.strip()]
         self.path = path
 
+    def describe(self) -> Any:
+        return {"name": self.name, "methods": self.methods, "path": self.path}
 
-def _mark(func: F, entrypoint: Entrypoint) -> F:
+    @classmethod
+    def sources(cls, entrypoints: Sequence[Self]) -> int:
+        return 1 if entrypoints else 0  # one HTTP server for all the routes
+
+
+def mark(func: F, entrypoint: Entrypoint) -> F:
+    """Declare ``func`` an entrypoint of its service class (for entrypoint decorators)."""
     setattr(func, _MARK, entrypoint)
     return func
 
 
 def rpc(func: F) -> F:
     """Expose an ``async def`` method to RPC callers: ``await proxy.<service>.<method>(...)``."""
-    return _mark(func, Rpc(func))
+    return mark(func, Rpc(func))
 
 
 def event_handler(
@@ -138,7 +208,7 @@ def event_handler(
     """
 
     def decorate(func: F) -> F:
-        return _mark(
+        return mark(
             func,
             EventHandler(
                 func, event, broadcast=broadcast, durable=durable, max_attempts=max_attempts
@@ -152,7 +222,7 @@ def http_endpoint(method: str, path: str) -> Callable[[F], F]:
     """Serve ``method`` (or ``"GET,POST"``) requests to ``path`` (Starlette syntax)."""
 
     def decorate(func: F) -> F:
-        return _mark(func, HttpEndpoint(func, method, path))
+        return mark(func, HttpEndpoint(func, method, path))
 
     return decorate
 

@@ -1,7 +1,7 @@
 """CI's performance gate: ``basidia bench --quick`` on every broker this checkout has.
 
     python benchmarks/bench_gate.py                       # the seed plan's limit, 1000 µs
-    python benchmarks/bench_gate.py --max-overhead-us 30  # DESIGN.md's target
+    python benchmarks/bench_gate.py --max-overhead-us 30  # the contract (docs/benchmarks.md)
 
 For each broker (memory always; NATS and RabbitMQ when their adapter exists)
 it runs ``basidia bench --quick --max-overhead-us N``, which measures the raw

@@ -1,4 +1,4 @@
-"""Memory footprint of a basic service under ``basidia run`` (DESIGN.md §6: under 40 MB RSS).
+"""Memory footprint of a basic service under ``basidia run`` (docs/benchmarks.md: under 40 MB RSS).
 
     python -m pytest benchmarks/test_footprint.py -s   # prints the figures, fails above 40 MB
     python benchmarks/test_footprint.py                # the same, without pytest

@@ -132,7 +132,7 @@ def _fastest(functions: dict[str, Callable[[], object]], rounds: int = 9) -> dic
 
 
 async def test_gate(record_speed: Recorder) -> None:
-    """The compiled core must pay for itself on its hot paths (DESIGN.md section 4)."""
+    """The compiled core must pay for itself on its hot paths (docs/benchmarks.md)."""
     py, c = _implementation("py"), _implementation("c")
     codec = _fastest({impl.tag: (lambda i=impl: i.decode(i.encode(REQUEST))) for impl in (py, c)})
     loop = asyncio.get_running_loop()

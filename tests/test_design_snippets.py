@@ -1,4 +1,4 @@
-"""The snippets of DESIGN.md §1, verbatim: the public API must work as written."""
+"""The snippets of docs/architecture.md (the public API), verbatim: the public API must work as written."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from basidia.testing import ServiceTestCase
 
 pytestmark = pytest.mark.timeout(30)
 
-# ---- DESIGN.md §1, first snippet (verbatim) ---------------------------------------------
+# ---- docs/architecture.md (the public API), first snippet (verbatim) ---------------------------------------------
 from basidia import Service, rpc, event_handler, http_endpoint, Dependency, ConfigDependency, Config
 from starlette.responses import JSONResponse
 
@@ -57,7 +57,7 @@ class ApiService(Service):
 config = Config({"AMQP_URI": "amqp://guest:guest@localhost:5672/", "LOG_LEVEL": "INFO", "SERVICE_TIMEOUT": 30})
 # ---- end of the first snippet ---------------------------------------------------------------
 
-# ---- DESIGN.md §1, the embedding snippet (verbatim; top-level await) ------------------------
+# ---- docs/architecture.md (the public API), the embedding snippet (verbatim; top-level await) ------------------------
 EMBEDDING = '''
 from basidia import ServiceRunner, connect
 
@@ -72,13 +72,13 @@ await runner.stop()
 
 async def run_embedding(namespace: dict[str, Any], url: str | None = None) -> None:
     source = EMBEDDING if url is None else EMBEDDING.replace("nats://127.0.0.1:4222", url)
-    code = compile(source, "<DESIGN.md embedding>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    code = compile(source, "<docs/architecture.md embedding>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
     result = eval(code, namespace)
     if result is not None:
         await result
 
 
-# ---- DESIGN.md §1, the testing snippet (verbatim) -------------------------------------------
+# ---- docs/architecture.md (the public API), the testing snippet (verbatim) -------------------------------------------
 class TestGreetingService(ServiceTestCase):
     services = [GreetingService]
 

@@ -1,6 +1,6 @@
 """basidia.testing: the unittest-style case and Nameko's test helpers, async."""
 
-# The DESIGN.md snippets below are kept verbatim, mutable class attributes included.
+# The snippets of docs/architecture.md below are kept verbatim, mutable class attributes included.
 # ruff: noqa: RUF012
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from basidia.testing import (
     worker_factory,
 )
 
-# -- the services of DESIGN.md §1, verbatim ----------------------------------------------
+# -- the services of docs/architecture.md (the public API), verbatim ----------------------------
 
 
 class GreetingService(Service):
@@ -62,7 +62,7 @@ class UserService(Service):
         return f"Hello, {user['name']}!"
 
 
-# -- DESIGN.md's ServiceTestCase snippet, verbatim ----------------------------------------
+# -- the ServiceTestCase snippet of docs/architecture.md, verbatim ------------------------------
 
 
 class TestGreetingService(ServiceTestCase):

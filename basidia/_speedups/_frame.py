@@ -30,7 +30,7 @@ FRAME_VERSION = 1
 PREFIX_SIZE = 8
 #: The prefix plus correlation id, deadline and the three section lengths.
 FIXED_HEADER_SIZE = 32
-#: Default limit on a whole frame (RELIABILITY.md: 1 MiB, configurable).
+#: Default limit on a whole frame (docs/reliability.md: 1 MiB, configurable).
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
 #: No configuration may raise the limit above this.
 HARD_MAX_FRAME_SIZE = 16 << 20

@@ -19,8 +19,8 @@ none may hang while the broker is down.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -32,8 +32,10 @@ __all__ = [
     "DisconnectCallback",
     "Delivery",
     "DeliveryHandler",
+    "EndpointStats",
     "EventSubscription",
     "InboxHandler",
+    "ServiceInfo",
     "Subscription",
     "error_reply",
     "no_responders",
@@ -141,6 +143,31 @@ class EventSubscription:
     durable: bool = True
 
 
+@dataclass(slots=True)
+class EndpointStats:
+    """Counters of one RPC method of a running service, kept by its container."""
+
+    num_requests: int = 0
+    num_errors: int = 0
+    #: Nanoseconds spent in the handler, summed over the requests.
+    processing_time: int = 0
+    #: ``"Type: message"`` of the last error, "" when none.
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """A running service instance, as a container announces it to its broker."""
+
+    name: str
+    version: str
+    description: str
+    methods: Sequence[str]
+    #: The RPC methods' counters, read when someone asks (NATS ``$SRV.STATS``).
+    stats: Mapping[str, EndpointStats] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
 class Broker(abc.ABC):
     """A connection to one message broker, shared by every service of a process."""
 
@@ -234,6 +261,14 @@ class Broker(abc.ABC):
         ``idempotency_key`` is unique per event (also in the frame's ``idem``
         header); brokers that de-duplicate publishes (JetStream) use it.
         """
+
+    async def register_service(self, info: ServiceInfo) -> None:  # noqa: B027 - optional hook
+        """A service starts serving on this connection: announce it where the broker
+        keeps a directory of services (NATS: the ``$SRV`` service API).  Called again
+        after a restart of the service; the default announces nothing."""
+
+    def unregister_service(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Service ``name`` stops serving on this connection: withdraw its announcement."""
 
     @abc.abstractmethod
     async def subscribe_events(

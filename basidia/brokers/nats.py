@@ -24,13 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import re
-import ssl
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import nats.errors
 from nats.aio.client import Client
@@ -41,7 +38,7 @@ from nats.js import JetStreamContext
 from nats.nuid import NUID
 
 from basidia._speedups import Kind
-from basidia.brokers import redact_url
+from basidia.brokers._common import Backoff, Secrets, WorkerPool, parse_url, tls_context
 from basidia.brokers._nats_jetstream import (
     DLQ_STREAM,
     EVENT_PREFIX,
@@ -50,6 +47,7 @@ from basidia.brokers._nats_jetstream import (
     JetStreamEvents,
     consumer_name,
     round_trip,
+    withdraw,
 )
 from basidia.brokers._nats_service_api import (
     Endpoint,
@@ -65,10 +63,12 @@ from basidia.brokers.base import (
     DeliveryHandler,
     EventSubscription,
     InboxHandler,
+    ServiceInfo,
     Subscription,
     no_responders,
 )
 from basidia.errors import BrokerError, ConnectionLost
+from basidia.log import ThrottledLog
 
 __all__ = ["DLQ_STREAM", "EVENTS_STREAM", "NatsBroker"]
 
@@ -101,23 +101,6 @@ _MAX_NAME_BYTES = 256
 # Server errors after which the server keeps the connection, or that reconnecting cannot
 # cure (nats-py's own handling is kept for those).
 _ERRORS_NATS_PY_HANDLES = ("authorization violation", "permissions violation", "stale connection")
-_LOG_INTERVAL = 10.0  # seconds between two log lines about the same recurring condition
-
-
-class _Throttle:
-    """Let a recurring warning through at most once per interval (no per-message logging)."""
-
-    __slots__ = ("_next",)
-
-    def __init__(self) -> None:
-        self._next = 0.0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            return False
-        self._next = now + _LOG_INTERVAL
-        return True
 
 
 # -- deliveries ---------------------------------------------------------------------------------
@@ -149,11 +132,12 @@ class _CoreEventDelivery(Delivery):
 # -- subscriptions ------------------------------------------------------------------------------
 
 
-class _QueueWorkers(Subscription):
-    """``concurrency`` tasks taking messages from one core-NATS subscription's pending queue.
+class _QueueWorkers(WorkerPool[Msg]):
+    """``concurrency`` workers taking messages from one core-NATS subscription's pending queue.
 
     The subscription has no callback, so nats-py only queues messages (bounded by
-    ``max_pending``); the idle workers wait on that queue themselves.
+    ``max_pending``); the idle workers wait on that queue themselves.  Request workers
+    also count the service API's statistics (``endpoints``).
     """
 
     def __init__(
@@ -166,113 +150,65 @@ class _QueueWorkers(Subscription):
         endpoints: dict[bytes, Endpoint] | None = None,
         origin: EventOrigin | None = None,
     ) -> None:
+        serve = self._serve_request if origin is None else self._serve_event
+        queue: asyncio.Queue[Msg] = sub._pending_queue
+        super().__init__(queue, serve, concurrency, drain=True, logger=logger, where=sub.subject)
         self._sub = sub
         self._flush_timeout = flush_timeout
         self._handler = handler
         self._endpoints = endpoints
         self._origin = origin
-        self._idle: set[asyncio.Task[None]] = set()
         self._cancelled = False
-        work = self._serve_requests if origin is None else self._serve_events
-        self._workers = [asyncio.ensure_future(work()) for _ in range(concurrency)]
+        self.start_workers()
 
-    async def _serve_requests(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        state = WorkerState()
-        serving.set(state)
+    async def _work(self) -> None:
+        if self._origin is None:
+            # Each request worker's own statistics slot: send_reply, called from the
+            # handler in this task, reports error replies to it.
+            serving.set(WorkerState())
+        await super()._work()
+
+    async def _serve_request(self, msg: Msg) -> None:
+        # The hot path of every request: nothing more than the handler and the statistics.
+        body = msg.data
         sub = self._sub
-        queue: asyncio.Queue[Msg] = sub._pending_queue
-        idle = self._idle
-        handler = self._handler
+        # nats-py counts queued bytes against the pending limit; its consumers subtract.
+        sub._pending_size -= len(body)
+        start = time.perf_counter_ns()
+        try:
+            await self._handler(_RequestDelivery(body))
+        except Exception:  # the framework replies with its own errors; this is a bug
+            logger.exception("request handler failed on %s", sub.subject)
+        state = serving.get()
+        assert state is not None
+        error = state.take_error()
         endpoints = self._endpoints
-        assert endpoints is not None
-        now_ns = time.perf_counter_ns
-        # The hot path of every request: kept inline, without a helper coroutine.
-        while True:
-            idle.add(task)
-            try:
-                msg = await queue.get()
-            finally:
-                idle.discard(task)
-            body = msg.data
-            # nats-py counts queued bytes against the pending limit; its consumers subtract.
-            sub._pending_size -= len(body)
-            start = now_ns()
-            try:
-                await handler(_RequestDelivery(body))
-            except Exception:  # the framework replies with its own errors; this is a bug
-                logger.exception("request handler failed on %s", sub.subject)
-            error = state.take_error()
-            if endpoints and len(body) > _FIXED_HEADER:
-                end = _FIXED_HEADER + int.from_bytes(
-                    body[_TARGET_LENGTH_AT:_TARGET_LENGTH_END], "big"
-                )
-                endpoint = endpoints.get(body[_FIXED_HEADER:end])
-                if endpoint is not None:
-                    endpoint.num_requests += 1
-                    endpoint.processing_time += now_ns() - start
-                    if error is not None:
-                        endpoint.num_errors += 1
-                        endpoint.last_error = error
-            if self._cancelled and queue.empty():
-                self._stop_idle()
-                return
+        if endpoints and len(body) > _FIXED_HEADER:
+            end = _FIXED_HEADER + int.from_bytes(body[_TARGET_LENGTH_AT:_TARGET_LENGTH_END], "big")
+            endpoint = endpoints.get(body[_FIXED_HEADER:end])
+            if endpoint is not None:
+                endpoint.num_requests += 1
+                endpoint.processing_time += time.perf_counter_ns() - start
+                if error is not None:
+                    endpoint.num_errors += 1
+                    endpoint.last_error = error
 
-    async def _serve_events(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        sub = self._sub
-        queue: asyncio.Queue[Msg] = sub._pending_queue
-        idle = self._idle
-        handler = self._handler
+    async def _serve_event(self, msg: Msg) -> None:
+        body = msg.data
+        self._sub._pending_size -= len(body)
         origin = self._origin
         assert origin is not None
-        while True:
-            idle.add(task)
-            try:
-                msg = await queue.get()
-            finally:
-                idle.discard(task)
-            sub._pending_size -= len(msg.data)
-            try:
-                await handler(_CoreEventDelivery(msg.data, origin))
-            except Exception:  # the framework settles and logs its own errors; this is a bug
-                logger.exception("event handler failed on %s", sub.subject)
-            if self._cancelled and queue.empty():
-                self._stop_idle()
-                return
-
-    def _stop_idle(self) -> None:
-        # Idle workers wait on an empty queue that nothing will fill any more.
-        for task in list(self._idle):
-            task.cancel()
+        await self._handler(_CoreEventDelivery(body, origin))
 
     async def cancel(self) -> None:
         if self._cancelled:
             return
         self._cancelled = True
-        sub = self._sub
-        nc = sub._conn
-        # Take back the interest at the server first, keeping the local subscription: the
-        # PONG of the flush comes after every message the server routed here before the
-        # UNSUB, so all of them are queued, and handled, rather than dropped.
-        if nc.is_connected:  # (a server gone away has forgotten the interest anyway)
-            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
-                await nc._send_unsubscribe(sub._id)
-                await round_trip(nc, self._flush_timeout)
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-        # Busy workers finish what is queued, then stop; idle ones stop now if nothing is.
-        if sub._pending_queue.empty():
-            self._stop_idle()
-
-    async def aclose(self) -> None:
-        """Cancel and wait for every worker, busy or not (broker close)."""
-        await self.cancel()
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        # Every message the server routed here before the UNSUB is queued, and handled,
+        # rather than dropped: busy workers finish what is queued, then stop; idle ones
+        # stop now if nothing is.
+        await withdraw(self._sub, self._flush_timeout)
+        await self._stop()
 
 
 # -- the broker ---------------------------------------------------------------------------------
@@ -329,36 +265,21 @@ class NatsBroker(Broker):
         tls_key_file: str | None = None,
     ) -> None:
         super().__init__()
-        servers: list[str] = []
-        secrets: list[str] = []
         self._user: str | None = None
         self._password: str | None = None
         self._token: str | None = None
-        schemes = set()
-        for raw in url.split(","):
-            part = raw.strip()
-            try:
-                parts = urlsplit(part)
-                parts.port  # noqa: B018 - raises ValueError on a bad port
-            except ValueError:
-                raise ValueError(f"invalid NATS URL {redact_url(part)!r}") from None
-            if parts.scheme not in ("nats", "tls") or not parts.hostname:
-                raise ValueError(f"not a NATS URL: {_redact(part)!r} (nats:// or tls://)")
-            schemes.add(parts.scheme)
+        urls = [parse_url(part.strip(), "NATS", ("nats", "tls"), token_user=True) for part in url.split(",")]
+        for parsed in urls:
             # Credentials go to nats-py as options, not inside URLs it may log or expose.
-            if parts.password is not None:
-                self._user = unquote(parts.username or "")
-                self._password = unquote(parts.password)
-                secrets.append(self._password)
-            elif parts.username:
-                self._token = unquote(parts.username)  # nats://token@host
-                secrets.append(self._token)
-            netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-            servers.append(f"{parts.scheme}://{netloc}:{parts.port or 4222}")
+            if parsed.password is not None:
+                self._user, self._password = parsed.user, parsed.password
+            elif parsed.token is not None:
+                self._token = parsed.token
         # The URL itself is not kept: only its redacted form, and the credentials apart.
-        self.safe_url = ",".join(_redact(raw.strip()) for raw in url.split(","))
-        self._servers = servers
-        self._secrets = [secret for secret in secrets if secret]
+        self.safe_url = ",".join(parsed.safe for parsed in urls)
+        self._servers = [f"{parsed.parts.scheme}://{parsed.host}:{parsed.port or 4222}" for parsed in urls]
+        self._secrets = Secrets(secret for parsed in urls for secret in parsed.secrets)
+        schemes = {parsed.parts.scheme for parsed in urls}
         self._wants_tls = "tls" in schemes or any((tls_ca_file, tls_cert_file, tls_key_file))
         self._tls_files = (tls_ca_file, tls_cert_file, tls_key_file)
         self._name = name
@@ -366,7 +287,7 @@ class NatsBroker(Broker):
         self._ping_interval = ping_interval
         self._max_outstanding_pings = max_outstanding_pings
         self._reconnect_wait = reconnect_wait
-        self._reconnect_wait_max = reconnect_wait_max
+        self._backoff = Backoff(reconnect_wait, reconnect_wait_max)
         self._max_reconnect_attempts = max_reconnect_attempts
         self._outbound_buffer = outbound_buffer
         self._publish_timeout = publish_timeout
@@ -401,8 +322,8 @@ class NatsBroker(Broker):
         self._service_api_sub: NatsSubscription | None = None
         self._last_error: BaseException | None = None
         self._closed_for_good = False
-        self._slow_throttle = _Throttle()
-        self._error_throttle = _Throttle()
+        #: Recurring conditions (a slow subscription, errors, failing pulls), throttled.
+        self._throttled_log = ThrottledLog(logger)
         #: Reconnection attempts so far (each one waited its backoff first).
         self.reconnect_attempts = 0
         #: Times the connection came back.
@@ -446,22 +367,6 @@ class NatsBroker(Broker):
             raise BrokerError(f"{self!r} is not connected")
         return self._js
 
-    def _scrub(self, text: str) -> str:
-        """``text`` without any credential of this broker's URL (for logs and errors)."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def _tls_context(self) -> ssl.SSLContext | None:
-        if not self._wants_tls:
-            return None
-        ca_file, cert_file, key_file = self._tls_files
-        # The default context verifies the certificate chain and the host name.
-        context = ssl.create_default_context(cafile=ca_file)
-        if cert_file:
-            context.load_cert_chain(cert_file, key_file)
-        return context
-
     async def connect(self) -> None:
         if self._nc is not None:
             return
@@ -487,9 +392,8 @@ class NatsBroker(Broker):
             "password": self._password,
             "token": self._token,
         }
-        tls = self._tls_context()
-        if tls is not None:
-            options["tls"] = tls
+        if self._wants_tls:
+            options["tls"] = tls_context(*self._tls_files)
         self._last_error = None
         try:
             await asyncio.wait_for(nc.connect(**options), self._connect_timeout)
@@ -500,7 +404,7 @@ class NatsBroker(Broker):
             if isinstance(exc, asyncio.CancelledError):
                 raise
             reason = exc if not isinstance(exc, asyncio.TimeoutError) else self._last_error
-            detail = self._scrub(f"{type(reason).__name__}: {reason}") if reason else "timed out"
+            detail = self._secrets.describe(reason) if reason else "timed out"
             raise BrokerError(
                 f"could not connect to {self.safe_url} within {self._connect_timeout:g} s "
                 f"({detail})"
@@ -556,31 +460,27 @@ class NatsBroker(Broker):
             # attempt (one that connected but got no INFO) without closing it: close it here
             # so a long outage behind a half-open link does not leak a socket per attempt.
             nc._transport.close()  # type: ignore[no-untyped-call]
-        delay = min(
-            self._reconnect_wait_max, self._reconnect_wait * 2 ** min(server.reconnects, 30)
-        )
-        # Jitter spreads a fleet of clients so they do not all knock at once.
-        return server, delay * random.uniform(0.5, 1.0)
+        return server, self._backoff.delay(server.reconnects)
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
-            if self._slow_throttle.ready():
-                logger.warning(
-                    "a NATS subscription on %s is too slow; messages dropped (raise max_pending "
-                    "or concurrency)",
-                    exc.subject,
-                )
+            self._throttled_log.log(
+                logging.WARNING,
+                "slow consumer",
+                "a NATS subscription on %s is too slow; messages dropped (raise max_pending "
+                "or concurrency)",
+                exc.subject,
+            )
             return
         if not isinstance(self._last_error, nats.errors.Error):
             # What the server said (an authorization violation, say) explains a failed
             # connection better than the resets that follow it: once there is one, keep it.
             self._last_error = exc
-        if self.connected and self._error_throttle.ready():
-            logger.warning(
-                "NATS error on %s: %s", self.safe_url, self._scrub(str(exc) or repr(exc))
-            )
+        if self.connected:
+            text = self._secrets.scrub(str(exc) or repr(exc))
+            self._throttled_log.log(logging.WARNING, "error", "NATS error on %s: %s", self.safe_url, text)
         else:
-            logger.debug("NATS error on %s: %s", self.safe_url, self._scrub(repr(exc)))
+            logger.debug("NATS error on %s: %s", self.safe_url, self._secrets.scrub(repr(exc)))
 
     async def _on_disconnected(self) -> None:
         if self._closing:
@@ -648,7 +548,7 @@ class NatsBroker(Broker):
             # nats-py flushes pending publishes on close; a dead link must not hold us.
             await asyncio.wait_for(nc.close(), self._publish_timeout)
         except Exception as exc:
-            logger.debug("closing the NATS client: %s", self._scrub(repr(exc)))
+            logger.debug("closing the NATS client: %s", self._secrets.scrub(repr(exc)))
 
     async def _subscribe(self, subject: str, **options: Any) -> NatsSubscription:
         """Subscribe, and return once the server has the interest (other connections'
@@ -807,6 +707,23 @@ class NatsBroker(Broker):
 
     # -- the NATS service API (ADR-32) ---------------------------------------------------------
 
+    async def register_service(self, info: ServiceInfo) -> None:
+        try:
+            await self.register_service_info(
+                info.name,
+                version=info.version,
+                endpoints=info.methods,
+                description=info.description,
+                metadata=info.metadata,
+            )
+        except ValueError as exc:  # a version the service API refuses: serve all the same
+            logger.warning(
+                "service %r is not announced on the NATS service API: %s", info.name, exc
+            )
+
+    def unregister_service(self, name: str) -> None:
+        self.unregister_service_info(name)
+
     async def register_service_info(
         self,
         name: str,
@@ -879,21 +796,6 @@ class NatsBroker(Broker):
                     await self._client().publish(msg.reply, response)
                 except nats.errors.Error:
                     return
-
-
-def _redact(url: str) -> str:
-    """``redact_url``, and a token in the user position (``nats://token@host``) hidden too."""
-    safe = redact_url(url)
-    try:
-        parts = urlsplit(safe)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.username and parts.password is None:
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        return parts._replace(netloc=f"***@{host}").geturl()
-    return safe
 
 
 def _checked_name(name: str, what: str) -> str:

@@ -35,7 +35,6 @@ from basidia.container import ServiceContainer, State
 from basidia.http.crosssite import CrossSiteGuard
 from basidia.http.errors import error_response
 from basidia.runner import ServiceRunner
-from basidia.service import EventHandler, HttpEndpoint, Rpc
 
 __all__ = ["Management", "health_routes", "is_ready"]
 
@@ -228,10 +227,17 @@ class Management:
         return self.runner.containers.get(request.path_params["name"])
 
 
+def _entrypoints(container: ServiceContainer) -> dict[str, list[Any]]:
+    """A service's entrypoints by kind, as each kind describes itself."""
+    kinds: dict[str, list[Any]] = {"rpc": [], "events": [], "http": []}
+    for entrypoint in container.service_cls.__entrypoints__.values():
+        kinds.setdefault(entrypoint.group, []).append(entrypoint.describe())
+    return kinds
+
+
 def describe(container: ServiceContainer) -> dict[str, Any]:
     """What the management API shows of one service."""
     stats = container.stats
-    entrypoints = container.service_cls.__entrypoints__.items()
     return {
         "name": container.service_name,
         "state": container.state.value,
@@ -239,19 +245,7 @@ def describe(container: ServiceContainer) -> dict[str, Any]:
         "started_at": container.started_at or None,
         "max_workers": container.max_workers,
         "in_flight": container.in_flight,
-        "entrypoints": {
-            "rpc": [key for key, e in entrypoints if isinstance(e, Rpc)],
-            "events": [
-                {"name": key, "event": e.event, "broadcast": e.broadcast}
-                for key, e in entrypoints
-                if isinstance(e, EventHandler)
-            ],
-            "http": [
-                {"name": key, "methods": e.methods, "path": e.path}
-                for key, e in entrypoints
-                if isinstance(e, HttpEndpoint)
-            ],
-        },
+        "entrypoints": _entrypoints(container),
         "stats": {
             "handled": stats.handled,
             "errors": stats.errors,

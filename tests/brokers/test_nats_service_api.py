@@ -116,7 +116,7 @@ async def announce(runner: ServiceRunner) -> None:
         await broker.register_service_info(
             name,
             version="1.2.3",
-            endpoints=list(container.rpc_entrypoints),
+            endpoints=list(container.endpoint_stats),
             description=(container.service_cls.__doc__ or "").strip(),
             metadata={"runner": "test"},
         )

@@ -1,4 +1,4 @@
-"""Fault scenarios written once, run on every broker (RELIABILITY.md F1-F3 and F6-F12).
+"""Fault scenarios written once, run on every broker (docs/reliability.md F1-F3 and F6-F12).
 
 Each takes a ``BrokerKit`` (the throw-away server's URL, the broker's short test timers and
 what differs between brokers) or the brokers to test with, and the means to break the link

@@ -1,4 +1,4 @@
-"""Fault scenarios on RabbitMQ (RELIABILITY.md F1 and F3 to F12; B3's password).
+"""Fault scenarios on RabbitMQ (docs/reliability.md F1 and F3 to F12; B3's password).
 
 Every test runs against a throw-away RabbitMQ node on an ephemeral loopback port (one per
 module, restarted after a test that killed it), with short timers: heartbeat 1 s,

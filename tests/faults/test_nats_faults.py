@@ -1,10 +1,10 @@
-"""Fault scenarios on NATS (RELIABILITY.md F2 to F12, and nats.py#504).
+"""Fault scenarios on NATS (docs/reliability.md F2 to F12, and nats.py#504).
 
 Each test runs a throw-away nats-server (``nats_server``), sometimes behind a
 ``FaultProxy``, with short timers: ping every second, two outstanding pings,
 acks within 2 s.  The scenarios themselves are in ``scenarios.py``, shared with
 RabbitMQ; F4, F5 and the nats.py#504 regressions are NATS's own here.  F12 keeps
-RELIABILITY.md's three-minute outage (``BASIDIA_F12_OUTAGE`` shortens it for a
+docs/reliability.md's three-minute outage (``BASIDIA_F12_OUTAGE`` shortens it for a
 quick local run).
 """
 

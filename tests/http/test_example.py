@@ -1,4 +1,4 @@
-"""The ApiService example of DESIGN.md §1, in process, over a real socket."""
+"""The ApiService of docs/architecture.md, in process, over a real socket."""
 
 from __future__ import annotations
 

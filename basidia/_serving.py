@@ -1,0 +1,343 @@
+"""How the broker entrypoints serve their deliveries: RPC requests and events.
+
+``Rpc.attach`` and ``EventHandler.attach`` (``basidia.service``) start these on a
+container; the container itself knows no entrypoint kind (docs/architecture.md).
+A request is decoded, checked, handled and answered; an event is decoded, handled,
+retried or dead-lettered.  Every delivery is settled, whatever happens on the way
+(docs/security.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from basidia._speedups import (
+    FLAG_JSON,
+    HARD_MAX_FRAME_SIZE,
+    Frame,
+    Kind,
+    decode_frame,
+    encode_frame,
+)
+from basidia.brokers.base import (
+    Delivery,
+    EndpointStats,
+    EventSubscription,
+    Subscription,
+    error_reply,
+)
+from basidia.context import CallContext
+from basidia.errors import (
+    BrokerError,
+    FrameError,
+    MessageTooLarge,
+    MethodNotFound,
+    RemoteError,
+    RpcError,
+    ValidationError,
+)
+from basidia.log import shorten
+
+if TYPE_CHECKING:
+    from basidia.container import ServiceContainer
+    from basidia.service import EventHandler, Rpc
+
+__all__ = ["RequestServer", "serve_events"]
+
+logger = logging.getLogger("basidia.container")
+
+# Frame kinds as plain ints: comparing with IntEnum members costs a Python-level call.
+_REQUEST, _REPLY, _EVENT = int(Kind.REQUEST), int(Kind.REPLY), int(Kind.EVENT)
+_msgpack_encode = msgspec.msgpack.Encoder().encode
+_json_encode = msgspec.json.Encoder().encode
+# Reply addresses already checked with the broker (callers' inboxes repeat); bounded.
+_MAX_KNOWN_REPLY_ADDRESSES = 1024
+
+_Route = tuple[Callable[..., Any], Callable[[bytes, int], Any], EndpointStats]
+
+
+def _kind(frame: Frame) -> str:
+    try:
+        return Kind(frame.kind).name.lower()
+    except ValueError:
+        return f"kind {frame.kind}"
+
+
+def _reject(container: ServiceContainer, kind: str, detail: str) -> None:
+    """Count and log (throttled) a message dropped as bad input."""
+    container.stats.malformed += 1
+    container.bad_input.log(
+        logging.ERROR, kind, "%s: rejected %s: %s", container.service_name, kind, shorten(detail)
+    )
+
+
+class RequestServer:
+    """Serves the request queue of one service: one consumer for all its RPC methods."""
+
+    def __init__(self, container: ServiceContainer, methods: Sequence[Rpc]) -> None:
+        self.container = container
+        self._name = container.service_name
+        self._broker = container.runtime.broker
+        self._max_frame_size = container.runtime.settings.max_frame_size
+        self._reply_addresses: set[str] = set()
+        # Type hints are resolved now, not on the first call.
+        self._routes: dict[str, _Route] = {}
+        for method in methods:
+            stats = container.endpoint_stats.setdefault(method.name, EndpointStats())
+            self._routes[method.name] = (method.func, method.spec.decode, stats)
+
+    async def start(self) -> Subscription:
+        """Consume the service's request queue."""
+        container = self.container
+        return await self._broker.serve_requests(
+            self._name, self.on_request, concurrency=container.max_workers
+        )
+
+    async def on_request(self, delivery: Delivery) -> None:
+        container = self.container
+        task = container.track()
+        try:
+            body = delivery.body
+            frame = self._accept(body)
+            if frame is not None:
+                if len(body) > self._max_frame_size:
+                    reply: bytes | None = self._error_body(
+                        frame,
+                        MessageTooLarge(
+                            f"a request of {len(body)} bytes exceeds {self._name}'s frame "
+                            f"limit of {self._max_frame_size} bytes"
+                        ),
+                    )
+                else:
+                    reply = await self._answer(frame, task)
+                if reply is not None and frame.reply_to:
+                    await self._send_reply(frame, reply)
+        except asyncio.CancelledError:
+            await delivery.nack(requeue=True)  # shutdown: another instance takes it
+            raise
+        except Exception:  # a bug: still settle the delivery, or it holds a slot forever
+            logger.exception("%s: a request failed unexpectedly", self._name)
+            await delivery.ack()
+        else:
+            await delivery.ack()
+        finally:
+            container.untrack(task)
+
+    async def _send_reply(self, frame: Frame, body: bytes) -> None:
+        try:
+            await self._broker.send_reply(frame.reply_to, body)
+        except BrokerError as exc:
+            # The caller fails at its deadline or on its own disconnect; nothing to retry.
+            self.container.bad_input.log(
+                logging.WARNING,
+                "reply not sent",
+                "%s: could not answer %s: %s",
+                self._name,
+                shorten(frame.target, 200),
+                shorten(str(exc)),
+            )
+
+    def _accept(self, body: bytes) -> Frame | None:
+        """The request frame in ``body``; None (logged, counted) if it must be dropped.
+
+        A well-formed request over the service's frame limit (but under the hard
+        ceiling) is accepted, so that its caller gets ``MessageTooLarge`` rather than a
+        timeout; the handler never runs for it.
+        """
+        try:
+            frame = decode_frame(body, self._max_frame_size)
+        except FrameError as exc:
+            oversized = self._oversized(body)
+            if oversized is None:
+                # Without a frame there is no trustworthy reply address: log, count, drop.
+                _reject(self.container, "a malformed request frame", str(exc))
+                return None
+            frame = oversized
+        if frame.kind != _REQUEST:
+            _reject(self.container, "a frame of another kind on the request queue", _kind(frame))
+            return None
+        reply_to = frame.reply_to
+        if reply_to and reply_to not in self._reply_addresses:
+            problem = self._broker.reply_to_problem(reply_to)
+            if problem is not None:
+                _reject(self.container, "a request with an unusable reply address", problem)
+                return None
+            if len(self._reply_addresses) >= _MAX_KNOWN_REPLY_ADDRESSES:
+                self._reply_addresses.clear()
+            self._reply_addresses.add(reply_to)
+        if frame.deadline and frame.deadline <= time.time() * 1000:
+            self.container.stats.expired += 1
+            logger.debug("%s: dropped an expired request for %s", self._name, frame.target)
+            return None
+        return frame
+
+    def _oversized(self, body: bytes) -> Frame | None:
+        if not self._max_frame_size < len(body) <= HARD_MAX_FRAME_SIZE:
+            return None
+        try:
+            return decode_frame(body, HARD_MAX_FRAME_SIZE)
+        except FrameError:
+            return None
+
+    async def _answer(self, frame: Frame, task: asyncio.Task[Any]) -> bytes | None:
+        """The reply or error frame for a request; None when the caller has given up."""
+        method = frame.target.rpartition(".")[2]
+        route = self._routes.get(method)
+        if route is None:
+            return self._error_body(
+                frame, MethodNotFound(f"{self._name} has no RPC method {method!r}")
+            )
+        func, decode_args, stats = route
+        try:
+            args = decode_args(frame.payload, frame.flags)
+        except ValidationError as exc:
+            stats.num_requests += 1
+            stats.num_errors += 1
+            stats.last_error = f"ValidationError: {shorten(exc.message, 200)}"
+            return self._error_body(frame, exc)
+        ctx = CallContext(self._name, method, frame, frame.deadline / 1000.0)
+        try:
+            result = await self.container.handle(ctx, func, args, task, stats)
+        except TimeoutError:
+            return None  # the caller has timed out too: nobody waits for an answer
+        except RpcError as exc:
+            return self._error_body(frame, exc)
+        except Exception as exc:
+            logger.warning(
+                "%s.%s raised %s: %s",
+                self._name,
+                method,
+                type(exc).__name__,
+                shorten(str(exc)),
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+            return self._error_body(frame, RemoteError(type(exc).__name__, str(exc)))
+        return self._reply_body(frame, result)
+
+    def _reply_body(self, frame: Frame, result: Any) -> bytes:
+        # A reply must fit this service's frame limit and what the broker carries.
+        limit = min(self._max_frame_size, self._broker.max_body_size)
+        try:
+            flags = frame.flags
+            payload = _json_encode(result) if flags & FLAG_JSON else _msgpack_encode(result)
+            return encode_frame(
+                Frame(_REPLY, frame.correlation_id, "", payload, "", 0, {}, flags & FLAG_JSON),
+                limit,
+            )
+        except FrameError as exc:
+            message = f"the result of {frame.target} cannot be sent: {exc}"
+            self.container.bad_input.log(logging.ERROR, "reply too large", "%s", message)
+            return self._error_body(frame, MessageTooLarge(message))
+        except (TypeError, msgspec.EncodeError, RecursionError) as exc:
+            message = f"the result of {frame.target} cannot be sent: {exc}"
+            logger.error("%s", message)
+            return self._error_body(frame, RemoteError(type(exc).__name__, message))
+
+    def _error_body(self, frame: Frame, exc: RpcError) -> bytes:
+        # error_reply keeps a RemoteError's original type, as if the caller had called the
+        # raising service directly, and cuts long messages so the frame always fits.
+        return error_reply(frame.correlation_id, exc, frame.target)
+
+
+async def serve_events(container: ServiceContainer, handler: EventHandler) -> Subscription:
+    """Consume the events of ``handler`` in ``container``'s service."""
+    subscription = EventSubscription(
+        handler.event,
+        f"{container.service_name}.{handler.name}",
+        broadcast=handler.broadcast,
+        durable=handler.durable,
+    )
+    server = _EventServer(container, handler)
+    return await container.runtime.broker.subscribe_events(
+        subscription, server.on_event, concurrency=container.max_workers
+    )
+
+
+class _EventServer:
+    """Handles the events of one handler: decode, handle, then ack, retry or dead-letter."""
+
+    def __init__(self, container: ServiceContainer, handler: EventHandler) -> None:
+        self.container = container
+        self.handler = handler
+        self._max_frame_size = container.runtime.settings.max_frame_size
+        self._decoders = handler.decoders()
+
+    async def on_event(self, delivery: Delivery) -> None:
+        container = self.container
+        task = container.track()
+        try:
+            await self._serve(delivery, task)
+        finally:
+            container.untrack(task)
+
+    async def _serve(self, delivery: Delivery, task: asyncio.Task[Any]) -> None:
+        container, handler = self.container, self.handler
+        name = container.service_name
+        try:
+            frame = decode_frame(delivery.body, self._max_frame_size)
+            if frame.kind != _EVENT:
+                raise FrameError(f"expected an event frame, got {_kind(frame)}")
+        except FrameError as exc:
+            _reject(container, f"a malformed event frame for {handler.name}", str(exc))
+            await self._dead_letter(delivery, f"malformed frame: {exc}")
+            return
+        msgpack_decode, json_decode = self._decoders
+        try:
+            data = (json_decode if frame.flags & FLAG_JSON else msgpack_decode)(frame.payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            _reject(container, f"invalid event data for {handler.name}", str(exc))
+            await self._dead_letter(delivery, f"invalid event data: {exc}")
+            return
+        attempts = handler.max_attempts or container.runtime.settings.event_max_attempts
+        if delivery.attempt > attempts:
+            # Redelivered past its attempts without a verdict: the process handling it
+            # died each time.  Stop the crash loop here.
+            logger.error(
+                "%s.%s: event delivered %d times without completing; dead-lettering it",
+                name,
+                handler.name,
+                delivery.attempt,
+            )
+            await self._dead_letter(
+                delivery, f"delivered {delivery.attempt} times without completing"
+            )
+            return
+        ctx = CallContext(name, handler.name, frame, 0.0, delivery.attempt)
+        try:
+            await container.handle(ctx, handler.func, (data,), task)
+        except asyncio.CancelledError:
+            await delivery.nack(requeue=True)  # shutdown: another instance takes it
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if delivery.attempt < attempts:
+                logger.warning(
+                    "%s.%s failed (attempt %d of %d), will retry: %s",
+                    name,
+                    handler.name,
+                    delivery.attempt,
+                    attempts,
+                    shorten(reason),
+                )
+                await delivery.nack(requeue=True)
+            else:
+                logger.error(
+                    "%s.%s failed %d times; dead-lettering the event: %s",
+                    name,
+                    handler.name,
+                    delivery.attempt,
+                    shorten(reason),
+                )
+                await self._dead_letter(delivery, reason)
+        else:
+            await delivery.ack()
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.container.stats.dead_lettered += 1
+        await delivery.dead_letter(reason)
