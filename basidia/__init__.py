@@ -2,6 +2,7 @@
 
 from basidia._speedups import IMPLEMENTATION
 from basidia._version import __version__
+from basidia._wire import Serializer, register_serializer
 from basidia.config import Config
 from basidia.container import ServiceContainer, State
 from basidia.context import CallContext, current_context
@@ -56,6 +57,7 @@ __all__ = [
     "Service",
     "ServiceContainer",
     "ServiceRunner",
+    "Serializer",
     "ServiceUnavailable",
     "State",
     "ValidationError",
@@ -66,6 +68,7 @@ __all__ = [
     "http_endpoint",
     "provides",
     "register_error",
+    "register_serializer",
     "rpc",
     "timer",
 ]

@@ -12,26 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from basidia._speedups import (
-    FLAG_JSON,
-    HARD_MAX_FRAME_SIZE,
-    Frame,
-    Kind,
-    decode_frame,
-    encode_frame,
-)
-from basidia.brokers.base import (
-    Delivery,
-    EndpointStats,
-    EventSubscription,
-    Subscription,
-    error_reply,
-)
+from basidia._speedups import HARD_MAX_FRAME_SIZE, Frame, Kind, decode_frame
+from basidia._wire import error_reply, reply_frame
+from basidia.brokers.base import Delivery, EndpointStats, EventSubscription, Subscription
 from basidia.context import CallContext
 from basidia.errors import (
     BrokerError,
@@ -53,13 +42,11 @@ __all__ = ["RequestServer", "serve_events"]
 logger = logging.getLogger("basidia.container")
 
 # Frame kinds as plain ints: comparing with IntEnum members costs a Python-level call.
-_REQUEST, _REPLY, _EVENT = int(Kind.REQUEST), int(Kind.REPLY), int(Kind.EVENT)
-_msgpack_encode = msgspec.msgpack.Encoder().encode
-_json_encode = msgspec.json.Encoder().encode
+_REQUEST, _EVENT = int(Kind.REQUEST), int(Kind.EVENT)
 # Reply addresses already checked with the broker (callers' inboxes repeat); bounded.
 _MAX_KNOWN_REPLY_ADDRESSES = 1024
 
-_Route = tuple[Callable[..., Any], Callable[[bytes, int], Any], EndpointStats]
+_Route = tuple[Callable[..., Any], Callable[[Frame], Any], EndpointStats]
 
 
 def _kind(frame: Frame) -> str:
@@ -85,6 +72,7 @@ class RequestServer:
         self._name = container.service_name
         self._broker = container.runtime.broker
         self._max_frame_size = container.runtime.settings.max_frame_size
+        self._tracebacks = container.runtime.settings.remote_tracebacks
         self._reply_addresses: set[str] = set()
         # Type hints are resolved now, not on the first call.
         self._routes: dict[str, _Route] = {}
@@ -195,7 +183,7 @@ class RequestServer:
             )
         func, decode_args, stats = route
         try:
-            args = decode_args(frame.payload, frame.flags)
+            args = decode_args(frame)
         except ValidationError as exc:
             stats.num_requests += 1
             stats.num_errors += 1
@@ -217,24 +205,20 @@ class RequestServer:
                 shorten(str(exc)),
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
-            return self._error_body(frame, RemoteError(type(exc).__name__, str(exc)))
+            trace = traceback.format_exc() if self._tracebacks else None
+            return self._error_body(frame, RemoteError(type(exc).__name__, str(exc), trace))
         return self._reply_body(frame, result)
 
     def _reply_body(self, frame: Frame, result: Any) -> bytes:
         # A reply must fit this service's frame limit and what the broker carries.
         limit = min(self._max_frame_size, self._broker.max_body_size)
         try:
-            flags = frame.flags
-            payload = _json_encode(result) if flags & FLAG_JSON else _msgpack_encode(result)
-            return encode_frame(
-                Frame(_REPLY, frame.correlation_id, "", payload, "", 0, {}, flags & FLAG_JSON),
-                limit,
-            )
+            return reply_frame(frame, result, limit)
         except FrameError as exc:
             message = f"the result of {frame.target} cannot be sent: {exc}"
             self.container.bad_input.log(logging.ERROR, "reply too large", "%s", message)
             return self._error_body(frame, MessageTooLarge(message))
-        except (TypeError, msgspec.EncodeError, RecursionError) as exc:
+        except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
             message = f"the result of {frame.target} cannot be sent: {exc}"
             logger.error("%s", message)
             return self._error_body(frame, RemoteError(type(exc).__name__, message))
@@ -266,7 +250,7 @@ class _EventServer:
         self.container = container
         self.handler = handler
         self._max_frame_size = container.runtime.settings.max_frame_size
-        self._decoders = handler.decoders()
+        self._decode = handler.decoder.decode
 
     async def on_event(self, delivery: Delivery) -> None:
         container = self.container
@@ -287,9 +271,8 @@ class _EventServer:
             _reject(container, f"a malformed event frame for {handler.name}", str(exc))
             await self._dead_letter(delivery, f"malformed frame: {exc}")
             return
-        msgpack_decode, json_decode = self._decoders
         try:
-            data = (json_decode if frame.flags & FLAG_JSON else msgpack_decode)(frame.payload)
+            data = self._decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             _reject(container, f"invalid event data for {handler.name}", str(exc))
             await self._dead_letter(delivery, f"invalid event data: {exc}")

@@ -72,8 +72,12 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(coro)
 
 
-def _load_config(config: Path | None, **overrides: Any) -> Config:
-    return Config.load(config, overrides={k: v for k, v in overrides.items() if v is not None})
+def _load_config(
+    config: Path | None, base: dict[str, Any] | None = None, **overrides: Any
+) -> Config:
+    return Config.load(
+        config, base=base, overrides={k: v for k, v in overrides.items() if v is not None}
+    )
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -217,7 +221,9 @@ def shell(
 ) -> None:
     """An interactive console: ``await rpc.greeting_service.hello("World")``."""
     try:
-        shell_config = _load_config(config, broker=broker)
+        # A developer's console: remote errors come with their tracebacks unless the
+        # config says otherwise.
+        shell_config = _load_config(config, {"remote_tracebacks": True}, broker=broker)
         configure_logging("WARNING")
         services = _load(targets) if targets else []
     except (BasidiaError, ImportError) as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from basidia._speedups import DEFAULT_MAX_FRAME_SIZE, HARD_MAX_FRAME_SIZE
+from basidia._wire import known_serializer
 from basidia.brokers import redact_url
 from basidia.errors import ConfigError
 
@@ -257,6 +258,9 @@ class Settings:
     shutdown_grace: float = 20.0
     event_max_attempts: int = 3
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    #: Send a failing handler's traceback to its callers (``RemoteError.traceback``):
+    #: off in production, where it may tell too much; on in tests and ``basidia shell``.
+    remote_tracebacks: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
     broker_options: dict[str, Any] = field(default_factory=dict)
@@ -297,8 +301,11 @@ class Settings:
             raise ConfigError(f"rpc_timeout must be in (0, 86400] seconds, got {self.rpc_timeout}")
         if self.max_workers < 1:
             raise ConfigError(f"max_workers must be at least 1, got {self.max_workers}")
-        if self.serializer not in ("msgpack", "json"):
-            raise ConfigError(f"serializer must be 'msgpack' or 'json', got {self.serializer!r}")
+        if not known_serializer(self.serializer):
+            raise ConfigError(
+                f"serializer must be 'msgpack', 'json' or one registered with "
+                f"basidia.register_serializer, got {self.serializer!r}"
+            )
         if self.shutdown_grace < 0:
             raise ConfigError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
         if self.event_max_attempts < 1:
@@ -314,6 +321,17 @@ class Settings:
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
 
 
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(value)
+
+
 _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
     "broker": str,
     "rpc_timeout": float,
@@ -322,9 +340,15 @@ _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
     "shutdown_grace": float,
     "event_max_attempts": int,
     "max_frame_size": int,
+    "remote_tracebacks": _boolean,
     "log_level": str,
     "log_format": str,
     "broker_options": dict,
 }
-_TYPE_NAMES: dict[object, str] = {int: "an integer", float: "a number", dict: "a mapping"}
+_TYPE_NAMES: dict[object, str] = {
+    int: "an integer",
+    float: "a number",
+    dict: "a mapping",
+    _boolean: "true or false",
+}
 _LOG_LEVELS = frozenset({"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"})

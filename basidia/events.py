@@ -6,9 +6,9 @@ import uuid
 from typing import Any
 
 from basidia._speedups import Frame, Kind, encode_frame
+from basidia._wire import Codec
 from basidia.brokers.base import Broker
 from basidia.context import IDEMPOTENCY_HEADER, SOURCE_HEADER
-from basidia.serialization import Serializer
 
 __all__ = ["EventPublisher"]
 
@@ -16,9 +16,9 @@ __all__ = ["EventPublisher"]
 class EventPublisher:
     """Encodes and publishes events on a broker."""
 
-    def __init__(self, broker: Broker, serializer: Serializer, max_frame_size: int) -> None:
+    def __init__(self, broker: Broker, codec: Codec, max_frame_size: int) -> None:
         self._broker = broker
-        self._serializer = serializer
+        self._codec = codec
         self._max_frame_size = max_frame_size
 
     async def publish(
@@ -36,19 +36,11 @@ class EventPublisher:
         event so that handlers (and de-duplicating brokers) can recognise it.
         """
         key = idempotency_key or uuid.uuid4().hex
-        headers = {IDEMPOTENCY_HEADER: key}
+        codec = self._codec
+        headers = {IDEMPOTENCY_HEADER: key, **codec.headers}
         if source:
             headers[SOURCE_HEADER] = source
-        frame = Frame(
-            Kind.EVENT,
-            0,
-            event,
-            self._serializer.encode(data),
-            "",
-            0,
-            headers,
-            self._serializer.flags,
-        )
+        frame = Frame(Kind.EVENT, 0, event, codec.encode(data), "", 0, headers, codec.flags)
         await self._broker.publish_event(
             event, encode_frame(frame, self._max_frame_size), idempotency_key=key
         )

@@ -10,51 +10,27 @@ from typing import Any
 
 import msgspec
 
-from basidia._speedups import FLAG_JSON, Frame, Kind, ReplyRouter, decode_frame, encode_frame
+from basidia._speedups import Frame, Kind, ReplyRouter, decode_frame, encode_frame
+from basidia._wire import Codec, decode_result, error_from_frame
 from basidia.brokers.base import Broker
 from basidia.context import CALL_STACK_HEADER, current_call
 from basidia.errors import (
-    ERROR_TYPES,
     ConnectionLost,
     FrameError,
     MessageTooLarge,
     RemoteError,
-    RpcError,
     RpcTimeout,
     ValidationError,
 )
 from basidia.log import ThrottledLog
 from basidia.middleware import Middleware, OutgoingCall, call_chain
-from basidia.serialization import Serializer
 
 __all__ = ["ClusterProxy", "MethodProxy", "RpcClient", "ServiceProxy", "error_from_frame"]
 
 logger = logging.getLogger("basidia.rpc")
 
 
-class _ErrorPayload(msgspec.Struct):
-    code: str = "remote_error"
-    type: str = "Exception"
-    message: str = ""
-    traceback: str | None = None
-
-
-_decode_error = msgspec.msgpack.Decoder(_ErrorPayload).decode
-_msgpack_decode = msgspec.msgpack.Decoder().decode
 _REQUEST, _REPLY = int(Kind.REQUEST), int(Kind.REPLY)  # plain ints compare faster
-_json_decode = msgspec.json.Decoder().decode
-
-
-def error_from_frame(frame: Frame) -> RpcError:
-    """The exception an error frame describes, as the caller should see it."""
-    try:
-        error = _decode_error(frame.payload)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return RemoteError("MalformedError", "the service sent an unreadable error frame")
-    kind = ERROR_TYPES.get(error.code)
-    if kind is None or error.code == RemoteError.code:
-        return RemoteError(error.type, error.message, error.traceback)
-    return kind(error.message)
 
 
 class RpcClient:
@@ -69,13 +45,13 @@ class RpcClient:
         broker: Broker,
         *,
         timeout: float = 30.0,
-        serializer: Serializer | None = None,
+        codec: Codec | None = None,
         max_frame_size: int,
         middleware: Sequence[Middleware] = (),
     ) -> None:
         self._broker = broker
         self.timeout = timeout
-        self._serializer = serializer or Serializer()
+        self._codec = codec or Codec()
         self._max_frame_size = max_frame_size
         self._router: ReplyRouter | None = None
         self._chain = call_chain(middleware, self._send_call)
@@ -172,9 +148,11 @@ class RpcClient:
                     timeout = remaining
             headers = dict(headers) if headers else {}
             headers[CALL_STACK_HEADER] = " ".join(ctx.call_id_stack)
+        if self._codec.headers:
+            headers = {**headers, **self._codec.headers} if headers else self._codec.headers
         try:
-            payload, flags = self._serializer.encode_args(args, kwargs)
-        except (TypeError, msgspec.EncodeError, RecursionError) as exc:
+            payload, flags = self._codec.encode_args(args, kwargs)
+        except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
             raise ValidationError(
                 f"{service}.{method}: arguments cannot be encoded: {exc}"
             ) from None
@@ -202,10 +180,8 @@ class RpcClient:
             raise
         if reply.kind == _REPLY:
             try:
-                if reply.flags & FLAG_JSON:
-                    return _json_decode(reply.payload)
-                return _msgpack_decode(reply.payload)
-            except (msgspec.DecodeError, RecursionError) as exc:
+                return decode_result(reply)
+            except (msgspec.DecodeError, ValidationError, RecursionError) as exc:
                 raise RemoteError(
                     "MalformedReply", f"{service}.{method} sent an unreadable reply: {exc}"
                 ) from None

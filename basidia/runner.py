@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+from basidia._wire import Codec
 from basidia.brokers import broker_from_url
 from basidia.brokers.base import Broker
 from basidia.config import Config, Settings
@@ -17,7 +18,6 @@ from basidia.dependencies import ProviderFactory
 from basidia.events import EventPublisher
 from basidia.middleware import Middleware
 from basidia.rpc import ClusterProxy, RpcClient
-from basidia.serialization import Serializer
 from basidia.service import Service
 
 __all__ = ["Cluster", "ServiceRunner", "connect"]
@@ -50,15 +50,15 @@ class _Connection:
             if isinstance(broker, str)
             else broker
         )
-        serializer = Serializer(self.settings.serializer)
+        codec = Codec(self.settings.serializer)
         self.client = RpcClient(
             self.broker,
             timeout=timeout or self.settings.rpc_timeout,
-            serializer=serializer,
+            codec=codec,
             max_frame_size=self.settings.max_frame_size,
             middleware=middleware,
         )
-        self.publisher = EventPublisher(self.broker, serializer, self.settings.max_frame_size)
+        self.publisher = EventPublisher(self.broker, codec, self.settings.max_frame_size)
         self.rpc = ClusterProxy(self.client)
 
     async def open(self) -> None:

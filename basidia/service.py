@@ -8,9 +8,7 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import msgspec
-
-from basidia.serialization import ArgumentSpec
+from basidia._wire import ArgumentSpec, TypedDecoder
 
 if TYPE_CHECKING:
     from typing import Self
@@ -132,7 +130,7 @@ class EventHandler(Entrypoint):
         self.broadcast = broadcast
         self.durable = durable
         self.max_attempts = max_attempts
-        self._decoders: tuple[Callable[[bytes], Any], Callable[[bytes], Any]] | None = None
+        self._decoder: TypedDecoder | None = None
 
     def describe(self) -> Any:
         return {"name": self.name, "event": self.event, "broadcast": self.broadcast}
@@ -145,17 +143,14 @@ class EventHandler(Entrypoint):
 
         return [await serve_events(container, handler) for handler in entrypoints]
 
-    def decoders(self) -> tuple[Callable[[bytes], Any], Callable[[bytes], Any]]:
-        """(MessagePack, JSON) decoders validating the event against the handler's hint."""
-        if self._decoders is None:
+    @property
+    def decoder(self) -> TypedDecoder:
+        """Reads an event's data, validated against the handler's type hint."""
+        if self._decoder is None:
             hints = typing.get_type_hints(self.func)
             param = list(inspect.signature(self.func).parameters)[1]
-            hint = hints.get(param, Any)
-            self._decoders = (
-                msgspec.msgpack.Decoder(hint).decode,
-                msgspec.json.Decoder(hint).decode,
-            )
-        return self._decoders
+            self._decoder = TypedDecoder(hints.get(param, Any))
+        return self._decoder
 
 
 class HttpEndpoint(Entrypoint):

@@ -288,7 +288,7 @@ def test_out_of_range_settings_are_config_errors_naming_the_setting(
 def test_settings_errors_through_the_environment() -> None:
     with pytest.raises(ConfigError, match="max_workers must be at least 1"):
         Config.load(None, environ={"BASIDIA_MAX_WORKERS": "0"}).settings  # noqa: B018
-    with pytest.raises(ConfigError, match="serializer must be 'msgpack' or 'json'"):
+    with pytest.raises(ConfigError, match="serializer must be 'msgpack', 'json' or one registered"):
         Config.load(None, environ={"BASIDIA_SERIALIZER": "pickle"}).settings  # noqa: B018
 
 

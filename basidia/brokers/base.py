@@ -22,10 +22,9 @@ import abc
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import msgspec
-
-from basidia._speedups import HARD_MAX_FRAME_SIZE, Frame, Kind, encode_frame
-from basidia.errors import ConnectionLost, RemoteError, ServiceUnavailable
+from basidia._speedups import HARD_MAX_FRAME_SIZE
+from basidia._wire import error_reply, no_responders
+from basidia.errors import ConnectionLost
 
 __all__ = [
     "Broker",
@@ -73,49 +72,6 @@ class Delivery:
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
 InboxHandler = Callable[[bytes], None]
 DisconnectCallback = Callable[[ConnectionLost], None]
-
-_error_encoder = msgspec.msgpack.Encoder()
-
-#: Characters of an error message sent back to a caller; the rest is cut (docs/protocol.md).
-MAX_ERROR_MESSAGE = 8192
-#: Characters of an exception type name or of the echoed target in an error frame.
-_MAX_ERROR_NAME = 256
-
-
-def _cut(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
-
-
-def error_reply(correlation_id: int, error: Exception, target: str = "") -> bytes:
-    """An error frame answering ``correlation_id``, as a service would send it.
-
-    A ``RemoteError`` keeps the remote exception's type name.  The message is cut to
-    ``MAX_ERROR_MESSAGE`` characters, so an error frame stays a few KiB whatever the
-    exception said (a handler's 2 MiB message, a 1 MiB argument name): it always fits
-    the frame and broker limits.  Adapters use it too, for failures the broker reports
-    on a call's behalf, such as NATS "no responders" (``ServiceUnavailable``).
-    """
-    if isinstance(error, RemoteError):
-        exc_type, message = error.exc_type, error.message
-    else:
-        exc_type, message = type(error).__name__, str(error)
-    payload = {
-        "code": _cut(getattr(error, "code", "remote_error"), _MAX_ERROR_NAME),
-        "type": _cut(exc_type, _MAX_ERROR_NAME),
-        "message": _cut(message, MAX_ERROR_MESSAGE),
-    }
-    if len(target) > _MAX_ERROR_NAME:
-        target = ""  # callers match errors by correlation id; the target is informative
-    return encode_frame(Frame(Kind.ERROR, correlation_id, target, _error_encoder.encode(payload)))
-
-
-def no_responders(correlation_id: int, service: str) -> bytes:
-    """The error frame for a request that reached no instance of ``service``."""
-    return error_reply(
-        correlation_id, ServiceUnavailable(f"no instance of service {service!r} is running")
-    )
 
 
 class Subscription(abc.ABC):

@@ -68,7 +68,9 @@ class ServiceTestCase(unittest.IsolatedAsyncioTestCase):
     async def asyncSetUp(self) -> None:
         await super().asyncSetUp()
         url = self.broker or unique_memory_url()
-        self.runner = ServiceRunner(self.services, broker=url, config=self.config)
+        # Remote errors carry their tracebacks in tests unless ``config`` says otherwise.
+        config = {"remote_tracebacks": True, **self.config}
+        self.runner = ServiceRunner(self.services, broker=url, config=config)
         await self.runner.start()
         self.addAsyncCleanup(self.runner.stop)
         self.cluster = connect(url, config=self.config)

@@ -40,8 +40,9 @@ if HAVE_PYTEST_ASYNCIO:
 
     @pytest.fixture
     def basidia_config() -> Mapping[str, Any]:
-        """Config for the fixtures' runners and client; override to change it."""
-        return {}
+        """Config for the fixtures' runners and client; override to change it.  Remote
+        errors carry their tracebacks in tests (``remote_tracebacks``)."""
+        return {"remote_tracebacks": True}
 
     @pytest_asyncio.fixture
     async def basidia_runner(
