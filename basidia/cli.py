@@ -73,10 +73,10 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def _load_config(
-    config: Path | None, base: dict[str, Any] | None = None, **overrides: Any
+    config: Path | None, defaults: dict[str, Any] | None = None, /, **overrides: Any
 ) -> Config:
     return Config.load(
-        config, base=base, overrides={k: v for k, v in overrides.items() if v is not None}
+        config, base=defaults, overrides={k: v for k, v in overrides.items() if v is not None}
     )
 
 
