@@ -20,6 +20,7 @@ import socket
 import string
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, TypeVar
@@ -153,9 +154,19 @@ class _BrokerProcess:
         await self.start()
 
     def pause(self) -> None:
-        """Freeze the broker (SIGSTOP): its sockets stay open and nothing answers."""
+        """Freeze the broker (SIGSTOP): its sockets stay open and nothing answers.
+
+        Returns once every process of the broker is stopped: a signal lands a moment
+        after ``kill`` returns, long enough on a loaded machine for a greeting to slip out.
+        """
         self._signal_tree(signal.SIGSTOP)
         self._paused = self.running
+        if self._process is not None and self._paused:
+            pids = _process_tree(self._process.pid)
+            for _ in range(200):
+                if all(_stopped(pid) for pid in pids):
+                    break
+                time.sleep(0.005)
 
     def resume(self) -> None:
         """Continue a paused broker (SIGCONT)."""
@@ -257,23 +268,21 @@ class NatsServer(_BrokerProcess):
 
     async def _is_ready(self) -> bool:
         # /healthz answers 200 only once JetStream has recovered its streams, which matters
-        # after a restart: a bare TCP accept comes earlier.
+        # after a restart: a bare TCP accept comes earlier.  A socket of our own, closed in
+        # every case: a connection that completes just as a wait_for times out would leak.
+        loop = asyncio.get_running_loop()
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.setblocking(False)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", self.monitor_port), _PROBE_TIMEOUT
-            )
-        except (TimeoutError, OSError):
-            return False
-        try:
-            writer.write(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            status_line = await asyncio.wait_for(reader.readline(), _PROBE_TIMEOUT)
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                await loop.sock_connect(probe, ("127.0.0.1", self.monitor_port))
+                await loop.sock_sendall(probe, b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                status_line = await loop.sock_recv(probe, 64)
             return status_line.split(b" ", 2)[1:2] == [b"200"]
         except (TimeoutError, OSError):
             return False
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            probe.close()
 
 
 class RabbitServer(_BrokerProcess):
@@ -370,4 +379,14 @@ class RabbitServer(_BrokerProcess):
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError):
             return False
         await connection.close()
+        return True
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by a signal (or gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # pid (comm) state ...: comm may hold spaces, the state follows its last ')'.
+            return stat.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
         return True
