@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+from basidia.brokers._common import redact_url
 from basidia.brokers.base import Broker, Delivery, EventSubscription, Subscription
 from basidia.errors import ConfigError
 
@@ -27,27 +27,6 @@ _ADAPTERS: dict[str, tuple[str, str, str]] = {
     "nats": ("basidia.brokers.nats", "NatsBroker", "nats"),
     "tls": ("basidia.brokers.nats", "NatsBroker", "nats"),
 }
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its credentials hidden, safe for logs and reprs.
-
-    A password becomes ``***``; so does a user part without one on NATS URLs,
-    where it is the authentication token.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    credentials, at, host = parts.netloc.rpartition("@")
-    if not at:
-        return url
-    user, colon, _password = credentials.partition(":")
-    if colon:
-        credentials = f"{user}:***"
-    elif parts.scheme.lower() in ("nats", "tls", "ws", "wss"):
-        credentials = "***"
-    return urlunsplit(parts._replace(netloc=f"{credentials}@{host}"))
 
 
 def broker_from_url(url: str, options: Mapping[str, Any] | None = None) -> Broker:

@@ -27,13 +27,8 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from basidia.brokers._amqp_fast import oversized
-from basidia.brokers.base import (
-    Delivery,
-    DeliveryHandler,
-    EventSubscription,
-    Subscription,
-    error_reply,
-)
+from basidia.brokers._common import WorkerPool
+from basidia.brokers.base import Delivery, DeliveryHandler, EventSubscription, error_reply
 from basidia.errors import BrokerError, MessageTooLarge
 from basidia.log import ThrottledLog
 
@@ -110,7 +105,7 @@ async def _close_channel(channel: Channel, timeout: float) -> None:
 # -- consumers --------------------------------------------------------------------------------
 
 
-class _Consumer(Subscription):
+class _Consumer(WorkerPool[DeliveredMessage]):
     """One queue consumed on a channel of its own by a pool of ``concurrency`` workers.
 
     ``attach`` declares the queue and consumes it, again after every reconnection.
@@ -119,16 +114,20 @@ class _Consumer(Subscription):
     channel cancels, for a lost link must not interrupt a handler.
     """
 
-    def __init__(self, broker: AmqpBroker, handler: DeliveryHandler, concurrency: int) -> None:
+    def __init__(
+        self, broker: AmqpBroker, queue: str, handler: DeliveryHandler, concurrency: int
+    ) -> None:
+        # Deliveries for the workers, put there by the channel's reader.
+        self._pending: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+        pending, where = self._pending, f"queue {queue}"
+        super().__init__(
+            pending, self._dispatch, concurrency, drain=True, logger=logger, where=where
+        )
         self.broker = broker
         self.handler = handler
-        self.concurrency = max(1, int(concurrency))
-        self.queue = ""
+        self.queue = queue
         self.channel: Channel | None = None
         self._tag = ""
-        # Deliveries for the workers; None tells a worker to stop (after those before it).
-        self._pending: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
-        self._workers: set[asyncio.Task[None]] = set()
         self._cancelled = False
         self._restarting = False
         self._attaching = asyncio.Lock()
@@ -164,33 +163,20 @@ class _Consumer(Subscription):
             raise
         self.channel, self._tag = channel, tag
         channel.closing.add_done_callback(lambda _: self._on_channel_closed(channel))
-        while len(self._workers) < self.concurrency:
-            worker = asyncio.ensure_future(self._work())
-            self._workers.add(worker)
-            worker.add_done_callback(self._on_worker_done)
-
-    async def _work(self) -> None:
-        pending = self._pending
-        while (message := await pending.get()) is not None:
-            try:
-                await self._dispatch(message)
-            except Exception:  # the framework settles and logs its own errors: a bug
-                logger.exception("delivery handler failed on queue %s", self.queue)
+        self.start_workers()
 
     def _release_channel(self) -> None:
         channel, self.channel = self.channel, None
         if channel is not None and not channel.is_closed:
             self.broker._spawn(_close_channel(channel, self.broker._timeout))
 
-    def _on_worker_done(self, worker: asyncio.Task[None]) -> None:
-        self._workers.discard(worker)
-        if not (self._cancelled or self.broker._closed):
-            # A handler cancelled its worker's task: keep the pool full.
-            replacement = asyncio.ensure_future(self._work())
-            self._workers.add(replacement)
-            replacement.add_done_callback(self._on_worker_done)
-        elif not self._workers:
-            self._release_channel()  # the last handler has settled: nothing is left to do
+    def _worker_done(self, worker: asyncio.Task[None]) -> None:
+        super()._worker_done(worker)
+        if not (self.stopping or self.broker._closed):
+            self.start_workers()  # a handler cancelled its worker's task: keep the pool full
+
+    def _stopped(self) -> None:
+        self._release_channel()  # the last handler has settled: nothing is left to do
 
     def _on_channel_closed(self, channel: Channel) -> None:
         if channel is not self.channel:
@@ -225,7 +211,7 @@ class _Consumer(Subscription):
         attempt = 0
         try:
             while not self._cancelled and not broker._closed:
-                await asyncio.sleep(broker._backoff(attempt))
+                await asyncio.sleep(broker._backoff.delay(attempt))
                 attempt += 1
                 connection = broker._connection
                 if connection is None:
@@ -252,20 +238,13 @@ class _Consumer(Subscription):
                     raise
             except _LINK_ERRORS:
                 pass  # the channel is going anyway: the broker requeues what it holds
-        # Deliveries that came before the cancel took effect are still handled, then
-        # each worker stops.
-        for _ in self._workers:
-            self._pending.put_nowait(None)
-        if not self._workers:
-            self._release_channel()
+        # Deliveries that came before the cancel took effect are still handled; then the
+        # workers stop, and the last one releases the channel.
+        await self._stop()
 
     async def aclose(self) -> None:
         """Cancel, then stop every worker, busy or not (broker close)."""
-        await self.cancel()
-        workers = list(self._workers)
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await super().aclose()
         channel, self.channel = self.channel, None
         if channel is not None:
             await _close_channel(channel, self.broker._timeout)
@@ -320,12 +299,6 @@ class _Delivery(Delivery):
 
 
 class _RequestConsumer(_Consumer):
-    def __init__(
-        self, broker: AmqpBroker, queue: str, handler: DeliveryHandler, concurrency: int
-    ) -> None:
-        super().__init__(broker, handler, concurrency)
-        self.queue = queue
-
     async def _declare(self, channel: Channel) -> None:
         # Not durable, auto-delete: the queue lives exactly while an instance consumes it,
         # so a request for a service without instances comes back at once (mandatory).
@@ -372,13 +345,13 @@ class _EventConsumer(_Consumer):
         handler: DeliveryHandler,
         concurrency: int,
     ) -> None:
-        super().__init__(broker, handler, concurrency)
-        self.subscription = subscription
-        self.dead_letter_queue = f"{group_queue}.dlq"
-        self.queue = group_queue
+        queue = group_queue
         if subscription.broadcast:
             # A private queue per instance; its name stays the same across reconnections.
-            self.queue = _check_name(f"{group_queue}.{uuid.uuid4().hex[:12]}", "queue name")
+            queue = _check_name(f"{group_queue}.{uuid.uuid4().hex[:12]}", "queue name")
+        super().__init__(broker, queue, handler, concurrency)
+        self.subscription = subscription
+        self.dead_letter_queue = f"{group_queue}.dlq"
 
     async def _declare(self, channel: Channel) -> None:
         deadline = self.broker._deadline

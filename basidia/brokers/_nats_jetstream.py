@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import random
 import re
 import time
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import api
 
-from basidia.brokers.base import Delivery, DeliveryHandler, EventSubscription, Subscription
+from basidia.brokers._common import Backoff, WorkerPool
+from basidia.brokers.base import Delivery, DeliveryHandler, EventSubscription
 from basidia.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ __all__ = [
     "EventOrigin",
     "JetStreamEvents",
     "round_trip",
+    "withdraw",
 ]
 
 logger = logging.getLogger("basidia.brokers.nats")
@@ -68,7 +69,8 @@ TRUNCATED_HEADER = "Basidia-Truncated-From"
 
 _HEARTBEAT = "100"
 _CONSUMER_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_LOG_INTERVAL = 10.0  # seconds between two warnings about a consumer that keeps failing
+# Pauses between pull requests that failed (the connection is up, or they would wait).
+_PULL_RETRY = Backoff(first=0.1, cap=5.0)
 _json_encode = msgspec.json.encode
 
 
@@ -81,6 +83,22 @@ def headers_size(headers: dict[str, str]) -> int:
 async def round_trip(nc: Client, timeout: float) -> None:
     """A PING/PONG round trip: the server has processed everything sent before it."""
     await nc.flush(timeout=timeout)  # type: ignore[arg-type]  # typed int, any number works
+
+
+async def withdraw(sub: NatsSubscription, timeout: float) -> None:
+    """Unsubscribe ``sub`` without losing what the server has routed to it already.
+
+    The interest is taken back at the server first, keeping the local subscription: the
+    PONG of the flush comes after every message the server routed here before the UNSUB,
+    so all of them are in ``sub``'s pending queue when the local subscription goes.
+    """
+    nc = sub._conn
+    if nc.is_connected:  # (a server gone away has forgotten the interest anyway)
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            await nc._send_unsubscribe(sub._id)
+            await round_trip(nc, timeout)
+    with contextlib.suppress(nats.errors.Error):
+        await sub.unsubscribe()
 
 
 def consumer_name(group: str, subject: str) -> str:
@@ -134,14 +152,6 @@ class JetStreamEvents:
         self.consumers: set[PullConsumer] = set()
         self._streams_ready = False
         self._streams_lock = asyncio.Lock()
-        self._next_warning = 0.0
-
-    def warn_throttled(self, message: str, *args: object) -> None:
-        """Log a warning about a recurring failure at most once per interval."""
-        now = time.monotonic()
-        if now >= self._next_warning:
-            self._next_warning = now + _LOG_INTERVAL
-            logger.warning(message, *args)
 
     def connection_changed(self) -> None:
         """The connection dropped or came back: every live pull request is gone."""
@@ -200,7 +210,7 @@ class JetStreamEvents:
                 ) from None
             except nats.errors.Error as exc:
                 raise BrokerError(
-                    f"could not publish {what}: {self.broker._scrub(repr(exc))}"
+                    f"could not publish {what}: {self.broker._secrets.scrub(repr(exc))}"
                 ) from None
 
     async def dead_letter(
@@ -240,29 +250,23 @@ class JetStreamEvents:
             return
         async with self._streams_lock:
             if not self._streams_ready:  # another publisher may have done it meanwhile
-                await self._ensure_stream(
-                    api.StreamConfig(
-                        name=EVENTS_STREAM,
-                        subjects=[EVENT_PREFIX + ">"],
-                        # Interest: an event is kept until every group that wants it has
-                        # acked it, and not at all when no group listens, as with a queue
-                        # per group on other brokers.
-                        retention=api.RetentionPolicy.INTEREST,
+                streams = (
+                    # Interest: an event is kept until every group that wants it has acked
+                    # it, and not at all when no group listens, as with a queue per group
+                    # on other brokers.
+                    (EVENTS_STREAM, EVENT_PREFIX, api.RetentionPolicy.INTEREST),
+                    (DLQ_STREAM, DLQ_PREFIX, api.RetentionPolicy.LIMITS),
+                )
+                for name, prefix, retention in streams:
+                    config = api.StreamConfig(
+                        name=name,
+                        subjects=[prefix + ">"],
+                        retention=retention,
                         storage=api.StorageType.FILE,
                         max_age=self.stream_max_age,
                         duplicate_window=self.duplicate_window,
                     )
-                )
-                await self._ensure_stream(
-                    api.StreamConfig(
-                        name=DLQ_STREAM,
-                        subjects=[DLQ_PREFIX + ">"],
-                        retention=api.RetentionPolicy.LIMITS,
-                        storage=api.StorageType.FILE,
-                        max_age=self.stream_max_age,
-                        duplicate_window=self.duplicate_window,
-                    )
-                )
+                    await self._ensure_stream(config)
                 self._streams_ready = True
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
@@ -289,7 +293,8 @@ class JetStreamEvents:
             ) from None
         except nats.errors.Error as exc:
             raise BrokerError(
-                f"could not set up the JetStream stream {name}: {self.broker._scrub(repr(exc))}"
+                f"could not set up the JetStream stream {name}: "
+                f"{self.broker._secrets.scrub(repr(exc))}"
             ) from None
 
     async def ensure_consumer(self, config: api.ConsumerConfig) -> None:
@@ -313,7 +318,8 @@ class JetStreamEvents:
             raise BrokerError(f"JetStream is not enabled on {self.broker.safe_url}") from None
         except nats.errors.Error as exc:
             raise BrokerError(
-                f"could not set up the JetStream consumer {name}: {self.broker._scrub(repr(exc))}"
+                f"could not set up the JetStream consumer {name}: "
+                f"{self.broker._secrets.scrub(repr(exc))}"
             ) from None
 
     async def subscribe(
@@ -340,11 +346,26 @@ class JetStreamEvents:
             config.inactive_threshold = max(60.0, 4 * self.pull_expires)
         else:
             config.name = config.durable_name = name
+        await self.ensure_consumer(config)
+        # Pull requests name a reply subject under ``deliver``; the first one goes out on
+        # this connection after the SUB, so no flush is needed.
+        deliver = self.broker._client().new_inbox()
+        sub = await self.broker._client().subscribe(
+            f"{deliver}.*",
+            pending_msgs_limit=self.max_pending,
+            pending_bytes_limit=self.max_pending_bytes,
+        )
         origin = EventOrigin(self, subscription.event, subscription.group)
         consumer = PullConsumer(
-            self, config, handler, concurrency, origin, ephemeral=subscription.broadcast
+            self,
+            config,
+            sub,
+            deliver,
+            handler,
+            concurrency,
+            origin,
+            ephemeral=subscription.broadcast,
         )
-        await consumer.start()
         self.consumers.add(consumer)
         return consumer
 
@@ -412,7 +433,7 @@ class JetStreamDelivery(Delivery):
             logger.debug("could not settle a JetStream message: %s", exc)
 
 
-class PullConsumer(Subscription):
+class PullConsumer(WorkerPool[Msg]):
     """Consumes a JetStream pull consumer with at most ``concurrency`` handlers at once.
 
     One pull request is live at a time, for ``concurrency - in flight`` messages, so the
@@ -420,12 +441,18 @@ class PullConsumer(Subscription):
     come back on a reply subject of its own (``<deliver>.<n>``), so a late status of an
     abandoned request is told apart.  A request is abandoned, and the consumer checked
     (created again if the server lost it), on reconnection and when its heartbeats stop.
+
+    The workers take the messages, events and status messages alike, straight from the
+    subscription's pending queue.  While a request is live, fewer handlers run than there
+    are workers, so a status is read as soon as it comes.
     """
 
     def __init__(
         self,
         events: JetStreamEvents,
         config: api.ConsumerConfig,
+        sub: NatsSubscription,
+        deliver: str,
         handler: DeliveryHandler,
         concurrency: int,
         origin: EventOrigin,
@@ -435,13 +462,14 @@ class PullConsumer(Subscription):
         self.events = events
         self.origin = origin
         self.name = config.name or ""
+        queue, where = sub._pending_queue, f"consumer {self.name}"
+        super().__init__(queue, self._serve, concurrency, drain=True, logger=logger, where=where)
         self._config = config
+        self._sub = sub
+        self._deliver = deliver
         self._handler = handler
-        self._concurrency = concurrency
         self._ephemeral = ephemeral
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.{self.name}"
-        self._deliver = events.broker._client().new_inbox()
-        self._sub: NatsSubscription | None = None
         self._wake = asyncio.Event()
         self._request_subject = ""  # reply subject of the live pull request; "" when none
         self._requested = 0  # messages the live request may still bring
@@ -449,24 +477,11 @@ class PullConsumer(Subscription):
         self._backoff = 0.0  # pause before the next pull (after a 409, say)
         self._resync = False  # check (or create) the consumer before the next pull
         self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
         #: Deliveries handed to a handler and not settled yet.
         self.unsettled: set[JetStreamDelivery] = set()
         self._seq = itertools.count(1)
-        self._loop_task: asyncio.Task[None] | None = None
-        self._keepalive_task: asyncio.Task[None] | None = None
         self._cancelled = False
-
-    async def start(self) -> None:
-        events = self.events
-        await events.ensure_consumer(self._config)
-        # The first pull goes out on this connection after the SUB: no flush needed.
-        self._sub = await events.broker._client().subscribe(
-            f"{self._deliver}.*",
-            cb=self._on_message,
-            pending_msgs_limit=events.max_pending,
-            pending_bytes_limit=events.max_pending_bytes,
-        )
+        self.start_workers()
         self._loop_task = asyncio.ensure_future(self._pull_loop())
         self._keepalive_task = asyncio.ensure_future(self._keep_alive())
 
@@ -487,12 +502,15 @@ class PullConsumer(Subscription):
             except Exception as exc:
                 failures += 1
                 self._resync = True
-                self.events.warn_throttled(
+                broker = self.events.broker
+                broker._throttled_log.log(
+                    logging.WARNING,
+                    "JetStream pull failed",
                     "pulling events for %s failed, retrying: %s",
                     self.origin.group,
-                    self.events.broker._scrub(str(exc) or type(exc).__name__),
+                    broker._secrets.scrub(str(exc) or type(exc).__name__),
                 )
-                await asyncio.sleep(min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0))
+                await asyncio.sleep(_PULL_RETRY.delay(failures))
 
     async def _pull_once(self) -> None:
         events = self.events
@@ -504,7 +522,7 @@ class PullConsumer(Subscription):
         if self._resync:
             await events.ensure_consumer(self._config)
             self._resync = False
-        free = self._concurrency - self._in_flight
+        free = self.concurrency - self._in_flight
         if free <= 0:
             self._wake.clear()
             await self._wake.wait()  # a handler finishes, or the connection changes
@@ -547,9 +565,12 @@ class PullConsumer(Subscription):
         self._request_subject = ""
         self._wake.set()
 
-    async def _on_message(self, msg: Msg) -> None:
+    async def _serve(self, msg: Msg) -> None:
+        data = msg.data
+        # nats-py counts queued bytes against the pending limit; its consumers subtract.
+        self._sub._pending_size -= len(data)
         headers = msg.headers
-        if headers is not None and not msg.data:
+        if headers is not None and not data:
             status = headers.get("Status")
             if status is not None:
                 self._on_status(msg.subject, status, headers)
@@ -563,11 +584,15 @@ class PullConsumer(Subscription):
                 self._end_request()
         self._last_seen = asyncio.get_running_loop().time()
         self._in_flight += 1
-        delivery = JetStreamDelivery(msg.data, msg.reply, self)
+        delivery = JetStreamDelivery(data, msg.reply, self)
         self.unsettled.add(delivery)
-        task = asyncio.ensure_future(self._run(delivery))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        try:
+            await self._handler(delivery)  # (the pool logs what it raises: a bug)
+        finally:
+            self._in_flight -= 1
+            self.unsettled.discard(delivery)  # a handler that never settled: ack_wait decides
+            if not self._request_subject:
+                self._wake.set()  # the puller waits for a free slot only between requests
 
     def _on_status(self, subject: str, status: str, headers: dict[str, str]) -> None:
         if subject != self._request_subject:
@@ -590,17 +615,6 @@ class PullConsumer(Subscription):
             with contextlib.suppress(nats.errors.Error):
                 await self.events.broker._client().publish(msg.reply, b"-NAK")
 
-    async def _run(self, delivery: JetStreamDelivery) -> None:
-        try:
-            await self._handler(delivery)
-        except Exception:  # the framework settles and logs its own errors; this is a bug
-            logger.exception("event handler failed for %s", self.origin.group)
-        finally:
-            self._in_flight -= 1
-            self.unsettled.discard(delivery)  # a handler that never settled: ack_wait decides
-            if not self._request_subject:
-                self._wake.set()  # the puller waits for a free slot only between requests
-
     async def cancel(self) -> None:
         if self._cancelled:
             return
@@ -609,25 +623,20 @@ class PullConsumer(Subscription):
         # Stop pulling, but keep telling JetStream that the handlers still running are at
         # work: while the service drains (shutdown grace), their events must not go to
         # another instance after ack_wait.  The keep-alive stops with the last settlement.
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._loop_task.cancel()
+        await asyncio.gather(self._loop_task, return_exceptions=True)
         self.settled()
+        # As for requests: take back the interest at the server, and wait until it is gone,
+        # before dropping the local subscription.  What arrives meanwhile, or was not
+        # handled yet, goes straight back to the stream for another instance.
         sub = self._sub
-        if sub is not None:
-            # As for requests: take back the interest at the server, and wait until it is
-            # gone, before dropping the local subscription.  What arrives meanwhile, or was
-            # not handled yet, goes straight back to the stream for another instance.
-            nc = sub._conn
-            if nc.is_connected:
-                with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
-                    await nc._send_unsubscribe(sub._id)
-                    await round_trip(nc, self.events.publish_timeout)
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-            queue: asyncio.Queue[Msg] = sub._pending_queue
-            while not queue.empty():
-                await self._give_back(queue.get_nowait())
+        await withdraw(sub, self.events.publish_timeout)
+        queue: asyncio.Queue[Msg] = sub._pending_queue
+        while not queue.empty():
+            msg = queue.get_nowait()
+            sub._pending_size -= len(msg.data)
+            await self._give_back(msg)
+        await self._stop()
         if self._ephemeral and self.events.broker.connected:
             # Nobody else reads a broadcast consumer; deleting it now spares the stream
             # keeping events for it until its inactivity threshold (which does it otherwise).
@@ -639,16 +648,11 @@ class PullConsumer(Subscription):
 
     def settled(self) -> None:
         """A delivery was settled: once cancelled with none left, stop the keep-alive."""
-        task = self._keepalive_task
-        if self._cancelled and not self.unsettled and task is not None:
-            task.cancel()
+        if self._cancelled and not self.unsettled:
+            self._keepalive_task.cancel()
 
     async def aclose(self) -> None:
         """Cancel, then stop the handlers still running (broker close)."""
-        await self.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-            await asyncio.gather(self._keepalive_task, return_exceptions=True)
+        await super().aclose()
+        self._keepalive_task.cancel()
+        await asyncio.gather(self._keepalive_task, return_exceptions=True)

@@ -27,12 +27,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlunsplit
 
 import aiormq
 from aiormq import Channel, Connection
@@ -41,7 +40,6 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from basidia._speedups import HARD_MAX_FRAME_SIZE
-from basidia.brokers import redact_url
 from basidia.brokers._amqp_consumers import (
     _LINK_ERRORS,
     _PERSISTENT,
@@ -61,6 +59,7 @@ from basidia.brokers._amqp_consumers import GROUP_HEADER as GROUP_HEADER
 from basidia.brokers._amqp_consumers import QUEUE_HEADER as QUEUE_HEADER
 from basidia.brokers._amqp_consumers import REASON_HEADER as REASON_HEADER
 from basidia.brokers._amqp_fast import Sink, direct_deliveries, publish_nowait
+from basidia.brokers._common import Backoff, Names, Secrets, parse_url, tls_context
 from basidia.brokers.base import (
     Broker,
     DeliveryHandler,
@@ -130,15 +129,10 @@ class AmqpBroker(Broker):
         tls_key_file: str | None = None,
     ) -> None:
         super().__init__()
-        self.safe_url = redact_url(url)
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ConfigError(f"invalid AMQP URL {self.safe_url!r}") from None
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ConfigError(f"not an AMQP URL: {self.safe_url!r} (amqp:// or amqps://)")
-        self._secrets = [s for s in {parts.password, unquote(parts.password or "")} if s]
+        parsed = parse_url(url, "AMQP", ("amqp", "amqps"))
+        parts = parsed.parts
+        self.safe_url = parsed.safe
+        self._secrets = Secrets(parsed.secrets)
         query = dict(parse_qsl(parts.query))
         if "no_verify_ssl" in query:
             raise ConfigError("no_verify_ssl is refused: TLS certificates are always verified")
@@ -159,8 +153,8 @@ class AmqpBroker(Broker):
         self._timeout = float(operation_timeout)
         self._publish_timeout = float(publish_timeout)
         self._prefetch = int(prefetch) if prefetch else None
-        self._reconnect_wait = float(reconnect_wait)
-        self._reconnect_wait_max = float(reconnect_wait_max)
+        #: Delays between reconnection attempts, and between a consumer's restarts.
+        self._backoff = Backoff(float(reconnect_wait), float(reconnect_wait_max))
         self._prefix = prefix
         self.max_message_size = int(max_message_size)
         self.exchange = _check_name(f"{prefix}.events", "exchange name")
@@ -170,7 +164,10 @@ class AmqpBroker(Broker):
         self._confirms: Channel | None = None  # confirmed publishes: events, retries
         self._inbox: InboxHandler | None = None
         self._consumers: list[_Consumer] = []
-        self._request_queues: dict[str, str] = {}
+        #: The request queue of each service, by service name.
+        self._request_queues = Names(
+            lambda service: _check_name(f"{prefix}.rpc.{service}", "request queue name")
+        )
         self._reconnecting: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._up = asyncio.Event()
@@ -184,16 +181,6 @@ class AmqpBroker(Broker):
         return f"AmqpBroker({self.safe_url!r})"
 
     # -- helpers ------------------------------------------------------------------------
-
-    def _describe(self, exc: BaseException) -> str:
-        """``exc`` for an error message or a log line: type and text, password removed."""
-        if isinstance(exc, asyncio.TimeoutError):
-            return "timed out"
-        text = str(exc) if str(exc) not in ("", "()") else repr(exc)
-        text = f"{type(exc).__name__}: {text}"
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
 
     async def _deadline(self, awaitable: Awaitable[T], what: str, timeout: float = 0.0) -> T:
         """Await ``awaitable`` for at most ``timeout`` s (default: the operation timeout);
@@ -210,9 +197,9 @@ class AmqpBroker(Broker):
                 f"{what}: no answer from {self.safe_url} in {timeout:g} s"
             ) from None
         except aiormq.AMQPChannelError as exc:
-            raise BrokerError(f"{what}: {self._describe(exc)}") from None
+            raise BrokerError(f"{what}: {self._secrets.describe(exc)}") from None
         except _LINK_ERRORS as exc:
-            raise ConnectionLost(f"{what}: {self._describe(exc)}") from None
+            raise ConnectionLost(f"{what}: {self._secrets.describe(exc)}") from None
 
     async def _channel(self, connection: Connection, *, confirms: bool = False) -> Channel:
         channel = connection.channel(publisher_confirms=confirms)
@@ -244,7 +231,7 @@ class AmqpBroker(Broker):
                 raise
             raise ConnectionLost(f"could not {what} to {routing_key}: channel closed") from None
         except _LINK_ERRORS as exc:
-            error = self._describe(exc)
+            error = self._secrets.describe(exc)
             raise ConnectionLost(f"could not {what} to {routing_key}: {error}") from None
 
     async def _consume(
@@ -284,12 +271,6 @@ class AmqpBroker(Broker):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _backoff(self, attempt: int) -> float:
-        """Delay before attempt ``attempt`` (0-based): exponential, capped, jittered."""
-        ceiling = min(self._reconnect_wait_max, self._reconnect_wait * 2.0 ** min(attempt, 30))
-        # "Equal jitter": at least half the ceiling, so retries never bunch up at zero.
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
     # -- connection ---------------------------------------------------------------------
 
     @property
@@ -310,15 +291,7 @@ class AmqpBroker(Broker):
     async def _open(self) -> None:
         """Connect, open the shared channels, declare the exchange, restore consumers."""
         if self._tls is not None and self._context is None:
-            ca_file, cert_file, key_file = self._tls
-            try:
-                # The default context verifies the certificate chain and the host name.
-                self._context = ssl.create_default_context(cafile=ca_file)
-                if cert_file:
-                    self._context.load_cert_chain(cert_file, key_file)
-            except (OSError, ssl.SSLError) as exc:
-                self._context = None
-                raise ConfigError(f"cannot load the TLS files: {self._describe(exc)}") from None
+            self._context = tls_context(*self._tls)
         connection = aiormq.Connection(self._url, context=self._context)
         try:
             await self._deadline(connection.connect(), "connect", self._connect_timeout)
@@ -388,7 +361,7 @@ class AmqpBroker(Broker):
             # aiormq cancels its reader when no frame arrived within the heartbeat grace.
             reason = "no frame from the broker within the heartbeat grace"
         else:
-            reason = self._describe(exc)
+            reason = self._secrets.describe(exc)
         self._connection = self._rpc = self._confirms = None
         self._up.clear()
         logger.warning("lost the connection to %s (%s); reconnecting", self.safe_url, reason)
@@ -400,14 +373,14 @@ class AmqpBroker(Broker):
         attempt = 0
         try:
             while not self._closed:
-                await asyncio.sleep(self._backoff(attempt))
+                await asyncio.sleep(self._backoff.delay(attempt))
                 attempt += 1
                 self.reconnect_attempts += 1
                 try:
                     await self._open()
                 except Exception as exc:  # whatever it was, the next attempt may succeed
                     known = isinstance(exc, (BrokerError, ConfigError))
-                    reason = str(exc) if known else self._describe(exc)
+                    reason = str(exc) if known else self._secrets.describe(exc)
                     logger.warning(
                         "reconnection %d to %s failed: %s", attempt, self.safe_url, reason
                     )
@@ -442,19 +415,10 @@ class AmqpBroker(Broker):
 
     # -- requests and replies -------------------------------------------------------------
 
-    def _request_queue(self, service: str) -> str:
-        queue = self._request_queues.get(service)
-        if queue is None:
-            queue = _check_name(f"{self._prefix}.rpc.{service}", "request queue name")
-            if len(self._request_queues) > 4096:  # bound the cache for dynamic service names
-                self._request_queues.clear()
-            self._request_queues[service] = queue
-        return queue
-
     async def serve_requests(
         self, service: str, handler: DeliveryHandler, *, concurrency: int
     ) -> Subscription:
-        queue = self._request_queue(service)
+        queue = self._request_queues[service]
         return await self._add(_RequestConsumer(self, queue, handler, concurrency))
 
     async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
@@ -468,7 +432,7 @@ class AmqpBroker(Broker):
             message_id=str(correlation_id),
             reply_to=DIRECT_REPLY_TO if self._inbox is not None else None,
         )
-        queue = self._request_queues.get(service) or self._request_queue(service)
+        queue = self._request_queues[service]
         # mandatory: a request that no queue takes comes back (see _on_return).
         await self._publish(channel, body, queue, properties, "send a request", mandatory=True)
 
@@ -590,7 +554,7 @@ class AmqpBroker(Broker):
                     raise
                 error = "the channel closed before the confirm"
             except _LINK_ERRORS as exc:
-                error = self._describe(exc)
+                error = self._secrets.describe(exc)
             if not reconnect or loop.time() >= deadline:
                 raise ConnectionLost(f"{what}: {error}")
             await asyncio.sleep(0.05)  # the connection or the channel went: try again

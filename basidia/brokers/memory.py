@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from basidia.brokers._common import WorkerPool, redact_url
 from basidia.brokers.base import (
     Broker,
     Delivery,
@@ -25,7 +26,7 @@ from basidia.brokers.base import (
     InboxHandler,
     Subscription,
 )
-from basidia.errors import BrokerError, ServiceUnavailable
+from basidia.errors import BrokerError, ConfigError, ServiceUnavailable
 
 __all__ = ["DeadLetter", "MemoryBroker"]
 
@@ -102,6 +103,9 @@ class _Queue:
         self._create_future = asyncio.get_running_loop().create_future
         self.consumers = 0
 
+    def empty(self) -> bool:
+        return not self.items
+
     def put(self, delivery: Delivery) -> None:
         waiters = self.waiters
         while waiters:
@@ -125,8 +129,9 @@ class _Queue:
             raise
 
 
-class _MemorySubscription(Subscription):
-    """``concurrency`` worker tasks taking deliveries from one queue."""
+class _MemorySubscription(WorkerPool[Delivery]):
+    """``concurrency`` workers taking deliveries from one queue, shared with the queue's
+    other consumers: a cancelled subscription leaves what is queued to them."""
 
     def __init__(
         self,
@@ -135,51 +140,20 @@ class _MemorySubscription(Subscription):
         concurrency: int,
         on_cancel: Callable[[], object] | None = None,
     ) -> None:
+        where = f"queue {queue.name}"
+        super().__init__(queue, handler, concurrency, drain=False, logger=logger, where=where)
         self._queue = queue
-        self._handler = handler
-        self._idle: set[asyncio.Task[None]] = set()
-        self._cancelled = False
         self._on_cancel = on_cancel
         queue.consumers += 1
-        self._workers = [asyncio.ensure_future(self._work()) for _ in range(concurrency)]
-
-    async def _work(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        get = self._queue.get
-        handler = self._handler
-        idle = self._idle
-        while not self._cancelled:
-            idle.add(task)
-            try:
-                delivery = await get()
-            finally:
-                idle.discard(task)
-            try:
-                await handler(delivery)
-            except Exception:  # the framework's handlers settle and log their own errors
-                logger.exception("delivery handler failed on queue %s", self._queue.name)
+        self.start_workers()
 
     async def cancel(self) -> None:
-        if self._cancelled:
+        if self.stopping:
             return
-        self._cancelled = True
         self._queue.consumers -= 1
-        # Idle workers are parked in ``get`` and hold nothing; busy ones finish
-        # their delivery and then see the flag.
-        for task in list(self._idle):
-            task.cancel()
-        if self._idle:
-            await asyncio.gather(*self._idle, return_exceptions=True)
+        await self._stop()
         if self._on_cancel is not None:
             self._on_cancel()
-
-    async def aclose(self) -> None:
-        """Cancel and wait for every worker, busy or not (broker close)."""
-        await self.cancel()
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
 
 
 class _Hub:
@@ -213,7 +187,9 @@ class MemoryBroker(Broker):
     def __init__(self, url: str = "memory://") -> None:
         super().__init__()
         if not url.startswith("memory://"):
-            raise ValueError(f"not a memory broker URL: {url!r}")
+            raise ConfigError(
+                f"invalid memory URL {redact_url(url)!r}: the scheme must be memory://"
+            )
         self.url = self.safe_url = url
         self._name = url[len("memory://") :].strip("/")
         self._hub: _Hub | None = None

@@ -38,7 +38,7 @@ from nats.js import JetStreamContext
 from nats.nuid import NUID
 
 from basidia._speedups import Kind
-from basidia.brokers._common import Backoff, Secrets, WorkerPool, parse_url, tls_context
+from basidia.brokers._common import Backoff, Names, Secrets, WorkerPool, parse_url, tls_context
 from basidia.brokers._nats_jetstream import (
     DLQ_STREAM,
     EVENT_PREFIX,
@@ -150,9 +150,11 @@ class _QueueWorkers(WorkerPool[Msg]):
         endpoints: dict[bytes, Endpoint] | None = None,
         origin: EventOrigin | None = None,
     ) -> None:
-        serve = self._serve_request if origin is None else self._serve_event
         queue: asyncio.Queue[Msg] = sub._pending_queue
-        super().__init__(queue, serve, concurrency, drain=True, logger=logger, where=sub.subject)
+        where = f"subject {sub.subject}"
+        super().__init__(
+            queue, self._serve_event, concurrency, drain=True, logger=logger, where=where
+        )
         self._sub = sub
         self._flush_timeout = flush_timeout
         self._handler = handler
@@ -162,36 +164,51 @@ class _QueueWorkers(WorkerPool[Msg]):
         self.start_workers()
 
     async def _work(self) -> None:
-        if self._origin is None:
-            # Each request worker's own statistics slot: send_reply, called from the
-            # handler in this task, reports error replies to it.
-            serving.set(WorkerState())
-        await super()._work()
-
-    async def _serve_request(self, msg: Msg) -> None:
-        # The hot path of every request: nothing more than the handler and the statistics.
-        body = msg.data
+        if self._origin is not None:
+            await super()._work()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        # Each request worker's own statistics slot: send_reply, called from the handler
+        # in this task, reports error replies to it.
+        state = WorkerState()
+        serving.set(state)
         sub = self._sub
-        # nats-py counts queued bytes against the pending limit; its consumers subtract.
-        sub._pending_size -= len(body)
-        start = time.perf_counter_ns()
-        try:
-            await self._handler(_RequestDelivery(body))
-        except Exception:  # the framework replies with its own errors; this is a bug
-            logger.exception("request handler failed on %s", sub.subject)
-        state = serving.get()
-        assert state is not None
-        error = state.take_error()
+        queue: asyncio.Queue[Msg] = sub._pending_queue
+        idle = self._idle
+        handler = self._handler
         endpoints = self._endpoints
-        if endpoints and len(body) > _FIXED_HEADER:
-            end = _FIXED_HEADER + int.from_bytes(body[_TARGET_LENGTH_AT:_TARGET_LENGTH_END], "big")
-            endpoint = endpoints.get(body[_FIXED_HEADER:end])
-            if endpoint is not None:
-                endpoint.num_requests += 1
-                endpoint.processing_time += time.perf_counter_ns() - start
-                if error is not None:
-                    endpoint.num_errors += 1
-                    endpoint.last_error = error
+        assert endpoints is not None
+        now_ns = time.perf_counter_ns
+        # The hot path of every request: the pool's loop, kept inline with the statistics
+        # (no helper coroutine per request).
+        while not (self.stopping and queue.empty()):
+            idle.add(task)
+            try:
+                msg = await queue.get()
+            finally:
+                idle.discard(task)
+            body = msg.data
+            # nats-py counts queued bytes against the pending limit; its consumers subtract.
+            sub._pending_size -= len(body)
+            start = now_ns()
+            try:
+                await handler(_RequestDelivery(body))
+            except Exception:  # the framework replies with its own errors; this is a bug
+                logger.exception("request handler failed on %s", sub.subject)
+            error = state.take_error()
+            if endpoints and len(body) > _FIXED_HEADER:
+                end = _FIXED_HEADER + int.from_bytes(
+                    body[_TARGET_LENGTH_AT:_TARGET_LENGTH_END], "big"
+                )
+                endpoint = endpoints.get(body[_FIXED_HEADER:end])
+                if endpoint is not None:
+                    endpoint.num_requests += 1
+                    endpoint.processing_time += now_ns() - start
+                    if error is not None:
+                        endpoint.num_errors += 1
+                        endpoint.last_error = error
+        self._stop_idle()
 
     async def _serve_event(self, msg: Msg) -> None:
         body = msg.data
@@ -268,7 +285,10 @@ class NatsBroker(Broker):
         self._user: str | None = None
         self._password: str | None = None
         self._token: str | None = None
-        urls = [parse_url(part.strip(), "NATS", ("nats", "tls"), token_user=True) for part in url.split(",")]
+        urls = [
+            parse_url(part.strip(), "NATS", ("nats", "tls"), token_user=True)
+            for part in url.split(",")
+        ]
         for parsed in urls:
             # Credentials go to nats-py as options, not inside URLs it may log or expose.
             if parsed.password is not None:
@@ -277,7 +297,9 @@ class NatsBroker(Broker):
                 self._token = parsed.token
         # The URL itself is not kept: only its redacted form, and the credentials apart.
         self.safe_url = ",".join(parsed.safe for parsed in urls)
-        self._servers = [f"{parsed.parts.scheme}://{parsed.host}:{parsed.port or 4222}" for parsed in urls]
+        self._servers = [
+            f"{parsed.parts.scheme}://{parsed.host}:{parsed.port or 4222}" for parsed in urls
+        ]
         self._secrets = Secrets(secret for parsed in urls for secret in parsed.secrets)
         schemes = {parsed.parts.scheme for parsed in urls}
         self._wants_tls = "tls" in schemes or any((tls_ca_file, tls_cert_file, tls_key_file))
@@ -314,8 +336,12 @@ class NatsBroker(Broker):
         self._inbox_sub: NatsSubscription | None = None
         self._inbox_task: asyncio.Task[None] | None = None
         self._inbox_handlers: dict[str, InboxHandler] = {}
-        self._request_subjects: dict[str, str] = {}
-        self._event_subjects: dict[str, str] = {}
+        self._request_subjects = Names(
+            lambda service: RPC_PREFIX + _checked_name(service, "service name")
+        )
+        self._event_subjects = Names(
+            lambda event: EVENT_PREFIX + _checked_name(event, "event name")
+        )
         self._workers: list[_QueueWorkers] = []
         self._endpoints: dict[str, dict[bytes, Endpoint]] = {}
         self._services: dict[str, ServiceRecord] = {}
@@ -478,7 +504,9 @@ class NatsBroker(Broker):
             self._last_error = exc
         if self.connected:
             text = self._secrets.scrub(str(exc) or repr(exc))
-            self._throttled_log.log(logging.WARNING, "error", "NATS error on %s: %s", self.safe_url, text)
+            self._throttled_log.log(
+                logging.WARNING, "error", "NATS error on %s: %s", self.safe_url, text
+            )
         else:
             logger.debug("NATS error on %s: %s", self.safe_url, self._secrets.scrub(repr(exc)))
 
@@ -565,17 +593,10 @@ class NatsBroker(Broker):
 
     # -- RPC -----------------------------------------------------------------------------------
 
-    def _request_subject(self, service: str) -> str:
-        subject = self._request_subjects.get(service)
-        if subject is None:
-            subject = RPC_PREFIX + _checked_name(service, "service name")
-            self._request_subjects[service] = subject
-        return subject
-
     async def serve_requests(
         self, service: str, handler: DeliveryHandler, *, concurrency: int
     ) -> Subscription:
-        subject = self._request_subject(service)
+        subject = self._request_subjects[service]
         sub = await self._subscribe(
             subject,
             queue=service,
@@ -594,7 +615,7 @@ class NatsBroker(Broker):
         if nc is None or not nc.is_connected:
             # Fail fast instead of buffering a call that would wait for its deadline.
             raise ConnectionLost(f"not connected to {self.safe_url}")
-        subject = self._request_subjects.get(service) or self._request_subject(service)
+        subject = self._request_subjects[service]
         try:
             await nc.publish(subject, body, reply=f"{self._inbox}.{correlation_id}.{service}")
         except nats.errors.MaxPayloadError:
@@ -667,17 +688,8 @@ class NatsBroker(Broker):
 
     # -- events --------------------------------------------------------------------------------
 
-    def _event_subject(self, event: str) -> str:
-        subject = self._event_subjects.get(event)
-        if subject is None:
-            subject = EVENT_PREFIX + _checked_name(event, "event name")
-            if len(self._event_subjects) > 4096:  # bound the cache for dynamic event names
-                self._event_subjects.clear()
-            self._event_subjects[event] = subject
-        return subject
-
     async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
-        subject = self._event_subject(event)
+        subject = self._event_subjects[event]
         # JetStream drops a second publish with the same Nats-Msg-Id (duplicate_window).
         headers = {"Nats-Msg-Id": idempotency_key}
         await self._events.publish(subject, body, headers, f"event {event!r}")
@@ -685,7 +697,7 @@ class NatsBroker(Broker):
     async def subscribe_events(
         self, subscription: EventSubscription, handler: DeliveryHandler, *, concurrency: int
     ) -> Subscription:
-        subject = self._event_subject(subscription.event)
+        subject = self._event_subjects[subscription.event]
         if subscription.durable:
             return await self._events.subscribe(
                 subscription, subject, handler, concurrency, _nuid()
@@ -754,7 +766,7 @@ class NatsBroker(Broker):
             _nuid(),
             version=version,
             methods=endpoints,
-            subject=self._request_subject(name),
+            subject=self._request_subjects[name],
             description=description,
             metadata=metadata,
         )
