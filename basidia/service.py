@@ -33,6 +33,12 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _EVENT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _MARK = "__basidia_entrypoint__"
+# A semantic version (semver.org's expression), as service directories expect.
+SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
 
 
 class Entrypoint:
@@ -254,6 +260,11 @@ class Service:
         if name is not None and not (isinstance(name, str) and _NAME.match(name)):
             raise TypeError(
                 f"{cls.__qualname__}.name must be an identifier-like string, got {name!r}"
+            )
+        version = cls.__dict__.get("version")
+        if version is not None and not (isinstance(version, str) and SEMVER.match(version)):
+            raise TypeError(
+                f"{cls.__qualname__}.version must be a semantic version (1.2.3), got {version!r}"
             )
 
     @classmethod

@@ -1,57 +1,38 @@
 """The NATS service API (ADR-32) for the NATS broker: what ``$SRV.PING/INFO/STATS`` answer.
 
-Each registered service has a record with its RPC methods as endpoints.  The
-broker's request workers count requests, errors and processing time per
-endpoint; the answers are built only when someone asks.
+Each registered service has a record with its RPC methods as endpoints.  Their
+requests, errors and processing times are the container's counters
+(``EndpointStats``), read when someone asks.
 """
 
 from __future__ import annotations
 
-import contextvars
 import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-from basidia._speedups import decode_frame
+from basidia.brokers.base import EndpointStats, ServiceInfo
+from basidia.service import SEMVER
 
-__all__ = ["Endpoint", "ServiceRecord", "WorkerState", "announceable", "new_record", "serving"]
+__all__ = ["Endpoint", "ServiceRecord", "announceable", "new_record"]
 
 _SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-# The semver.org expression, as ADR-32 asks.
-_SEMVER_RE = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
-)
 _json_encode = msgspec.json.encode
 
 
 class Endpoint:
-    """One RPC method as the service API shows it, with its counters."""
+    """One RPC method as the service API shows it, with its container's counters."""
 
-    __slots__ = (
-        "last_error",
-        "name",
-        "num_errors",
-        "num_requests",
-        "processing_time",
-        "queue_group",
-        "subject",
-    )
+    __slots__ = ("counters", "name", "queue_group", "subject")
 
-    def __init__(self, name: str, subject: str, queue_group: str) -> None:
+    def __init__(self, name: str, subject: str, queue_group: str, counters: EndpointStats) -> None:
         self.name = name
         self.subject = subject
         self.queue_group = queue_group
-        self.num_requests = 0
-        self.num_errors = 0
-        self.processing_time = 0  # nanoseconds
-        # The last error *frame*: turned into text only when someone asks for STATS.
-        self.last_error: bytes | None = None
+        self.counters = counters
 
     def info(self) -> dict[str, Any]:
         return {
@@ -62,29 +43,19 @@ class Endpoint:
         }
 
     def stats(self) -> dict[str, Any]:
-        requests = self.num_requests
+        counters = self.counters
+        requests = counters.num_requests
         return {
             "name": self.name,
             "subject": self.subject,
             "queue_group": self.queue_group,
             "num_requests": requests,
-            "num_errors": self.num_errors,
-            "last_error": _error_text(self.last_error),
-            "processing_time": self.processing_time,
-            "average_processing_time": self.processing_time // requests if requests else 0,
+            "num_errors": counters.num_errors,
+            "last_error": counters.last_error,
+            "processing_time": counters.processing_time,
+            "average_processing_time": counters.processing_time // requests if requests else 0,
             "data": None,  # optional in ADR-32, but nats-py's parser requires the key
         }
-
-
-def _error_text(frame: bytes | None) -> str:
-    """``"Type: message"`` from an error frame, for ``last_error`` ("" when none)."""
-    if frame is None:
-        return ""
-    try:
-        error = msgspec.msgpack.decode(decode_frame(frame).payload)
-        return f"{error.get('type', 'Error')}: {error.get('message', '')}"
-    except Exception:  # an unreadable error frame is still an error
-        return "unreadable error frame"
 
 
 def _utc_now() -> str:
@@ -132,42 +103,16 @@ def announceable(name: str) -> bool:
     return _SERVICE_NAME_RE.match(name) is not None
 
 
-def new_record(
-    name: str,
-    service_id: str,
-    *,
-    version: str,
-    methods: Iterable[str],
-    subject: str,
-    description: str,
-    metadata: Mapping[str, str] | None,
-) -> ServiceRecord:
-    """A record for service ``name`` (``announceable``) whose RPC ``methods`` listen on
-    ``subject``; raises ``ValueError`` for a version that is not a semantic one.
-    """
-    if not _SEMVER_RE.match(version):
-        raise ValueError(f"service version {version!r} is not a semantic version")
+def new_record(info: ServiceInfo, service_id: str, *, subject: str) -> ServiceRecord:
+    """A record for the service of ``info`` (``announceable``), whose RPC methods listen on
+    ``subject``; raises ``ValueError`` for a version that is not a semantic one."""
+    if not SEMVER.match(info.version):
+        raise ValueError(f"service version {info.version!r} is not a semantic version")
     # The queue group of a Basidia service is its name (see NatsBroker.serve_requests).
-    endpoints = [Endpoint(method, subject, name) for method in methods]
-    return ServiceRecord(name, service_id, version, description, dict(metadata or {}), endpoints)
-
-
-class WorkerState:
-    """Per request worker: lets ``send_reply`` report an error reply to the worker's stats."""
-
-    __slots__ = ("error",)
-
-    def __init__(self) -> None:
-        self.error: bytes | None = None
-
-    def take_error(self) -> bytes | None:
-        """The error frame replied since the last call, if any."""
-        error, self.error = self.error, None
-        return error
-
-
-#: Set once in each request worker task (and inherited by tasks it spawns): the framework
-#: replies from inside the delivery handler, so ``send_reply`` finds the worker it serves.
-serving: contextvars.ContextVar[WorkerState | None] = contextvars.ContextVar(
-    "basidia_nats_serving", default=None
-)
+    endpoints = [
+        Endpoint(method, subject, info.name, info.stats.get(method) or EndpointStats())
+        for method in info.methods
+    ]
+    return ServiceRecord(
+        info.name, service_id, info.version, info.description, dict(info.metadata), endpoints
+    )

@@ -25,8 +25,7 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable
 from typing import Any
 
 import nats.errors
@@ -37,7 +36,6 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.nuid import NUID
 
-from basidia._speedups import Kind
 from basidia.brokers._common import Backoff, Names, Secrets, WorkerPool, parse_url, tls_context
 from basidia.brokers._nats_jetstream import (
     DLQ_STREAM,
@@ -49,14 +47,7 @@ from basidia.brokers._nats_jetstream import (
     round_trip,
     withdraw,
 )
-from basidia.brokers._nats_service_api import (
-    Endpoint,
-    ServiceRecord,
-    WorkerState,
-    announceable,
-    new_record,
-    serving,
-)
+from basidia.brokers._nats_service_api import ServiceRecord, announceable, new_record
 from basidia.brokers.base import (
     Broker,
     Delivery,
@@ -82,12 +73,6 @@ SERVICE_API_PREFIX = "$SRV"
 # messages); beyond either, nats-py drops messages as a slow consumer.
 _MAX_PENDING_BYTES = 64 * 1024 * 1024
 _NO_RESPONDERS = "503"
-_ERROR_KIND = int(Kind.ERROR)
-# Frame layout (docs/protocol.md): the target's length is a big-endian u16 at offset 24,
-# the target itself starts right after the 32-byte fixed header.
-_TARGET_LENGTH_AT = 24
-_TARGET_LENGTH_END = 26
-_FIXED_HEADER = 32
 # Names put into subjects: dot-separated tokens without blanks or wildcards.
 _SUBJECT_RE = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 # A reply address Basidia answers to: an inbox subject of printable ASCII, no wildcards.
@@ -136,8 +121,8 @@ class _QueueWorkers(WorkerPool[Msg]):
     """``concurrency`` workers taking messages from one core-NATS subscription's pending queue.
 
     The subscription has no callback, so nats-py only queues messages (bounded by
-    ``max_pending``); the idle workers wait on that queue themselves.  Request workers
-    also count the service API's statistics (``endpoints``).
+    ``max_pending``); the idle workers wait on that queue themselves.  Requests when
+    ``origin`` is None, core events of ``origin`` otherwise.
     """
 
     def __init__(
@@ -147,68 +132,24 @@ class _QueueWorkers(WorkerPool[Msg]):
         concurrency: int,
         *,
         flush_timeout: float,
-        endpoints: dict[bytes, Endpoint] | None = None,
         origin: EventOrigin | None = None,
     ) -> None:
         queue: asyncio.Queue[Msg] = sub._pending_queue
         where = f"subject {sub.subject}"
-        super().__init__(
-            queue, self._serve_event, concurrency, drain=True, logger=logger, where=where
-        )
+        serve = self._serve_request if origin is None else self._serve_event
+        super().__init__(queue, serve, concurrency, drain=True, logger=logger, where=where)
         self._sub = sub
         self._flush_timeout = flush_timeout
         self._handler = handler
-        self._endpoints = endpoints
         self._origin = origin
         self._cancelled = False
         self.start_workers()
 
-    async def _work(self) -> None:
-        if self._origin is not None:
-            await super()._work()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        # Each request worker's own statistics slot: send_reply, called from the handler
-        # in this task, reports error replies to it.
-        state = WorkerState()
-        serving.set(state)
-        sub = self._sub
-        queue: asyncio.Queue[Msg] = sub._pending_queue
-        idle = self._idle
-        handler = self._handler
-        endpoints = self._endpoints
-        assert endpoints is not None
-        now_ns = time.perf_counter_ns
-        # The hot path of every request: the pool's loop, kept inline with the statistics
-        # (no helper coroutine per request).
-        while not (self.stopping and queue.empty()):
-            idle.add(task)
-            try:
-                msg = await queue.get()
-            finally:
-                idle.discard(task)
-            body = msg.data
-            # nats-py counts queued bytes against the pending limit; its consumers subtract.
-            sub._pending_size -= len(body)
-            start = now_ns()
-            try:
-                await handler(_RequestDelivery(body))
-            except Exception:  # the framework replies with its own errors; this is a bug
-                logger.exception("request handler failed on %s", sub.subject)
-            error = state.take_error()
-            if endpoints and len(body) > _FIXED_HEADER:
-                end = _FIXED_HEADER + int.from_bytes(
-                    body[_TARGET_LENGTH_AT:_TARGET_LENGTH_END], "big"
-                )
-                endpoint = endpoints.get(body[_FIXED_HEADER:end])
-                if endpoint is not None:
-                    endpoint.num_requests += 1
-                    endpoint.processing_time += now_ns() - start
-                    if error is not None:
-                        endpoint.num_errors += 1
-                        endpoint.last_error = error
-        self._stop_idle()
+    def _serve_request(self, msg: Msg) -> Awaitable[None]:
+        body = msg.data
+        # nats-py counts queued bytes against the pending limit; its consumers subtract.
+        self._sub._pending_size -= len(body)
+        return self._handler(_RequestDelivery(body))
 
     async def _serve_event(self, msg: Msg) -> None:
         body = msg.data
@@ -343,7 +284,6 @@ class NatsBroker(Broker):
             lambda event: EVENT_PREFIX + _checked_name(event, "event name")
         )
         self._workers: list[_QueueWorkers] = []
-        self._endpoints: dict[str, dict[bytes, Endpoint]] = {}
         self._services: dict[str, ServiceRecord] = {}
         self._service_api_sub: NatsSubscription | None = None
         self._last_error: BaseException | None = None
@@ -603,10 +543,7 @@ class NatsBroker(Broker):
             pending_msgs_limit=self._max_pending,
             pending_bytes_limit=_MAX_PENDING_BYTES,
         )
-        endpoints = self._endpoints.setdefault(service, {})
-        workers = _QueueWorkers(
-            sub, handler, concurrency, flush_timeout=self._publish_timeout, endpoints=endpoints
-        )
+        workers = _QueueWorkers(sub, handler, concurrency, flush_timeout=self._publish_timeout)
         self._workers.append(workers)
         return workers
 
@@ -665,9 +602,6 @@ class NatsBroker(Broker):
             handler(frame)
 
     async def send_reply(self, reply_to: str, body: bytes) -> None:
-        state = serving.get()
-        if state is not None and len(body) > 1 and body[1] == _ERROR_KIND:
-            state.error = body
         # reply_to comes from a request frame; the container has checked it already.
         if self.reply_to_problem(reply_to) is not None:
             logger.debug("dropped a reply to a non-inbox subject")
@@ -720,68 +654,26 @@ class NatsBroker(Broker):
     # -- the NATS service API (ADR-32) ---------------------------------------------------------
 
     async def register_service(self, info: ServiceInfo) -> None:
-        try:
-            await self.register_service_info(
-                info.name,
-                version=info.version,
-                endpoints=info.methods,
-                description=info.description,
-                metadata=info.metadata,
-            )
-        except ValueError as exc:  # a version the service API refuses: serve all the same
-            logger.warning(
-                "service %r is not announced on the NATS service API: %s", info.name, exc
-            )
+        """Answer ``$SRV.PING/INFO/STATS`` for the service of ``info``: its RPC methods as
+        endpoints, their counters read from ``info.stats`` (the container's) when asked.
 
-    def unregister_service(self, name: str) -> None:
-        self.unregister_service_info(name)
-
-    async def register_service_info(
-        self,
-        name: str,
-        *,
-        version: str = "0.0.0",
-        endpoints: Iterable[str] = (),
-        description: str = "",
-        metadata: Mapping[str, str] | None = None,
-    ) -> str | None:
-        """Answer ``$SRV.PING/INFO/STATS`` for service ``name`` and its RPC ``endpoints``.
-
-        ``endpoints`` are the names of the service's RPC methods.  Their request counts,
-        errors and processing times (``$SRV.STATS``) are measured by this broker's request
-        workers.  Returns the id of this service instance, or None (and a warning) for a
-        name the service API cannot carry; a bad ``version`` raises ``ValueError``.  Call
-        it again to replace the description (counters restart), and
-        ``unregister_service_info`` when the service stops.
+        A name the service API cannot carry is served all the same, unannounced (with a
+        warning).  Called again, it replaces the record (a new instance id).
         """
-        if not announceable(name):
+        if not announceable(info.name):
             logger.warning(
                 "service %r is not announced on the NATS service API: names there may only "
                 "use letters, digits, '-' and '_'",
-                name,
+                info.name,
             )
-            return None
-        record = new_record(
-            name,
-            _nuid(),
-            version=version,
-            methods=endpoints,
-            subject=self._request_subjects[name],
-            description=description,
-            metadata=metadata,
-        )
-        # The request workers of this service count into this very dict.
-        stats = self._endpoints.setdefault(name, {})
-        stats.clear()
-        stats.update({f"{name}.{e.name}".encode(): e for e in record.endpoints})
-        self.unregister_service_info(name)
+            return
+        record = new_record(info, _nuid(), subject=self._request_subjects[info.name])
+        self.unregister_service(info.name)
         self._services[record.id] = record
         if self._nc is not None:
             await self._subscribe_service_api()
-        return record.id
 
-    def unregister_service_info(self, name: str) -> None:
-        """Stop answering the service API for ``name``."""
+    def unregister_service(self, name: str) -> None:
         for service_id in [key for key, rec in self._services.items() if rec.name == name]:
             del self._services[service_id]
 

@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
 from basidia import Service, ServiceRunner, connect, rpc
+from basidia.brokers.base import ServiceInfo as Announcement
 from basidia.brokers.nats import NatsBroker
 
 pytestmark = [pytest.mark.nats, pytest.mark.timeout(60)]
@@ -113,12 +114,15 @@ async def announce(runner: ServiceRunner) -> None:
     broker = runner.broker
     assert isinstance(broker, NatsBroker)
     for name, container in runner.containers.items():
-        await broker.register_service_info(
-            name,
-            version="1.2.3",
-            endpoints=list(container.endpoint_stats),
-            description=(container.service_cls.__doc__ or "").strip(),
-            metadata={"runner": "test"},
+        await broker.register_service(
+            Announcement(
+                name,
+                version="1.2.3",
+                description=(container.service_cls.__doc__ or "").strip(),
+                methods=list(container.endpoint_stats),
+                stats=container.endpoint_stats,
+                metadata={"runner": "test"},
+            )
         )
 
 
@@ -208,7 +212,7 @@ async def test_a_stopped_service_no_longer_answers(
         await announce(runner)
         broker = runner.broker
         assert isinstance(broker, NatsBroker)
-        broker.unregister_service_info(clock.name)
+        broker.unregister_service(clock.name)
         answers = ours(await gather(plain, "$SRV.PING"), echo.name, clock.name)
         assert set(answers) == {echo.name}
         ServicePing.from_dict(answers[echo.name])
@@ -221,13 +225,17 @@ async def test_names_and_versions_the_service_api_cannot_carry(
     broker = NatsBroker(nats_url)
     await broker.connect()
     try:
-        assert await broker.register_service_info(f"billing.v2_{unique}") is None
+        await broker.register_service(Announcement(f"billing.v2_{unique}", "1.0.0", "", []))
         assert "not announced" in caplog.text
         assert await gather(plain, f"$SRV.PING.billing.v2_{unique}", 0.2) == []
-        with pytest.raises(ValueError, match="semantic version"):
-            await broker.register_service_info(f"billing_{unique}", version="2")
     finally:
         await broker.close()
+    # A version is checked when the class is made, the same on every broker.
+    with pytest.raises(TypeError, match="semantic version"):
+
+        class Billing(Service):
+            name = f"billing_{unique}"
+            version = "2"
 
 
 async def test_a_runner_announces_its_services_on_its_own(
