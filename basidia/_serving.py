@@ -20,7 +20,13 @@ import msgspec
 
 from basidia._speedups import HARD_MAX_FRAME_SIZE, Frame, Kind, decode_frame
 from basidia._wire import error_reply, reply_frame
-from basidia.brokers.base import Delivery, EndpointStats, EventSubscription, Subscription
+from basidia.brokers.base import (
+    Delivery,
+    EndpointStats,
+    EventSubscription,
+    Failure,
+    Subscription,
+)
 from basidia.context import CallContext
 from basidia.errors import (
     BrokerError,
@@ -269,13 +275,13 @@ class _EventServer:
                 raise FrameError(f"expected an event frame, got {_kind(frame)}")
         except FrameError as exc:
             _reject(container, f"a malformed event frame for {handler.name}", str(exc))
-            await self._dead_letter(delivery, f"malformed frame: {exc}")
+            await self._dead_letter(delivery, f"malformed frame: {exc}", "")
             return
         try:
             data = self._decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             _reject(container, f"invalid event data for {handler.name}", str(exc))
-            await self._dead_letter(delivery, f"invalid event data: {exc}")
+            await self._dead_letter(delivery, f"invalid event data: {exc}", "")
             return
         attempts = handler.max_attempts or container.runtime.settings.event_max_attempts
         if delivery.attempt > attempts:
@@ -288,7 +294,7 @@ class _EventServer:
                 delivery.attempt,
             )
             await self._dead_letter(
-                delivery, f"delivered {delivery.attempt} times without completing"
+                delivery, f"delivered {delivery.attempt} times without completing", ""
             )
             return
         ctx = CallContext(name, handler.name, frame, 0.0, delivery.attempt)
@@ -317,10 +323,13 @@ class _EventServer:
                     delivery.attempt,
                     shorten(reason),
                 )
-                await self._dead_letter(delivery, reason)
+                await self._dead_letter(delivery, reason, type(exc).__name__)
         else:
             await delivery.ack()
 
-    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+    async def _dead_letter(self, delivery: Delivery, reason: str, exception: str) -> None:
+        """Park the event; ``exception`` is the handler's exception type, "" when the
+        failure was not the handler's."""
         self.container.stats.dead_lettered += 1
-        await delivery.dead_letter(reason)
+        failure = Failure(reason, exception, self.container.service_name, self.handler.name)
+        await delivery.dead_letter(failure)

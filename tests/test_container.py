@@ -24,7 +24,7 @@ from basidia import (
 from basidia._speedups import Frame, Kind, encode_frame
 from basidia.brokers.memory import MemoryBroker
 
-from .brokers.contract import eventually
+from .brokers.contract import dead_letters_of, eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -213,8 +213,8 @@ async def test_malformed_event_frames_are_dead_lettered(memory_url: str) -> None
         broker = runner.broker
         assert isinstance(broker, MemoryBroker)
         await broker.publish_event("job.queued", b"\x01\x04 not really", idempotency_key="k1")
-        await eventually(lambda: len(broker.dead_letters) == 1)
-        assert broker.dead_letters[0].reason.startswith("malformed frame: ")
+        [letter] = await dead_letters_of(broker, "worker.on_job", 1)
+        assert letter.reason.startswith("malformed frame: ")
         await runner.dispatch("job.queued", {"id": 2})
         await eventually(lambda: gate.finished == 1)
 
@@ -225,8 +225,7 @@ async def test_invalid_event_data_is_dead_lettered_without_retries(memory_url: s
         broker = runner.broker
         assert isinstance(broker, MemoryBroker)
         await runner.dispatch("job.queued", ["not", "a", "dict"])
-        await eventually(lambda: len(broker.dead_letters) == 1)
-        letter = broker.dead_letters[0]
+        [letter] = await dead_letters_of(broker, "worker.on_job", 1)
         assert letter.attempts == 1
         assert "invalid event data" in letter.reason
         assert gate.finished == 0

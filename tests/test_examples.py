@@ -92,9 +92,11 @@ async def test_redelivered_event_with_the_same_key_sends_no_second_note(
     runner, cluster = running
     container = runner.containers["notification_service"]
     user = {"id": 7, "email": "bob@example.com"}
-    for _ in range(2):  # the same business event, published twice (a redelivery)
-        async with entrypoint_waiter(container, "on_user_created"):
-            await cluster.dispatch("user.created", user, idempotency_key="user-7-created")
+    async with entrypoint_waiter(container, "on_user_created"):
+        await cluster.dispatch("user.created", user, idempotency_key="user-7-created")
+    # The same business event, published again: the memory broker drops the repeat (as
+    # JetStream would); a redelivery that did reach the handler finds its key seen.
+    await cluster.dispatch("user.created", user, idempotency_key="user-7-created")
     async with entrypoint_waiter(container, "on_user_created"):
         await cluster.dispatch("user.created", {"id": 8, "email": "cyd@example.com"})
 

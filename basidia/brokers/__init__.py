@@ -7,13 +7,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from basidia.brokers._common import redact_url
-from basidia.brokers.base import Broker, Delivery, EventSubscription, Subscription
+from basidia.brokers.base import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    EventSubscription,
+    Failure,
+    Subscription,
+)
 from basidia.errors import ConfigError
 
 __all__ = [
     "Broker",
+    "DeadLetter",
     "Delivery",
     "EventSubscription",
+    "Failure",
     "Subscription",
     "broker_from_url",
     "redact_url",

@@ -4,7 +4,8 @@ A consumer declares one queue (a service's request queue, or an event group's qu
 and its dead-letter queue) and consumes it on a channel of its own, with a pool of
 workers that run the handlers; it consumes again after every reconnection.  A
 delivery settles one message: ack, reject, or for an event a confirmed republish
-with the next attempt number, or a move to the group's dead-letter queue.
+with the attempts made so far, or a move to the group's dead-letter queue with the
+dead-letter headers of ``basidia.brokers.base`` (docs/dead-letters.md).
 
 The small helpers and constants the broker shares with them live here too, so this
 module imports ``basidia.brokers.amqp`` for type checking only.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import time
 import uuid
@@ -28,7 +30,20 @@ from pamqp.header import ContentHeader
 
 from basidia.brokers._amqp_fast import oversized
 from basidia.brokers._common import WorkerPool
-from basidia.brokers.base import Delivery, DeliveryHandler, EventSubscription, error_reply
+from basidia.brokers.base import (
+    ATTEMPTS_HEADER,
+    EVENT_HEADER,
+    FIRST_FAILURE_HEADER,
+    GROUP_HEADER,
+    REASON_HEADER,
+    Delivery,
+    DeliveryHandler,
+    EventSubscription,
+    Failure,
+    dead_letter_headers,
+    error_reply,
+    make_dead_letter,
+)
 from basidia.errors import BrokerError, MessageTooLarge
 from basidia.log import ThrottledLog
 
@@ -36,11 +51,11 @@ if TYPE_CHECKING:
     from basidia.brokers.amqp import AmqpBroker
 
 __all__ = [
-    "ATTEMPT_HEADER",
-    "DEAD_AT_HEADER",
+    "ATTEMPTS_HEADER",
     "EVENT_HEADER",
+    "FIRST_FAILURE_HEADER",
     "GROUP_HEADER",
-    "QUEUE_HEADER",
+    "HEADERS_DROPPED_HEADER",
     "REASON_HEADER",
 ]
 
@@ -49,20 +64,21 @@ logger = logging.getLogger("basidia.brokers.amqp")
 # Bad input from publishers (oversized headers, say): a line per kind per interval.
 bad_input = ThrottledLog(logger)
 
-# Message headers Basidia writes; documented in docs/rabbitmq.md.
-ATTEMPT_HEADER = "x-basidia-attempt"
-EVENT_HEADER = "x-basidia-event"
-REASON_HEADER = "x-basidia-reason"
-GROUP_HEADER = "x-basidia-group"
-QUEUE_HEADER = "x-basidia-queue"
-DEAD_AT_HEADER = "x-basidia-dead-lettered-at"
+# Message headers Basidia writes: a dead letter's are ``basidia.brokers.base``'s, the same on
+# every broker (docs/dead-letters.md); a retry carries ``basidia-attempts`` (attempts made so
+# far), ``basidia-first-failure`` and ``basidia-event`` (docs/rabbitmq.md).
 #: On a retried or dead-lettered event whose own headers could not be carried over
 #: (they left no room in the broker's frame size): the bytes of the content header
 #: they made.
-HEADERS_DROPPED_HEADER = "x-basidia-headers-dropped"
+HEADERS_DROPPED_HEADER = "basidia-headers-dropped"
+# Headers of ours on a message are never copied onto its retry or dead letter: they are
+# written afresh.  The names of earlier releases (``x-basidia-*``) go too.
+_OUR_HEADERS = ("basidia-", "x-basidia-")
+# The retry header of earlier releases: the attempt number of the next delivery.
+_LEGACY_ATTEMPT_HEADER = "x-basidia-attempt"
+_LEGACY_REASON_HEADER = "x-basidia-reason"
 
 _MAX_NAME_BYTES = 255  # AMQP short strings: queue names and routing keys
-_MAX_REASON_CHARS = 4096  # a dead letter's reason header; tracebacks can be long
 _PERSISTENT = 2  # AMQP delivery mode: written to disk by durable queues
 _GIVE_BACK_PAUSE = 0.5  # seconds before requeueing an event whose retry could not be published
 _HEADER_HEADROOM = 1024  # bytes of a frame left free when republishing a content header
@@ -294,7 +310,7 @@ class _Delivery(Delivery):
     async def nack(self, *, requeue: bool = True) -> None:
         await self._settle(ack=False, requeue=requeue)
 
-    async def dead_letter(self, reason: str) -> None:
+    async def dead_letter(self, failure: Failure) -> None:
         await self._settle(ack=False)
 
 
@@ -374,7 +390,7 @@ class _EventConsumer(_Consumer):
             size, limit = message.header.body_size, self.broker.max_message_size
             reason = f"an event of {size} bytes exceeds max_message_size ({limit} bytes)"
             bad_input.log(logging.ERROR, "oversized event", "%s on %s", reason, self.queue)
-            await delivery.dead_letter(f"{reason}; its body was not kept")
+            await delivery.dead_letter(Failure(f"{reason}; its body was not kept"))
         elif message.redelivered:
             # The broker gives it again after a lost channel or connection: that was an
             # attempt too.  Count it by republishing it with the next attempt number, so
@@ -384,8 +400,18 @@ class _EventConsumer(_Consumer):
             await self.handler(delivery)
 
 
+def _header_int(value: Any) -> int:
+    """A header's value as a positive int, or 0 (written as text, or typed by others)."""
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii", "replace")
+    if isinstance(value, str):
+        value = value.strip()
+        value = int(value) if value.isdigit() and len(value) < 19 else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 class _EventDelivery(_Delivery):
-    """An event: ack, retry (republish with the next attempt number), or dead-letter."""
+    """An event: ack, retry (republish with the attempts made so far), or dead-letter."""
 
     __slots__ = ("_consumer",)
 
@@ -393,22 +419,40 @@ class _EventDelivery(_Delivery):
         super().__init__(message, consumer.broker._timeout)
         self._consumer = consumer
 
+    def _retry_headers(self) -> dict[str, Any]:
+        """The headers of a retry Basidia republished, or {} for a first delivery.
+
+        A message published through the events exchange is a first attempt, whatever its
+        headers say: Basidia republishes retries straight to the group's queue (the default
+        exchange), which publishers of events have no need to be allowed to do
+        (docs/rabbitmq.md, "Permissions").  So is a dead letter moved back to the group's
+        queue (it carries a reason): a replay starts a new count.
+        """
+        if self._message.exchange:
+            return {}
+        headers = self._message.header.properties.headers or {}
+        if REASON_HEADER in headers or _LEGACY_REASON_HEADER in headers:
+            return {}
+        return headers
+
     @property
     def attempt(self) -> int:
-        if self._message.exchange:
-            # Published through the events exchange: a first attempt, whatever its headers
-            # say.  Basidia republishes retries straight to the group's queue (the default
-            # exchange), which publishers of events have no need to be allowed to do
-            # (docs/rabbitmq.md, "Permissions").
-            return 1
-        headers = self._message.header.properties.headers or {}
-        value = headers.get(ATTEMPT_HEADER)
-        return value if isinstance(value, int) and value > 0 else 1
+        headers = self._retry_headers()
+        made = _header_int(headers.get(ATTEMPTS_HEADER))
+        if made:
+            return made + 1
+        return _header_int(headers.get(_LEGACY_ATTEMPT_HEADER)) or 1
+
+    def _first_failure(self) -> float:
+        """Seconds since the epoch of this event's first failed attempt, carried by its
+        retries; 0 for a first delivery."""
+        return _header_int(self._retry_headers().get(FIRST_FAILURE_HEADER)) / 1000
 
     @property
     def event(self) -> str:
         """The event's name, also after a republish to the group's queue."""
-        value = (self._message.header.properties.headers or {}).get(EVENT_HEADER)
+        headers = self._message.header.properties.headers or {}
+        value = headers.get(EVENT_HEADER, headers.get("x-basidia-event"))
         return value if isinstance(value, str) else self._message.routing_key or ""
 
     async def _move(self, queue: str, headers: dict[str, Any], what: str) -> None:
@@ -435,7 +479,11 @@ class _EventDelivery(_Delivery):
         that content header would not fit one frame (RabbitMQ closes the connection with
         FRAME_ERROR), ``headers`` alone and the size of what was left out."""
         original = self._message.header.properties
-        own = original.headers or {}
+        own = {
+            name: value
+            for name, value in (original.headers or {}).items()
+            if not name.startswith(_OUR_HEADERS)
+        }
         properties = spec.Basic.Properties(
             delivery_mode=_PERSISTENT,
             message_id=original.message_id,
@@ -452,7 +500,7 @@ class _EventDelivery(_Delivery):
         # 8 bytes of frame envelope, and room for the broker's own additions.
         if size + 8 + _HEADER_HEADROOM <= frame_max:
             return properties
-        dropped = {HEADERS_DROPPED_HEADER: size}
+        dropped = {HEADERS_DROPPED_HEADER: str(size)}
         bad_input.log(
             logging.WARNING,
             "oversized headers",
@@ -467,21 +515,31 @@ class _EventDelivery(_Delivery):
         if self._settled or not requeue:
             await self._settle(ack=False)
             return
-        headers = {ATTEMPT_HEADER: self.attempt + 1, EVENT_HEADER: self.event}
+        # The attempts made so far, this one included; the first failure's time, kept from
+        # the first retry on (milliseconds since the epoch, as in a dead letter).
+        first_failure = self._first_failure() or time.time()
+        headers = {
+            ATTEMPTS_HEADER: str(self.attempt),
+            FIRST_FAILURE_HEADER: str(int(first_failure * 1000)),
+            EVENT_HEADER: self.event,
+        }
         queue = self._consumer.queue
         await self._move(queue, headers, f"retry an event on {queue}")
 
-    async def dead_letter(self, reason: str) -> None:
+    async def dead_letter(self, failure: Failure) -> None:
         if self._settled:
             return
         consumer = self._consumer
-        headers = {
-            REASON_HEADER: reason[:_MAX_REASON_CHARS],
-            EVENT_HEADER: self.event,
-            GROUP_HEADER: consumer.subscription.group,
-            QUEUE_HEADER: consumer.queue,
-            ATTEMPT_HEADER: self.attempt,
-            DEAD_AT_HEADER: int(time.time() * 1000),
-        }
+        letter = make_dead_letter(
+            failure,
+            event=self.event,
+            group=consumer.subscription.group,
+            attempts=self.attempt,
+            frame=self.body,
+            first_failure=self._first_failure(),
+        )
+        size = self._message.header.body_size or 0
+        if size > len(self.body):  # over max_message_size: its body was never read
+            letter = dataclasses.replace(letter, truncated_from=size)
         queue = consumer.dead_letter_queue
-        await self._move(queue, headers, f"dead-letter an event to {queue}")
+        await self._move(queue, dead_letter_headers(letter), f"dead-letter an event to {queue}")

@@ -7,6 +7,8 @@
 * ``Backoff``: capped exponential delays with jitter, for reconnections and retries.
 * ``WorkerPool``: the subscription behind every consumer, ``concurrency`` tasks taking
   deliveries straight from the adapter's own queue.
+* ``RecentKeys``: the idempotency keys a publisher sent lately, so that a repeat publish
+  is dropped where the broker itself does not de-duplicate (RabbitMQ, memory).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -27,6 +30,7 @@ __all__ = [
     "Backoff",
     "BrokerUrl",
     "Names",
+    "RecentKeys",
     "Secrets",
     "Source",
     "WorkerPool",
@@ -246,6 +250,94 @@ class Names(dict[str, str]):
             self.clear()
         self[key] = name
         return name
+
+
+# -- idempotent publishing ---------------------------------------------------------------------
+
+
+class RecentKeys:
+    """The idempotency keys published in the last ``window`` seconds (at most ``max_keys``).
+
+    JetStream drops a second publish with the same ``Nats-Msg-Id`` within its duplicate
+    window; brokers without that (RabbitMQ, memory) get the same guarantee for the
+    publishes of one publisher from this: a repeat of a key confirmed within the window is
+    not sent again, and the publish returns as if confirmed.  A key is remembered only
+    once its publish is confirmed: after a failed one (outcome unknown) publishing again
+    does publish.  Past ``max_keys`` keys within the window the oldest are forgotten early.
+    """
+
+    __slots__ = ("_confirmed", "_in_flight", "dropped", "max_keys", "window")
+
+    def __init__(self, window: float = 120.0, max_keys: int = 100_000) -> None:
+        self.window = float(window)
+        self.max_keys = max(1, int(max_keys))
+        #: Publishes dropped as repeats.
+        self.dropped = 0
+        # key -> monotonic time of its confirm; insertion order is time order.
+        self._confirmed: dict[str, float] = {}
+        # key -> the outcome (confirmed or not) of the publish under way.
+        self._in_flight: dict[str, asyncio.Future[bool]] = {}
+
+    def seen(self, key: str) -> bool:
+        """Whether ``key`` was confirmed within the window."""
+        confirmed = self._confirmed
+        if not confirmed:
+            return False
+        horizon = time.monotonic() - self.window
+        while confirmed:
+            oldest = next(iter(confirmed))
+            if confirmed[oldest] > horizon:
+                break
+            del confirmed[oldest]
+        return key in confirmed
+
+    def remember(self, key: str) -> None:
+        """``key`` was confirmed now."""
+        confirmed = self._confirmed
+        while len(confirmed) >= self.max_keys:
+            del confirmed[next(iter(confirmed))]
+        confirmed[key] = time.monotonic()
+
+    def first_time(self, key: str) -> bool:
+        """For a publish that cannot fail (memory): True, and ``key`` remembered, unless it
+        is a repeat within the window."""
+        if not self.window or not key:
+            return True
+        if self.seen(key):
+            self.dropped += 1
+            return False
+        self.remember(key)
+        return True
+
+    async def publish_once(self, key: str, publish: Callable[[], Awaitable[None]]) -> bool:
+        """Await ``publish()`` unless ``key`` was confirmed within the window; False when
+        dropped as a repeat.  A repeat that comes while the first publish of ``key`` is under
+        way waits for it, and publishes itself only if that one failed."""
+        if not self.window or not key:
+            await publish()
+            return True
+        while True:
+            if self.seen(key):
+                self.dropped += 1
+                return False
+            pending = self._in_flight.get(key)
+            if pending is None:
+                break
+            if await asyncio.shield(pending):
+                self.dropped += 1
+                return False
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = outcome
+        confirmed = False
+        try:
+            await publish()
+            confirmed = True
+        finally:
+            del self._in_flight[key]
+            if confirmed:
+                self.remember(key)
+            outcome.set_result(confirmed)
+        return True
 
 
 # -- worker pools -------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ nats-py's pull-consumer ``fetch`` does not resume after a server restart
 (nats-io/nats.py#504) and pays a task per message, so pull requests are issued
 and tracked here: one live request at a time, for as many messages as there are
 free handler slots, re-issued on reconnection and whenever its idle heartbeats stop.
+
+Dead letters go to ``basidia.dlq.<event>`` in the stream ``BASIDIA_DLQ`` with the
+headers every broker writes (``basidia.brokers.base``, docs/dead-letters.md).  A NAK
+carries nothing, so the time of an event's first failure is remembered by the consumer
+that saw it, per stream sequence.
 """
 
 from __future__ import annotations
@@ -29,10 +34,21 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
-from nats.js import api
+from nats.js import JetStreamContext, api
 
 from basidia.brokers._common import Backoff, WorkerPool
-from basidia.brokers.base import Delivery, DeliveryHandler, EventSubscription
+from basidia.brokers.base import (
+    GROUP_HEADER,
+    TRUNCATED_FROM_HEADER,
+    DeadLetter,
+    Delivery,
+    DeliveryHandler,
+    EventSubscription,
+    Failure,
+    dead_letter_headers,
+    make_dead_letter,
+    read_dead_letter,
+)
 from basidia.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -58,14 +74,13 @@ DLQ_STREAM = "BASIDIA_DLQ"
 EVENT_PREFIX = "basidia.events."
 DLQ_PREFIX = "basidia.dlq."
 
-# Headers of a dead letter, beside the original body.
-REASON_HEADER = "Basidia-Dead-Letter-Reason"
-EVENT_HEADER = "Basidia-Event"
-GROUP_HEADER = "Basidia-Group"
-ATTEMPTS_HEADER = "Basidia-Attempts"
-SEQUENCE_HEADER = "Basidia-Stream-Sequence"
-#: On a dead letter whose body was cut to fit the server's max_payload: the original size.
-TRUNCATED_HEADER = "Basidia-Truncated-From"
+# A dead letter's headers are base.py's, the same on every broker; NATS adds the event's
+# sequence in BASIDIA_EVENTS (and de-duplicates dead letters by it).
+SEQUENCE_HEADER = "basidia-stream-sequence"
+# The group header of earlier releases, still read when listing a group's dead letters.
+_LEGACY_GROUP_HEADER = "Basidia-Group"
+#: First failures a consumer remembers (by stream sequence) for the events it retries.
+MAX_REMEMBERED_FAILURES = 10_000
 
 _HEARTBEAT = "100"
 _CONSUMER_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -213,34 +228,83 @@ class JetStreamEvents:
                     f"could not publish {what}: {self.broker._secrets.scrub(repr(exc))}"
                 ) from None
 
-    async def dead_letter(
-        self, body: bytes, origin: EventOrigin, reason: str, attempts: int, sequence: str
-    ) -> bool:
-        """Keep a failed event, with why it failed, in the dead-letter stream; False if that
-        failed."""
-        headers = {
-            REASON_HEADER: reason[:4096] or "unknown",
-            EVENT_HEADER: origin.event,
-            GROUP_HEADER: origin.group,
-            ATTEMPTS_HEADER: str(attempts),
-        }
+    async def dead_letter(self, letter: DeadLetter, sequence: int) -> bool:
+        """Keep ``letter`` in the dead-letter stream; False if that failed.  ``sequence``
+        is the event's in ``BASIDIA_EVENTS`` (0 for a core-NATS event)."""
+        headers = dead_letter_headers(letter)
         if sequence:
-            headers[SEQUENCE_HEADER] = sequence
+            headers[SEQUENCE_HEADER] = str(sequence)
             # Dead-lettering the same stored event twice keeps one copy.
-            headers["Nats-Msg-Id"] = f"dlq:{origin.group}:{sequence}"
+            headers["Nats-Msg-Id"] = f"dlq:{letter.group}:{sequence}"
         # An event that filled max_payload has no room left for these headers: keep its
         # beginning, and say how long it was, rather than lose the record (docs/nats.md).
+        body = letter.frame
         room = self.broker.max_body_size - headers_size(headers) - 64
         if len(body) > room:
-            headers[TRUNCATED_HEADER] = str(len(body))
+            headers[TRUNCATED_FROM_HEADER] = str(len(body))
             body = body[: max(room, 0)]
-        what = f"a dead letter of {origin.event!r}"
+        what = f"a dead letter of {letter.event!r}"
         try:
-            await self.publish(DLQ_PREFIX + origin.event, body, headers, what)
+            await self.publish(DLQ_PREFIX + letter.event, body, headers, what)
         except BrokerError as exc:
-            logger.error("could not dead-letter an event of %s: %s", origin.event, exc)
+            logger.error("could not dead-letter an event of %s: %s", letter.event, exc)
             return False
         return True
+
+    async def dead_letters(self, group: str, limit: int) -> list[DeadLetter]:
+        """``group``'s dead letters in ``BASIDIA_DLQ``, oldest first, at most ``limit``.
+
+        The stream is kept by event, not by group: an ordered consumer reads the headers of
+        every dead letter (``headers_only``, so no body travels), and the group's are then
+        fetched whole by sequence.  Nothing is acknowledged or removed.
+        """
+        if limit <= 0:
+            return []
+        js = self.broker._jetstream()
+        what = f"could not read the dead letters of {group!r}"
+        try:
+            try:
+                state = (await js.stream_info(DLQ_STREAM)).state
+            except nats.js.errors.NotFoundError:
+                return []
+            if not state.messages:
+                return []
+            sequences = await self._scan(js, group, limit, state.last_seq)
+            letters = []
+            for sequence in sequences:
+                try:
+                    msg = await js.get_msg(DLQ_STREAM, sequence)
+                except nats.js.errors.NotFoundError:
+                    continue  # gone since the scan (max_age)
+                letters.append(read_dead_letter(msg.headers or {}, msg.data or b""))
+            return letters
+        except (TimeoutError, nats.errors.Error) as exc:
+            error = self.broker._secrets.scrub(str(exc) or type(exc).__name__)
+            raise BrokerError(f"{what}: {error}") from None
+
+    async def _scan(self, js: JetStreamContext, group: str, limit: int, last: int) -> list[int]:
+        """Stream sequences of ``group``'s dead letters, up to ``last``, at most ``limit``."""
+        sub = await js.subscribe(
+            DLQ_PREFIX + ">",
+            stream=DLQ_STREAM,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL,
+            headers_only=True,
+        )
+        found: list[int] = []
+        try:
+            while len(found) < limit:
+                msg = await sub.next_msg(timeout=self.api_timeout)
+                metadata = msg.metadata
+                headers = msg.headers or {}
+                if headers.get(GROUP_HEADER, headers.get(_LEGACY_GROUP_HEADER)) == group:
+                    found.append(metadata.sequence.stream)
+                if metadata.sequence.stream >= last or not metadata.num_pending:
+                    break
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        return found
 
     # -- streams and consumers -----------------------------------------------------------------
 
@@ -371,7 +435,13 @@ class JetStreamEvents:
 
 
 class JetStreamDelivery(Delivery):
-    """A JetStream message: settled with an ack, nak or term on its reply subject."""
+    """A JetStream message: settled with an ack, nak or term on its reply subject.
+
+    Its attempt is JetStream's delivery count.  A NAK carries nothing else, so the consumer
+    remembers when the event first failed, by stream sequence (``first_failures``); a
+    redelivery that another instance sees, or one after a restart, has no such memory and
+    its dead letter's first failure is its last.
+    """
 
     __slots__ = ("_consumer", "_received", "_reply", "_settled")
 
@@ -405,18 +475,40 @@ class JetStreamDelivery(Delivery):
     def attempt(self) -> int:
         return self._token(4, 6) or 1
 
+    @property
+    def sequence(self) -> int:
+        """The event's sequence in ``BASIDIA_EVENTS``; 0 if the reply subject hides it."""
+        return self._token(5, 7)
+
     async def ack(self) -> None:
+        if self._consumer.first_failures and not self._settled:
+            self._consumer.first_failures.pop(self.sequence, None)
         await self._settle(b"+ACK")
 
     async def nack(self, *, requeue: bool = True) -> None:
+        if not self._settled:
+            if requeue:
+                self._consumer.failed(self.sequence)
+            elif self._consumer.first_failures:
+                self._consumer.first_failures.pop(self.sequence, None)
         await self._settle(b"-NAK" if requeue else b"+TERM")
 
-    async def dead_letter(self, reason: str) -> None:
+    async def dead_letter(self, failure: Failure) -> None:
         if self._settled:
             return
-        origin = self._consumer.origin
-        sequence = str(self._token(5, 7))
-        if await origin.events.dead_letter(self.body, origin, reason, self.attempt, sequence):
+        consumer = self._consumer
+        origin = consumer.origin
+        sequence = self.sequence
+        letter = make_dead_letter(
+            failure,
+            event=origin.event,
+            group=origin.group,
+            attempts=self.attempt,
+            frame=self.body,
+            first_failure=consumer.first_failures.get(sequence),
+        )
+        if await origin.events.dead_letter(letter, sequence):
+            consumer.first_failures.pop(sequence, None)
             await self._settle(b"+TERM")
         # Otherwise leave it unsettled: JetStream redelivers it after ack_wait, and the
         # framework, seeing the attempt count, tries the dead-letter stream again.
@@ -479,6 +571,9 @@ class PullConsumer(WorkerPool[Msg]):
         self._in_flight = 0
         #: Deliveries handed to a handler and not settled yet.
         self.unsettled: set[JetStreamDelivery] = set()
+        #: When each event this consumer retried first failed (seconds since the epoch),
+        #: by stream sequence; the oldest go past ``MAX_REMEMBERED_FAILURES``.
+        self.first_failures: dict[int, float] = {}
         self._seq = itertools.count(1)
         self._cancelled = False
         self.start_workers()
@@ -490,6 +585,15 @@ class PullConsumer(WorkerPool[Msg]):
         self._request_subject = ""
         self._resync = True
         self._wake.set()
+
+    def failed(self, sequence: int) -> None:
+        """The event at ``sequence`` failed an attempt and goes back to the stream."""
+        failures = self.first_failures
+        if not sequence or sequence in failures:
+            return
+        while len(failures) >= MAX_REMEMBERED_FAILURES:
+            del failures[next(iter(failures))]
+        failures[sequence] = time.time()
 
     async def _pull_loop(self) -> None:
         failures = 0

@@ -13,9 +13,11 @@ Topology (``prefix`` defaults to ``basidia``; docs/rabbitmq.md has the details):
 * events: a durable topic exchange ``<prefix>.events``; one durable queue per
   consumer group, ``<prefix>.events.<group>``, bound to the event name;
   persistent messages, publisher confirms, ack after the handler.  A retry is
-  a confirmed republish to the group's queue with the next attempt number in a
-  header, then an ack; a dead letter goes to ``<prefix>.events.<group>.dlq`` with
-  the reason, event and attempts in headers.
+  a confirmed republish to the group's queue with the attempts made so far and the
+  first failure's time in headers, then an ack; a dead letter goes to
+  ``<prefix>.events.<group>.dlq`` with the dead-letter headers every broker writes
+  (docs/dead-letters.md), and ``dead_letters`` reads them back without taking them.
+  A repeat publish of an idempotency key within ``duplicate_window`` is dropped.
 
 aiormq has no reconnection of its own and can hang while the broker is down, so
 every network await here has a deadline, and a lost connection is opened again
@@ -44,6 +46,7 @@ from basidia.brokers._amqp_consumers import (
     _LINK_ERRORS,
     _PERSISTENT,
     _check_name,
+    _close_channel,
     _Consumer,
     _EventConsumer,
     _really_cancelled,
@@ -51,22 +54,25 @@ from basidia.brokers._amqp_consumers import (
     _serving,
 )
 
-# Message headers Basidia writes (documented in docs/rabbitmq.md), still importable from here.
-from basidia.brokers._amqp_consumers import ATTEMPT_HEADER as ATTEMPT_HEADER
-from basidia.brokers._amqp_consumers import DEAD_AT_HEADER as DEAD_AT_HEADER
+# Message headers Basidia writes (docs/dead-letters.md, docs/rabbitmq.md), still importable
+# from here.
+from basidia.brokers._amqp_consumers import ATTEMPTS_HEADER as ATTEMPTS_HEADER
 from basidia.brokers._amqp_consumers import EVENT_HEADER as EVENT_HEADER
+from basidia.brokers._amqp_consumers import FIRST_FAILURE_HEADER as FIRST_FAILURE_HEADER
 from basidia.brokers._amqp_consumers import GROUP_HEADER as GROUP_HEADER
-from basidia.brokers._amqp_consumers import QUEUE_HEADER as QUEUE_HEADER
+from basidia.brokers._amqp_consumers import HEADERS_DROPPED_HEADER as HEADERS_DROPPED_HEADER
 from basidia.brokers._amqp_consumers import REASON_HEADER as REASON_HEADER
 from basidia.brokers._amqp_fast import Sink, direct_deliveries, publish_nowait
-from basidia.brokers._common import Backoff, Names, Secrets, parse_url, tls_context
+from basidia.brokers._common import Backoff, Names, RecentKeys, Secrets, parse_url, tls_context
 from basidia.brokers.base import (
     Broker,
+    DeadLetter,
     DeliveryHandler,
     EventSubscription,
     InboxHandler,
     Subscription,
     no_responders,
+    read_dead_letter,
 )
 from basidia.errors import BrokerError, ConfigError, ConnectionLost
 
@@ -101,6 +107,8 @@ class AmqpBroker(Broker):
     * ``reconnect_wait``, ``reconnect_wait_max``: capped exponential backoff, with
       jitter, between reconnection attempts;
     * ``prefix``: first word of every exchange and queue name;
+    * ``duplicate_window``: seconds this connection remembers the idempotency keys of the
+      events it published, dropping a repeat publish of one (0: never);
     * ``max_message_size``: bytes of a delivered message's body, at most; a larger one
       is not read into memory: a request is rejected (its caller gets
       ``MessageTooLarge``), an event dead-lettered without its body.  Default: the
@@ -123,6 +131,7 @@ class AmqpBroker(Broker):
         reconnect_wait: float = 0.1,
         reconnect_wait_max: float = 5.0,
         prefix: str = "basidia",
+        duplicate_window: float = 120.0,
         max_message_size: int = HARD_MAX_FRAME_SIZE,
         tls_ca_file: str | None = None,
         tls_cert_file: str | None = None,
@@ -156,6 +165,8 @@ class AmqpBroker(Broker):
         #: Delays between reconnection attempts, and between a consumer's restarts.
         self._backoff = Backoff(float(reconnect_wait), float(reconnect_wait_max))
         self._prefix = prefix
+        #: Idempotency keys of the events published lately (RabbitMQ keeps none).
+        self.recent_keys = RecentKeys(float(duplicate_window))
         self.max_message_size = int(max_message_size)
         self.exchange = _check_name(f"{prefix}.events", "exchange name")
 
@@ -499,7 +510,37 @@ class AmqpBroker(Broker):
             delivery_mode=_PERSISTENT, message_id=idempotency_key, content_type=_CONTENT_TYPE
         )
         what = f"publish event {_check_name(event, 'event name')!r}"
-        await self._publish_confirmed(body, self.exchange, event, properties, what)
+        await self.recent_keys.publish_once(
+            idempotency_key,
+            lambda: self._publish_confirmed(body, self.exchange, event, properties, what),
+        )
+
+    async def dead_letters(self, group: str, *, limit: int = 100) -> list[DeadLetter]:
+        """Read ``<prefix>.events.<group>.dlq`` with ``basic.get`` on a channel of its own,
+        acknowledging nothing, then close the channel: RabbitMQ puts every message back
+        where it was.  A reader running at the same time sees fewer of them meanwhile."""
+        queue = _check_name(f"{self._prefix}.events.{group}.dlq", "dead-letter queue name")
+        connection = self._connection
+        if connection is None or self._closed:
+            raise ConnectionLost(f"not connected to {self.safe_url}")
+        letters: list[DeadLetter] = []
+        channel = await self._channel(connection)
+
+        async def get() -> DeliveredMessage | None:
+            try:
+                return await channel.basic_get(queue, no_ack=False)
+            except aiormq.ChannelNotFoundEntity:
+                return None  # no such queue: the group never had a consumer here
+
+        try:
+            while len(letters) < limit:
+                got = await self._deadline(get(), f"read the dead letters of {group!r}")
+                if got is None or not isinstance(got.delivery, spec.Basic.GetOk):
+                    break
+                letters.append(read_dead_letter(got.header.properties.headers or {}, got.body))
+        finally:
+            await _close_channel(channel, self._timeout)
+        return letters
 
     async def _publish_confirmed(
         self,

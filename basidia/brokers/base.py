@@ -12,6 +12,10 @@ so that every broker behaves the same.  An adapter offers four channels:
   broadcast handlers (``subscribe_events``, ``publish_event``);
 * **health**: ``connected``.
 
+Dead letters look the same on every broker: a ``DeadLetter`` record, kept in the
+headers named here (``dead_letter_headers``, ``read_dead_letter``) beside the original
+frame, and listed with ``Broker.dead_letters`` (docs/dead-letters.md).
+
 Every method that awaits the network must finish or fail within a deadline;
 none may hang while the broker is down.
 """
@@ -19,26 +23,229 @@ none may hang while the broker is down.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from basidia._speedups import HARD_MAX_FRAME_SIZE
 from basidia._wire import error_reply, no_responders
 from basidia.errors import ConnectionLost
 
 __all__ = [
+    "DEAD_LETTER_HEADERS",
     "Broker",
-    "DisconnectCallback",
+    "DeadLetter",
     "Delivery",
     "DeliveryHandler",
+    "DisconnectCallback",
     "EndpointStats",
     "EventSubscription",
+    "Failure",
     "InboxHandler",
     "ServiceInfo",
     "Subscription",
+    "dead_letter_headers",
     "error_reply",
+    "make_dead_letter",
     "no_responders",
+    "read_dead_letter",
 ]
+
+
+# -- dead letters -------------------------------------------------------------------------------
+
+#: A dead letter's headers, the same on every broker (docs/dead-letters.md): lower-case
+#: names, string values, times in milliseconds since the epoch.
+REASON_HEADER = "basidia-reason"
+EXCEPTION_HEADER = "basidia-exception"
+ATTEMPTS_HEADER = "basidia-attempts"
+FIRST_FAILURE_HEADER = "basidia-first-failure"
+LAST_FAILURE_HEADER = "basidia-last-failure"
+SERVICE_HEADER = "basidia-service"
+HANDLER_HEADER = "basidia-handler"
+EVENT_HEADER = "basidia-event"
+GROUP_HEADER = "basidia-group"
+#: Only on a dead letter whose frame was cut to fit the broker (NATS ``max_payload``).
+TRUNCATED_FROM_HEADER = "basidia-truncated-from"
+DEAD_LETTER_HEADERS = (
+    REASON_HEADER,
+    EXCEPTION_HEADER,
+    ATTEMPTS_HEADER,
+    FIRST_FAILURE_HEADER,
+    LAST_FAILURE_HEADER,
+    SERVICE_HEADER,
+    HANDLER_HEADER,
+    EVENT_HEADER,
+    GROUP_HEADER,
+    TRUNCATED_FROM_HEADER,
+)
+#: The names earlier releases wrote (``x-basidia-*`` on RabbitMQ, ``Basidia-*`` on NATS):
+#: still read, never written, so that letters parked before an upgrade can be listed.
+_LEGACY_NAMES: dict[str, tuple[str, ...]] = {
+    REASON_HEADER: ("x-basidia-reason", "Basidia-Dead-Letter-Reason"),
+    ATTEMPTS_HEADER: ("x-basidia-attempt", "Basidia-Attempts"),
+    LAST_FAILURE_HEADER: ("x-basidia-dead-lettered-at",),
+    EVENT_HEADER: ("x-basidia-event", "Basidia-Event"),
+    GROUP_HEADER: ("x-basidia-group", "Basidia-Group"),
+    TRUNCATED_FROM_HEADER: ("Basidia-Truncated-From",),
+}
+
+#: Longest reason kept (tracebacks can be long), and longest name (exception type,
+#: service, handler).
+MAX_REASON_CHARS = 4096
+_MAX_NAME_CHARS = 256
+# Control characters cannot travel in a NATS header (nats-py turns CR and LF into
+# blanks and strips the ends): every broker's record gets the same text.
+_CONTROLS = {code: " " for code in (*range(32), 127)}
+
+
+def _clean(text: str, limit: int) -> str:
+    return text[: limit * 2].translate(_CONTROLS).strip()[:limit]
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why the framework gives up on an event (``Delivery.dead_letter``).
+
+    ``exception`` is the type name of what the handler raised; "" when the failure was
+    not the handler's (a malformed frame, invalid data, a crash loop).
+    """
+
+    reason: str
+    exception: str = ""
+    service: str = ""
+    handler: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event parked after its last attempt, the same on every broker.
+
+    Times are seconds since the epoch (milliseconds where the broker keeps them in
+    headers).  ``frame`` is the original frame as the broker kept it: whole, unless
+    ``truncated_from`` (its original size) says it had to be cut to fit the broker.
+    """
+
+    event: str
+    #: The consumer group, ``service.handler``.
+    group: str
+    service: str
+    handler: str
+    reason: str
+    #: The exception's type name; "" when the failure was not the handler's.
+    exception: str
+    attempts: int
+    first_failure: float
+    last_failure: float
+    frame: bytes
+    truncated_from: int = 0
+
+
+def make_dead_letter(
+    failure: Failure,
+    *,
+    event: str,
+    group: str,
+    attempts: int,
+    frame: bytes,
+    first_failure: float | None = None,
+    last_failure: float | None = None,
+) -> DeadLetter:
+    """The record of ``failure``, as every adapter makes it: the text cleaned and cut the
+    same way everywhere, the service and handler taken from the group when the failure
+    does not name them, ``last_failure`` now by default, ``first_failure`` no later than it
+    (``last_failure`` when the broker could not carry it)."""
+    last = time.time() if last_failure is None else last_failure
+    first = last if first_failure is None or first_failure <= 0 else min(first_failure, last)
+    service, handler = failure.service, failure.handler
+    if not (service and handler):
+        group_service, _, group_handler = group.rpartition(".")
+        service, handler = service or group_service, handler or group_handler
+    return DeadLetter(
+        event=event,
+        group=group,
+        service=_clean(service, _MAX_NAME_CHARS),
+        handler=_clean(handler, _MAX_NAME_CHARS),
+        reason=_clean(failure.reason, MAX_REASON_CHARS) or "unknown",
+        exception=_clean(failure.exception, _MAX_NAME_CHARS),
+        attempts=max(1, attempts),
+        first_failure=first,
+        last_failure=last,
+        frame=frame,
+    )
+
+
+def _millis(seconds: float) -> str:
+    return str(int(seconds * 1000))
+
+
+def dead_letter_headers(letter: DeadLetter) -> dict[str, str]:
+    """The headers that carry ``letter`` beside its frame (all values strings).
+
+    ``basidia-truncated-from`` is written only for a frame that was cut.
+    """
+    headers = {
+        REASON_HEADER: letter.reason,
+        EXCEPTION_HEADER: letter.exception,
+        ATTEMPTS_HEADER: str(letter.attempts),
+        FIRST_FAILURE_HEADER: _millis(letter.first_failure),
+        LAST_FAILURE_HEADER: _millis(letter.last_failure),
+        SERVICE_HEADER: letter.service,
+        HANDLER_HEADER: letter.handler,
+        EVENT_HEADER: letter.event,
+        GROUP_HEADER: letter.group,
+    }
+    if letter.truncated_from:
+        headers[TRUNCATED_FROM_HEADER] = str(letter.truncated_from)
+    return headers
+
+
+def _header(headers: Mapping[str, Any], name: str) -> str:
+    value = headers.get(name)
+    if value is None:
+        for legacy in _LEGACY_NAMES.get(name, ()):
+            value = headers.get(legacy)
+            if value is not None:
+                break
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _number(headers: Mapping[str, Any], name: str) -> int:
+    try:
+        return int(_header(headers, name).strip() or 0)
+    except ValueError:
+        return 0
+
+
+def read_dead_letter(headers: Mapping[str, Any], body: bytes) -> DeadLetter:
+    """The record carried by a dead letter's ``headers`` and ``body`` (its frame).
+
+    Values may be strings, bytes or numbers (AMQP headers are typed); a missing or
+    unreadable value reads as "" or 0.  Letters written by earlier releases
+    (``x-basidia-*``, ``Basidia-*``) are read too.
+    """
+    group = _header(headers, GROUP_HEADER)
+    group_service, _, group_handler = group.rpartition(".")
+    last = _number(headers, LAST_FAILURE_HEADER) / 1000
+    first = _number(headers, FIRST_FAILURE_HEADER) / 1000
+    return DeadLetter(
+        event=_header(headers, EVENT_HEADER),
+        group=group,
+        service=_header(headers, SERVICE_HEADER) or group_service,
+        handler=_header(headers, HANDLER_HEADER) or group_handler,
+        reason=_header(headers, REASON_HEADER),
+        exception=_header(headers, EXCEPTION_HEADER),
+        attempts=_number(headers, ATTEMPTS_HEADER),
+        first_failure=first or last,
+        last_failure=last,
+        frame=body,
+        truncated_from=_number(headers, TRUNCATED_FROM_HEADER),
+    )
 
 
 class Delivery:
@@ -65,8 +272,9 @@ class Delivery:
     async def nack(self, *, requeue: bool = True) -> None:
         """The handler failed; redeliver the message if ``requeue``."""
 
-    async def dead_letter(self, reason: str) -> None:
-        """Park the message, with ``reason``, where operators can inspect it."""
+    async def dead_letter(self, failure: Failure) -> None:
+        """Park the message where operators can inspect it (``Broker.dead_letters``), as a
+        ``DeadLetter`` of ``failure`` with the adapter's attempt count and failure times."""
 
 
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
@@ -225,6 +433,11 @@ class Broker(abc.ABC):
 
     def unregister_service(self, name: str) -> None:  # noqa: B027 - optional hook
         """Service ``name`` stops serving on this connection: withdraw its announcement."""
+
+    @abc.abstractmethod
+    async def dead_letters(self, group: str, *, limit: int = 100) -> list[DeadLetter]:
+        """The dead letters of consumer group ``group`` (``service.handler``), oldest
+        first, at most ``limit``, WITHOUT removing them from the broker."""
 
     @abc.abstractmethod
     async def subscribe_events(

@@ -4,7 +4,9 @@ Every ``MemoryBroker`` with the same URL on the same event loop shares one
 hub, so services, runners and ``connect()`` clients of one process find each
 other.  Frames go through the same codec as on a network broker; only the
 transport is a queue.  Durable event groups keep their queue while no member
-runs, as a durable queue would on RabbitMQ.
+runs, as a durable queue would on RabbitMQ.  Dead letters are ``DeadLetter`` records
+kept by the hub (``MemoryBroker.dead_letters``); a repeat publish of an idempotency key
+within 120 s is dropped, as JetStream drops it.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from basidia.brokers._common import WorkerPool, redact_url
+from basidia.brokers._common import RecentKeys, WorkerPool, redact_url
 from basidia.brokers.base import (
     Broker,
+    DeadLetter,
     Delivery,
     DeliveryHandler,
     EventSubscription,
+    Failure,
     InboxHandler,
     Subscription,
+    make_dead_letter,
 )
 from basidia.errors import BrokerError, ConfigError, ServiceUnavailable
 
@@ -32,16 +37,8 @@ __all__ = ["DeadLetter", "MemoryBroker"]
 
 logger = logging.getLogger("basidia.brokers.memory")
 
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """An event parked after its last failed attempt."""
-
-    event: str
-    group: str
-    body: bytes
-    reason: str
-    attempts: int
+#: Seconds a published idempotency key is remembered (JetStream's default window).
+DUPLICATE_WINDOW = 120.0
 
 
 class _RequestDelivery(Delivery):
@@ -54,12 +51,17 @@ class _RequestDelivery(Delivery):
 
 
 class _EventDelivery(Delivery):
-    __slots__ = ("_attempt", "_queue", "_settled")
+    """An event: a retry is a new delivery carrying the attempt and the first failure."""
 
-    def __init__(self, body: bytes, queue: _Queue, attempt: int = 1) -> None:
+    __slots__ = ("_attempt", "_first_failure", "_queue", "_settled")
+
+    def __init__(
+        self, body: bytes, queue: _Queue, attempt: int = 1, first_failure: float = 0.0
+    ) -> None:
         self.body = body
         self._queue = queue
         self._attempt = attempt
+        self._first_failure = first_failure
         self._settled = False
 
     @property
@@ -74,16 +76,24 @@ class _EventDelivery(Delivery):
             return
         self._settled = True
         if requeue:
-            self._queue.put(_EventDelivery(self.body, self._queue, self._attempt + 1))
+            first_failure = self._first_failure or time.time()
+            retry = _EventDelivery(self.body, self._queue, self._attempt + 1, first_failure)
+            self._queue.put(retry)
 
-    async def dead_letter(self, reason: str) -> None:
+    async def dead_letter(self, failure: Failure) -> None:
         if self._settled:
             return
         self._settled = True
         queue = self._queue
-        queue.hub.dead_letters.append(
-            DeadLetter(queue.event, queue.name, self.body, reason, self._attempt)
+        letter = make_dead_letter(
+            failure,
+            event=queue.event,
+            group=queue.group,
+            attempts=self._attempt,
+            frame=self.body,
+            first_failure=self._first_failure,
         )
+        queue.hub.dead_letters.append(letter)
 
 
 class _Queue:
@@ -93,10 +103,12 @@ class _Queue:
     delivery goes straight to a waiting consumer's future when there is one.
     """
 
-    def __init__(self, hub: _Hub, name: str, event: str = "") -> None:
+    def __init__(self, hub: _Hub, name: str, event: str = "", group: str = "") -> None:
         self.hub = hub
         self.name = name
         self.event = event
+        #: The consumer group (a broadcast queue's name adds the instance to it).
+        self.group = group or name
         self.items: deque[Delivery] = deque()
         self.waiters: deque[asyncio.Future[Delivery]] = deque()
         # Queues live on one loop (hubs are per loop): bind its future factory once.
@@ -165,6 +177,8 @@ class _Hub:
         self.inboxes: dict[str, InboxHandler] = {}
         self.dead_letters: list[DeadLetter] = []
         self.ids = itertools.count(1)
+        #: Idempotency keys published lately, by any broker of the hub.
+        self.recent_keys = RecentKeys(DUPLICATE_WINDOW)
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Hub]] = (
@@ -203,10 +217,10 @@ class MemoryBroker(Broker):
     def connected(self) -> bool:
         return self._hub is not None
 
-    @property
-    def dead_letters(self) -> list[DeadLetter]:
-        """Events parked after their last attempt, oldest first."""
-        return self._connected_hub().dead_letters
+    async def dead_letters(self, group: str, *, limit: int = 100) -> list[DeadLetter]:
+        """The events of ``group`` parked after their last attempt, oldest first."""
+        letters = [letter for letter in self._connected_hub().dead_letters if letter.group == group]
+        return letters[: max(0, limit)]
 
     def _connected_hub(self) -> _Hub:
         if self._hub is None:
@@ -272,7 +286,10 @@ class MemoryBroker(Broker):
             handler(body)
 
     async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
-        for queue in self._connected_hub().groups.get(event, {}).values():
+        hub = self._connected_hub()
+        if not hub.recent_keys.first_time(idempotency_key):
+            return  # a repeat within the duplicate window: already delivered
+        for queue in hub.groups.get(event, {}).values():
             queue.put(_EventDelivery(body, queue))
 
     async def subscribe_events(
@@ -287,7 +304,7 @@ class MemoryBroker(Broker):
             name = subscription.group
         queue = groups.get(name)
         if queue is None:
-            queue = groups[name] = _Queue(hub, name, subscription.event)
+            queue = groups[name] = _Queue(hub, name, subscription.event, subscription.group)
         on_cancel = None
         if subscription.broadcast or not subscription.durable:
             # Transient queues drop what arrives while nobody consumes them.

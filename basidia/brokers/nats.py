@@ -50,12 +50,15 @@ from basidia.brokers._nats_jetstream import (
 from basidia.brokers._nats_service_api import ServiceRecord, announceable, new_record
 from basidia.brokers.base import (
     Broker,
+    DeadLetter,
     Delivery,
     DeliveryHandler,
     EventSubscription,
+    Failure,
     InboxHandler,
     ServiceInfo,
     Subscription,
+    make_dead_letter,
     no_responders,
 )
 from basidia.errors import BrokerError, ConnectionLost
@@ -109,9 +112,12 @@ class _CoreEventDelivery(Delivery):
         self.body = body
         self._origin = origin
 
-    async def dead_letter(self, reason: str) -> None:
+    async def dead_letter(self, failure: Failure) -> None:
         origin = self._origin
-        await origin.events.dead_letter(self.body, origin, reason, 1, "")
+        letter = make_dead_letter(
+            failure, event=origin.event, group=origin.group, attempts=1, frame=self.body
+        )
+        await origin.events.dead_letter(letter, 0)
 
 
 # -- subscriptions ------------------------------------------------------------------------------
@@ -627,6 +633,10 @@ class NatsBroker(Broker):
         # JetStream drops a second publish with the same Nats-Msg-Id (duplicate_window).
         headers = {"Nats-Msg-Id": idempotency_key}
         await self._events.publish(subject, body, headers, f"event {event!r}")
+
+    async def dead_letters(self, group: str, *, limit: int = 100) -> list[DeadLetter]:
+        """Read ``group``'s dead letters from the stream ``BASIDIA_DLQ`` (nothing is removed)."""
+        return await self._events.dead_letters(group, limit)
 
     async def subscribe_events(
         self, subscription: EventSubscription, handler: DeliveryHandler, *, concurrency: int

@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import pytest
@@ -30,12 +31,18 @@ from basidia import (
     ServiceRunner,
     ServiceUnavailable,
     connect,
+    current_context,
     event_handler,
     rpc,
 )
 from basidia._speedups import Frame, Kind, decode_frame
 from basidia.brokers import Broker, Delivery, EventSubscription, broker_from_url
+from basidia.brokers.base import DeadLetter, Failure
+from basidia.context import IDEMPOTENCY_HEADER
+from basidia.errors import ConnectionLost
 from basidia.errors import ServiceUnavailable as _ServiceUnavailable
+
+from ..faults.proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,6 +54,40 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+async def dead_letters_of(
+    broker: Broker, group: str, count: int, timeout: float = 10.0
+) -> list[DeadLetter]:
+    """``group``'s dead letters once there are ``count`` of them (read without taking them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        letters = await broker.dead_letters(group)
+        if len(letters) >= count:
+            return letters
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{len(letters)} dead letters of {group}, not {count}, in {timeout} s"
+            )
+        await asyncio.sleep(0.05)
+
+
+def picky_service(name: str, seen: list[int], *, succeed_on: int = 0) -> type[Service]:
+    """``<name>_picky``, whose ``on_order`` handler (3 attempts) of ``<name>.order`` records
+    the attempt numbers it sees in ``seen`` and raises ``ValueError`` until attempt
+    ``succeed_on`` (never, by default)."""
+
+    class Picky(Service):
+        @event_handler(f"{name}.order", max_attempts=3)
+        async def on_order(self, order: dict[str, Any]) -> None:
+            ctx = current_context()
+            assert ctx is not None
+            seen.append(ctx.attempt)
+            if not succeed_on or ctx.attempt < succeed_on:
+                raise ValueError(f"order {order['id']} is not acceptable")
+
+    Picky.name = f"{name}_picky"
+    return Picky
 
 
 async def exercise_examples(broker_url: str, unique: str) -> None:
@@ -350,7 +391,7 @@ class BrokerContract:
 
         async def park(delivery: Delivery) -> None:
             seen.append(delivery.body)
-            await delivery.dead_letter("cannot handle this")
+            await delivery.dead_letter(Failure("cannot handle this"))
 
         await consumer.subscribe_events(
             EventSubscription(event, f"{name}.on_poison"), park, concurrency=1
@@ -359,6 +400,80 @@ class BrokerContract:
         await eventually(lambda: seen == [b"poison"])
         await asyncio.sleep(0.3)
         assert seen == [b"poison"]
+
+    async def test_a_repeat_publish_of_an_idempotency_key_is_handled_once(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        # JetStream drops it (Nats-Msg-Id); RabbitMQ and memory remember the keys the
+        # publisher sent lately (basidia.brokers._common.RecentKeys).
+        consumer, publisher = await make_broker(), await make_broker()
+        event = f"{name}.once"
+        seen: Counter[bytes] = Counter()
+
+        async def collect(delivery: Delivery) -> None:
+            seen[delivery.body] += 1
+            await delivery.ack()
+
+        await consumer.subscribe_events(
+            EventSubscription(event, f"{name}.on_once"), collect, concurrency=4
+        )
+        for _ in range(2):
+            await publisher.publish_event(event, b"once", idempotency_key=f"{name}-same")
+        await publisher.publish_event(event, b"other", idempotency_key=f"{name}-other")
+        await eventually(lambda: sum(seen.values()) >= 2)
+        await asyncio.sleep(0.3)
+        assert seen == Counter({b"once": 1, b"other": 1})
+
+    async def test_dead_letters_are_listed_oldest_first_without_being_taken(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        consumer, publisher = await make_broker(), await make_broker()
+        event, group = f"{name}.parked", f"{name}.on_parked"
+        assert await consumer.dead_letters(group) == []  # a group nobody ever had
+
+        async def park(delivery: Delivery) -> None:
+            await delivery.dead_letter(Failure(f"parked {delivery.body.decode()}"))
+
+        await consumer.subscribe_events(EventSubscription(event, group), park, concurrency=1)
+        for index in range(3):
+            await publisher.publish_event(event, b"%d" % index, idempotency_key=f"{name}-{index}")
+            await dead_letters_of(publisher, group, index + 1)  # one at a time: a known order
+        letters = await publisher.dead_letters(group)
+        assert [letter.frame for letter in letters] == [b"0", b"1", b"2"]
+        assert [letter.reason for letter in letters] == ["parked 0", "parked 1", "parked 2"]
+        assert {(letter.event, letter.group, letter.attempts) for letter in letters} == {
+            (event, group, 1)
+        }
+        assert {(letter.service, letter.handler, letter.exception) for letter in letters} == {
+            (name, "on_parked", "")
+        }
+        # Listing takes nothing away, and stops at the limit.
+        assert await consumer.dead_letters(group) == letters
+        assert await consumer.dead_letters(group, limit=2) == letters[:2]
+        assert await consumer.dead_letters(group, limit=0) == []
+        assert await consumer.dead_letters(f"{name}.on_other") == []
+
+    async def test_the_disconnect_callback_is_called_when_the_connection_is_lost(
+        self, broker_url: str, broker_options: dict[str, Any]
+    ) -> None:
+        parts = urlsplit(broker_url)
+        assert parts.hostname and parts.port, "a broker reached over TCP (memory skips this)"
+        async with FaultProxy(parts.hostname, parts.port) as proxy:
+            credentials, at, _ = parts.netloc.rpartition("@")
+            url = urlunsplit(parts._replace(netloc=f"{credentials}{at}127.0.0.1:{proxy.port}"))
+            broker = broker_from_url(url, broker_options)
+            lost: list[ConnectionLost] = []
+            broker.add_disconnect_callback(lost.append)
+            await broker.connect()
+            try:
+                await asyncio.sleep(0.1)
+                assert lost == []
+                proxy.down()
+                await eventually(lambda: bool(lost), timeout=15)
+                assert isinstance(lost[0], ConnectionLost)
+            finally:
+                proxy.pass_through()
+                await broker.close()
 
     # -- the framework on this broker ---------------------------------------------------
 
@@ -410,6 +525,58 @@ class BrokerContract:
                 await cluster.rpc[f"{name}_nobody"].anything()
             assert time.monotonic() - started < 1.0
             assert issubclass(ServiceUnavailable, _ServiceUnavailable)
+
+    async def test_handlers_see_the_attempt_numbers_1_2_3_in_order(
+        self, broker_url: str, broker_options: dict[str, Any], name: str
+    ) -> None:
+        seen: list[int] = []
+        picky = picky_service(name, seen, succeed_on=3)
+        broker = broker_from_url(broker_url, broker_options)
+        async with ServiceRunner([picky], broker=broker) as runner:
+            await runner.dispatch(f"{name}.order", {"id": 1})
+            await eventually(lambda: len(seen) >= 3)
+            await asyncio.sleep(0.3)
+            assert await broker.dead_letters(f"{picky.name}.on_order") == []
+        assert seen == [1, 2, 3]  # succeeded on the third: no fourth, no dead letter
+
+    async def test_a_failing_event_is_dead_lettered_with_its_whole_record(
+        self, broker_url: str, broker_options: dict[str, Any], name: str
+    ) -> None:
+        seen: list[int] = []
+        picky = picky_service(name, seen)
+        event, group = f"{name}.order", f"{picky.name}.on_order"
+        key = f"{name}-poison"
+        broker = broker_from_url(broker_url, broker_options)
+        started = time.time()
+        async with ServiceRunner([picky], broker=broker) as runner:
+            await runner.dispatch(event, {"id": 7}, idempotency_key=key)
+            [letter] = await dead_letters_of(broker, group, 1)
+            # A malformed event: dead-lettered at once, not the handler's failure.
+            await broker.publish_event(event, b"\x01\x04 not a frame", idempotency_key=f"{key}2")
+            letters = await dead_letters_of(broker, group, 2)
+            await asyncio.sleep(0.3)
+            assert await broker.dead_letters(group) == letters  # nothing more, nothing taken
+        assert seen == [1, 2, 3]
+        assert letters[0] == letter
+        assert letter.reason == "ValueError: order 7 is not acceptable"
+        assert letter.exception == "ValueError"
+        assert letter.attempts == 3
+        assert (letter.service, letter.handler) == (picky.name, "on_order")
+        assert (letter.event, letter.group) == (event, group)
+        assert started - 1 <= letter.first_failure <= letter.last_failure <= time.time() + 1
+        assert letter.truncated_from == 0
+        frame = decode_frame(letter.frame)  # the original event, whole
+        assert (frame.kind, frame.target) == (Kind.EVENT, event)
+        assert frame.headers[IDEMPOTENCY_HEADER] == key
+        assert msgspec.msgpack.decode(frame.payload) == {"id": 7}
+
+        malformed = letters[1]
+        assert malformed.reason.startswith("malformed frame: "), malformed.reason
+        assert (malformed.exception, malformed.attempts) == ("", 1)
+        assert (malformed.service, malformed.handler) == (picky.name, "on_order")
+        assert (malformed.event, malformed.group) == (event, group)
+        assert malformed.first_failure == malformed.last_failure
+        assert malformed.frame == b"\x01\x04 not a frame"
 
     async def test_events_through_the_framework(
         self, broker_url: str, services: dict[str, type[Service]], name: str

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import shutil
@@ -28,12 +29,13 @@ from basidia import ConnectionLost, connect
 from basidia._speedups import Frame, Kind, decode_frame
 from basidia.brokers import Delivery, EventSubscription, broker_from_url
 from basidia.brokers.amqp import DIRECT_REPLY_TO, AmqpBroker
+from basidia.brokers.base import Failure
 from basidia.errors import BrokerError, ConfigError
 
 from ..faults.proxy import FaultProxy
 from ..faults.servers import free_port
 from ..logs import captured_logs
-from .contract import BrokerContract, eventually, exercise_examples
+from .contract import BrokerContract, dead_letters_of, eventually, exercise_examples
 
 pytestmark = [pytest.mark.amqp, pytest.mark.timeout(60)]
 
@@ -48,6 +50,9 @@ _CONTRACT_GROUPS = (
     ".on_poison",
     ".on_change",
     "_listener.on_ping",
+    ".on_once",
+    ".on_parked",
+    "_picky.on_order",
 )
 
 
@@ -283,7 +288,7 @@ async def test_a_second_inbox_on_one_connection_is_refused(
 # -- events ---------------------------------------------------------------------------------------
 
 
-async def test_dead_letters_keep_body_reason_event_and_attempts(
+async def test_dead_letters_keep_body_and_the_dead_letter_headers(
     make_broker: Callable[..., Awaitable[AmqpBroker]],
     topology: Topology,
     amqp_url: str,
@@ -300,7 +305,11 @@ async def test_dead_letters_keep_body_reason_event_and_attempts(
         if delivery.attempt < 2:
             await delivery.nack(requeue=True)
         else:
-            await delivery.dead_letter("ValueError: order 7 is not acceptable")
+            await delivery.dead_letter(
+                Failure(
+                    "ValueError: order 7 is not acceptable", "ValueError", "billing", "on_order"
+                )
+            )
 
     await consumer.subscribe_events(EventSubscription(event, group), fail_twice, concurrency=1)
     await publisher.publish_event(event, b"order 7", idempotency_key=f"key-{unique}")
@@ -323,12 +332,138 @@ async def test_dead_letters_keep_body_reason_event_and_attempts(
     assert properties.message_id == f"key-{unique}"
     assert properties.delivery_mode == 2
     headers = properties.headers or {}
-    assert headers["x-basidia-reason"] == "ValueError: order 7 is not acceptable"
-    assert headers["x-basidia-event"] == event
-    assert headers["x-basidia-group"] == group
-    assert headers["x-basidia-attempt"] == 2
+    # Every value a string, as on every broker (docs/dead-letters.md).
+    assert {name: type(value) for name, value in headers.items()} == {
+        name: str
+        for name in (
+            "basidia-reason",
+            "basidia-exception",
+            "basidia-attempts",
+            "basidia-first-failure",
+            "basidia-last-failure",
+            "basidia-service",
+            "basidia-handler",
+            "basidia-event",
+            "basidia-group",
+        )
+    }
+    assert headers["basidia-reason"] == "ValueError: order 7 is not acceptable"
+    assert headers["basidia-exception"] == "ValueError"
+    assert headers["basidia-event"] == event
+    assert headers["basidia-group"] == group
+    assert headers["basidia-attempts"] == "2"
+    assert (headers["basidia-service"], headers["basidia-handler"]) == ("billing", "on_order")
+    first, last = int(headers["basidia-first-failure"]), int(headers["basidia-last-failure"])
+    assert abs(time.time() * 1000 - last) < 10_000 and first <= last
     await asyncio.sleep(0.2)
     assert attempts == [1, 2]
+
+
+async def test_retry_headers_on_an_event_from_the_exchange_are_not_believed(
+    make_broker: Callable[..., Awaitable[AmqpBroker]],
+    topology: Topology,
+    amqp_url: str,
+    unique: str,
+) -> None:
+    """A publisher cannot skip a handler's attempts, nor date its first failure: on an
+    event published to the events exchange every retry header is ignored."""
+    consumer, publisher = await make_broker(), await make_broker()
+    event = f"forged_{unique}.placed"
+    group = f"forged_{unique}.on_placed"
+    topology.group(group)
+    attempts: list[int] = []
+
+    async def fail_once(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        if delivery.attempt < 2:
+            await delivery.nack(requeue=True)
+        else:
+            await delivery.dead_letter(Failure("enough"))
+
+    await consumer.subscribe_events(EventSubscription(event, group), fail_once, concurrency=1)
+    started = time.time()
+    forged = {
+        "basidia-attempts": "999",
+        "basidia-first-failure": "1000",
+        "basidia-reason": "forged",
+        "x-basidia-attempt": 999,
+    }
+    connection = await aiormq.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.basic_publish(
+            b"x",
+            exchange=f"{topology.prefix}.events",
+            routing_key=event,
+            properties=aiormq.spec.Basic.Properties(headers=forged),
+            timeout=5,
+        )
+    finally:
+        await connection.close()
+    [letter] = await dead_letters_of(publisher, group, 1)
+    assert attempts == [1, 2]
+    assert (letter.attempts, letter.reason) == (2, "enough")
+    assert letter.first_failure >= started - 1
+
+
+async def test_an_event_over_max_message_size_is_dead_lettered_as_truncated(
+    make_broker: Callable[..., Awaitable[AmqpBroker]], topology: Topology, unique: str
+) -> None:
+    consumer, publisher = await make_broker(max_message_size=1000), await make_broker()
+    event = f"huge_{unique}.sent"
+    group = f"huge_{unique}.on_sent"
+    topology.group(group)
+    seen: list[Delivery] = []
+    await consumer.subscribe_events(EventSubscription(event, group), _collect(seen), concurrency=1)
+    await publisher.publish_event(event, b"x" * 5000, idempotency_key=f"key-{unique}")
+    [letter] = await dead_letters_of(publisher, group, 1)
+    assert seen == []  # never read, never handled
+    assert (letter.frame, letter.truncated_from, letter.attempts) == (b"", 5000, 1)
+    assert letter.exception == ""
+    assert "exceeds max_message_size" in letter.reason, letter.reason
+
+
+async def test_a_dead_letter_moved_back_to_its_queue_starts_at_attempt_1(
+    make_broker: Callable[..., Awaitable[AmqpBroker]],
+    topology: Topology,
+    amqp_url: str,
+    unique: str,
+) -> None:
+    """Replay: a dead letter shovelled back to the group's queue (default exchange, its
+    headers kept) is a new event as far as attempts go, and its retry drops the old
+    dead-letter headers."""
+    consumer, publisher = await make_broker(), await make_broker()
+    event = f"replay_{unique}.placed"
+    group = f"replay_{unique}.on_placed"
+    queue = topology.group(group)
+    dlq = f"{queue}.dlq"
+    attempts: list[int] = []
+
+    async def handle(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        if len(attempts) == 1:
+            await delivery.dead_letter(Failure("not yet"))
+        elif delivery.attempt == 1:
+            await delivery.nack(requeue=True)  # the replay's first attempt fails
+        else:
+            await delivery.ack()
+
+    await consumer.subscribe_events(EventSubscription(event, group), handle, concurrency=1)
+    await publisher.publish_event(event, b"x", idempotency_key=f"key-{unique}")
+    [letter] = await dead_letters_of(publisher, group, 1)
+    connection = await aiormq.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        got = await channel.basic_get(dlq, no_ack=True, timeout=5)
+        assert isinstance(got.delivery, aiormq.spec.Basic.GetOk)
+        await channel.basic_publish(
+            got.body, routing_key=queue, properties=got.header.properties, timeout=5
+        )
+    finally:
+        await connection.close()
+    await eventually(lambda: len(attempts) == 3)
+    assert attempts == [1, 1, 2]
+    assert letter.reason == "not yet"
 
 
 async def test_transient_queues_go_with_their_consumer_and_durable_ones_stay(
@@ -395,8 +530,11 @@ async def test_a_consumer_whose_queue_is_deleted_consumes_again(
     await consumer.subscribe_events(EventSubscription(event, group), _collect(seen), concurrency=1)
     await _delete(amqp_url, [queue])  # an operator deletes it: the broker cancels the consumer
 
+    tries = itertools.count()
+
     async def published_and_seen() -> bool:
-        await publisher.publish_event(event, b"again", idempotency_key=f"{unique}-{len(seen)}")
+        # A new key each time: a repeat of one already confirmed would be dropped.
+        await publisher.publish_event(event, b"again", idempotency_key=f"{unique}-{next(tries)}")
         await asyncio.sleep(0.1)
         return bool(seen)
 

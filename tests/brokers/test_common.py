@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from basidia.brokers import broker_from_url, redact_url
-from basidia.brokers._common import Backoff, Names, Secrets, WorkerPool, parse_url
+from basidia.brokers._common import Backoff, Names, RecentKeys, Secrets, WorkerPool, parse_url
 from basidia.brokers.amqp import AmqpBroker
 from basidia.brokers.memory import MemoryBroker
 from basidia.brokers.nats import NatsBroker
@@ -221,3 +221,62 @@ async def test_aclose_ends_busy_workers_and_a_failing_handler_is_logged(
     assert "delivery handler failed on queue q" in caplog.text
     await asyncio.wait_for(pool.aclose(), 1)
     assert not pool._workers
+
+
+# -- idempotent publishing ------------------------------------------------------------------------
+
+
+async def test_recent_keys_drop_a_repeat_within_the_window_and_only_then() -> None:
+    keys = RecentKeys(window=0.2)
+    sent: list[str] = []
+
+    async def publish(key: str) -> bool:
+        async def send() -> None:
+            sent.append(key)
+
+        return await keys.publish_once(key, send)
+
+    assert await publish("a") and await publish("b")
+    assert not await publish("a")
+    assert keys.dropped == 1
+    await asyncio.sleep(0.25)
+    assert await publish("a")  # the window is over
+    assert sent == ["a", "b", "a"]
+    assert keys.first_time("c") and not keys.first_time("c")
+    assert RecentKeys(window=0).first_time("c")  # 0: no de-duplication
+
+
+async def test_recent_keys_remember_a_key_only_once_its_publish_succeeded() -> None:
+    keys = RecentKeys()
+    release = asyncio.Event()
+    outcomes = iter([ConnectionError("no confirm"), None])
+    sent = 0
+
+    async def send() -> None:
+        nonlocal sent
+        sent += 1
+        await release.wait()
+        error = next(outcomes)
+        if error is not None:
+            raise error
+
+    first = asyncio.ensure_future(keys.publish_once("k", send))
+    await asyncio.sleep(0)
+    # A repeat while the first is under way waits for it; the first fails, so it publishes.
+    second = asyncio.ensure_future(keys.publish_once("k", send))
+    await asyncio.sleep(0.01)
+    assert sent == 1
+    release.set()
+    with pytest.raises(ConnectionError):
+        await first
+    assert await second is True
+    assert sent == 2
+    assert await keys.publish_once("k", send) is False  # confirmed now: dropped
+
+
+def test_recent_keys_forget_the_oldest_past_their_bound() -> None:
+    keys = RecentKeys(max_keys=3)
+    for key in "abcd":
+        assert keys.first_time(key)
+    assert keys.first_time("a")  # forgotten early
+    assert not keys.first_time("d")

@@ -61,6 +61,7 @@ from basidia._speedups import (
 )
 from basidia.brokers._nats_jetstream import consumer_name
 from basidia.brokers.amqp import DIRECT_REPLY_TO, REASON_HEADER
+from basidia.brokers.base import read_dead_letter
 from basidia.brokers.memory import MemoryBroker
 from basidia.brokers.nats import DLQ_STREAM, EVENTS_STREAM
 from basidia.context import current_call
@@ -997,11 +998,13 @@ class TestNatsHostile(HostileInputs):
         )
         assert letter is not None, f"{where}: no dead letter within 10 s ({state})"
         assert dead_letters == 1, f"{where}: {dead_letters} dead letters, 1 expected"
-        reason = (letter.headers or {}).get("Basidia-Dead-Letter-Reason", "")
-        assert reason, f"the dead letter has no reason: {letter.headers}"
-        assert body.startswith(letter.data or b""), (
+        record = read_dead_letter(letter.headers or {}, letter.data or b"")
+        assert record.reason, f"the dead letter has no reason: {letter.headers}"
+        assert body.startswith(record.frame), (
             "the dead letter's body is not the event's (or its beginning)"
         )
+        if len(record.frame) < len(body):
+            assert record.truncated_from == len(body), letter.headers
         assert (info.num_ack_pending, info.num_pending) == (0, 0), (
             f"{where}: the event is not settled: {info.num_ack_pending} unacknowledged, "
             f"{info.num_pending} pending"

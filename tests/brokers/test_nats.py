@@ -25,10 +25,11 @@ import pytest
 
 from basidia._speedups import Frame, Kind, decode_frame, encode_frame, env_flag
 from basidia.brokers import Delivery, EventSubscription
+from basidia.brokers.base import Failure
 from basidia.brokers.nats import DLQ_STREAM, EVENTS_STREAM, NatsBroker
 from basidia.errors import BrokerError
 
-from .contract import BrokerContract, eventually, exercise_examples
+from .contract import BrokerContract, dead_letters_of, eventually, exercise_examples
 
 pytestmark = [pytest.mark.nats, pytest.mark.timeout(60)]
 
@@ -223,7 +224,7 @@ async def test_a_handler_slower_than_ack_wait_is_not_given_a_duplicate(
     assert attempts == [1]
 
 
-async def test_dead_letter_keeps_body_reason_event_group_and_attempts(
+async def test_dead_letter_keeps_body_and_the_dead_letter_headers(
     make_broker: Callable[..., Awaitable[NatsBroker]], nats_url: str, unique: str
 ) -> None:
     consumer, publisher = await make_broker(), await make_broker()
@@ -236,7 +237,10 @@ async def test_dead_letter_keeps_body_reason_event_group_and_attempts(
         if delivery.attempt < 2:
             await delivery.nack(requeue=True)
         else:
-            await delivery.dead_letter("ValueError: not today")
+            await asyncio.sleep(0.01)  # the last failure comes after the first
+            await delivery.dead_letter(
+                Failure("ValueError: not today", "ValueError", "poison", "on_arrived")
+            )
 
     await consumer.subscribe_events(EventSubscription(event, group), fail_twice, concurrency=1)
     await publisher.publish_event(event, b"\x01poison", idempotency_key=f"{unique}-1")
@@ -257,12 +261,52 @@ async def test_dead_letter_keeps_body_reason_event_group_and_attempts(
         await nc.close()
     assert letter.data == b"\x01poison"
     headers = letter.headers or {}
-    assert headers["Basidia-Dead-Letter-Reason"] == "ValueError: not today"
-    assert headers["Basidia-Event"] == event
-    assert headers["Basidia-Group"] == group
-    assert headers["Basidia-Attempts"] == "2"
+    assert headers["basidia-reason"] == "ValueError: not today"
+    assert headers["basidia-exception"] == "ValueError"
+    assert headers["basidia-event"] == event
+    assert headers["basidia-group"] == group
+    assert headers["basidia-attempts"] == "2"
+    assert (headers["basidia-service"], headers["basidia-handler"]) == ("poison", "on_arrived")
+    assert headers["basidia-stream-sequence"].isdigit()
+    # The first failure is remembered by the consumer that NAKed it (NAK carries nothing).
+    first, last = int(headers["basidia-first-failure"]), int(headers["basidia-last-failure"])
+    assert abs(time.time() * 1000 - last) < 10_000 and first < last
+    assert "basidia-truncated-from" not in headers
     await asyncio.sleep(0.3)
     assert seen == [1, 2]  # terminated: not redelivered
+
+
+async def test_a_redelivery_nobody_remembers_failing_dead_letters_with_first_equal_to_last(
+    make_broker: Callable[..., Awaitable[NatsBroker]], unique: str
+) -> None:
+    """The first failure of an event retried by another instance (or before a restart) is
+    unknown here: the dead letter says first = last rather than make one up."""
+    first_instance = await make_broker(ack_wait=1.0)
+    publisher = await make_broker()
+    event = f"forgot_{unique}.arrived"
+    group = f"forgot_{unique}.on_arrived"
+    seen: list[int] = []
+
+    async def forget(delivery: Delivery) -> None:
+        seen.append(delivery.attempt)  # never settled: back after ack_wait
+
+    subscription = await first_instance.subscribe_events(
+        EventSubscription(event, group), forget, concurrency=1
+    )
+    await publisher.publish_event(event, b"x", idempotency_key=f"{unique}-1")
+    await eventually(lambda: seen == [1])
+    await subscription.cancel()
+    second_instance = await make_broker(ack_wait=1.0)
+
+    async def give_up(delivery: Delivery) -> None:
+        seen.append(delivery.attempt)
+        await delivery.dead_letter(Failure("gave up", "RuntimeError"))
+
+    await second_instance.subscribe_events(EventSubscription(event, group), give_up, concurrency=1)
+    [letter] = await dead_letters_of(publisher, group, 1)
+    assert seen == [1, 2]
+    assert (letter.attempts, letter.exception, letter.reason) == (2, "RuntimeError", "gave up")
+    assert letter.first_failure == letter.last_failure
 
 
 async def test_event_handlers_run_concurrently_up_to_the_limit(

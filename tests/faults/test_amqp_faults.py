@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import aiormq
 import pytest
 import pytest_asyncio
 
@@ -30,7 +29,6 @@ from .ledger import Ledger
 from .proxy import FaultProxy
 from .scenarios import (
     BrokerKit,
-    DeadLetter,
     f1_f2_killed_and_restarted_under_load,
     f3_service_link_dropped_mid_handler,
     f6_half_open_link,
@@ -106,33 +104,6 @@ def broker(url: str, **options: Any) -> AmqpBroker:
     return AmqpBroker(url, **{**FAST, **options})
 
 
-async def _dead_letters(url: str, event: str, group: str) -> list[DeadLetter]:
-    """Everything in ``group``'s dead-letter queue, taken (and acked) with basic.get."""
-    connection = await asyncio.wait_for(aiormq.connect(url), 10)
-    taken: list[DeadLetter] = []
-    try:
-        channel = await connection.channel(timeout=5)
-        while True:
-            got = await channel.basic_get(f"basidia.events.{group}.dlq", timeout=5)
-            if not isinstance(got.delivery, aiormq.spec.Basic.GetOk):
-                return taken
-            headers = got.header.properties.headers or {}
-            assert headers["x-basidia-group"] == group
-            attempts = headers["x-basidia-attempt"]
-            assert isinstance(attempts, int), attempts
-            taken.append(
-                DeadLetter(
-                    body=got.body,
-                    reason=str(headers["x-basidia-reason"]),
-                    attempts=attempts,
-                    event=str(headers["x-basidia-event"]),
-                )
-            )
-            await channel.basic_ack(got.delivery_tag or 0)
-    finally:
-        await connection.close(timeout=5)
-
-
 @pytest.fixture
 def kit(rabbit: SentinelRabbit) -> BrokerKit:
     return BrokerKit(
@@ -140,7 +111,6 @@ def kit(rabbit: SentinelRabbit) -> BrokerKit:
         options=FAST,
         detection_bound=HEARTBEAT_GRACE + 1,
         redelivery_after=0.0,  # a closed channel's unacked messages go back at once
-        dead_letters=lambda event, group: _dead_letters(rabbit.url, event, group),
         secret=SENTINEL,
     )
 

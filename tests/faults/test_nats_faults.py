@@ -15,8 +15,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
-import nats.js.errors
 import pytest
 
 from basidia import (
@@ -29,14 +27,13 @@ from basidia import (
     rpc,
 )
 from basidia.brokers import Delivery, EventSubscription
-from basidia.brokers.nats import DLQ_STREAM, NatsBroker
+from basidia.brokers.nats import NatsBroker
 from basidia.errors import ConnectionLost
 
 from .ledger import Ledger
 from .proxy import FaultProxy
 from .scenarios import (
     BrokerKit,
-    DeadLetter,
     f1_f2_killed_and_restarted_under_load,
     f3_service_link_dropped_mid_handler,
     f6_half_open_link,
@@ -68,39 +65,6 @@ FAST: dict[str, Any] = {
 }
 
 
-async def _dead_letters(url: str, event: str, group: str) -> list[DeadLetter]:
-    """Every message of the dead-letter stream for ``event`` and ``group``."""
-    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
-    letters = []
-    try:
-        js = nc.jetstream(timeout=5)
-        try:
-            state = (await js.stream_info(DLQ_STREAM)).state
-        except nats.js.errors.NotFoundError:
-            return []
-        for sequence in range(state.first_seq, state.last_seq + 1):
-            try:
-                message = await js.get_msg(DLQ_STREAM, sequence)
-            except nats.js.errors.NotFoundError:
-                continue  # deleted
-            headers = message.headers or {}
-            if message.subject != f"basidia.dlq.{event}":
-                continue
-            if headers.get("Basidia-Group") != group:
-                continue
-            letters.append(
-                DeadLetter(
-                    body=message.data or b"",
-                    reason=headers["Basidia-Dead-Letter-Reason"],
-                    attempts=int(headers["Basidia-Attempts"]),
-                    event=headers["Basidia-Event"],
-                )
-            )
-    finally:
-        await nc.close()
-    return letters
-
-
 @pytest.fixture
 def kit(nats_server: NatsServer) -> BrokerKit:
     return BrokerKit(
@@ -108,7 +72,6 @@ def kit(nats_server: NatsServer) -> BrokerKit:
         options=FAST,
         detection_bound=PING * MAX_PINGS + 1,
         redelivery_after=ACK_WAIT,  # JetStream redelivers what is not acked in time
-        dead_letters=lambda event, group: _dead_letters(nats_server.url, event, group),
     )
 
 
