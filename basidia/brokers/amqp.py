@@ -53,15 +53,6 @@ from basidia.brokers._amqp_consumers import (
     _RequestConsumer,
     _serving,
 )
-
-# Message headers Basidia writes (docs/dead-letters.md, docs/rabbitmq.md), still importable
-# from here.
-from basidia.brokers._amqp_consumers import ATTEMPTS_HEADER as ATTEMPTS_HEADER
-from basidia.brokers._amqp_consumers import EVENT_HEADER as EVENT_HEADER
-from basidia.brokers._amqp_consumers import FIRST_FAILURE_HEADER as FIRST_FAILURE_HEADER
-from basidia.brokers._amqp_consumers import GROUP_HEADER as GROUP_HEADER
-from basidia.brokers._amqp_consumers import HEADERS_DROPPED_HEADER as HEADERS_DROPPED_HEADER
-from basidia.brokers._amqp_consumers import REASON_HEADER as REASON_HEADER
 from basidia.brokers._amqp_fast import Sink, direct_deliveries, publish_nowait
 from basidia.brokers._common import Backoff, Names, RecentKeys, Secrets, parse_url, tls_context
 from basidia.brokers.base import (

@@ -60,8 +60,8 @@ from basidia._speedups import (
     encode_frame,
 )
 from basidia.brokers._nats_jetstream import consumer_name
-from basidia.brokers.amqp import DIRECT_REPLY_TO, REASON_HEADER
-from basidia.brokers.base import read_dead_letter
+from basidia.brokers.amqp import DIRECT_REPLY_TO
+from basidia.brokers.base import REASON_HEADER, read_dead_letter
 from basidia.brokers.memory import MemoryBroker
 from basidia.brokers.nats import DLQ_STREAM, EVENTS_STREAM
 from basidia.context import current_call
