@@ -244,7 +244,8 @@ def test_sdist_ships_the_generated_c_and_cython_sources(dists: Dists) -> None:
     names = dists.sdist_names()
 
     assert {"basidia/_speedups/_frames_c.c", "basidia/_speedups/_router_c.c"} <= set(names)
-    assert {"basidia/_speedups/_frames_c.pyx", "basidia/_speedups/_frames_c.pxd"} <= set(names)
+    cython_sources = {"_frames_c.pyx", "_frames_c.pxd", "_router_py.py", "_router_c.pxd"}
+    assert {f"basidia/_speedups/{name}" for name in cython_sources} <= set(names)
     assert {"setup.py", "pyproject.toml", "MANIFEST.in"} <= set(names)
     # cibuildwheel builds from the sdist and tests with these.
     assert "tests/speedups/conftest.py" in names

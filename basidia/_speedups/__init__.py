@@ -34,7 +34,6 @@ __all__ = [
     "MAX_HEADERS",
     "NO_EXTENSIONS",
     "Frame",
-    "FrameReader",
     "Kind",
     "ReplyRouter",
     "decode_frame",
@@ -49,7 +48,7 @@ def env_flag(name: str) -> bool:
 
 NO_EXTENSIONS = env_flag("BASIDIA_NO_EXTENSIONS") or sys.implementation.name != "cpython"
 
-from basidia._speedups._frames_py import FrameReader, decode_frame, encode_frame  # noqa: E402
+from basidia._speedups._frames_py import decode_frame, encode_frame  # noqa: E402
 from basidia._speedups._router_py import ReplyRouter  # noqa: E402
 
 IMPLEMENTATION = "py"
@@ -65,7 +64,6 @@ if not TYPE_CHECKING and not NO_EXTENSIONS:  # pragma: no branch
     except ImportError as exc:  # pragma: no cover - no compiled core in this install
         _FALLBACK_REASON = f"{type(exc).__name__}: {exc}"
     else:
-        FrameReader = _frames_c.FrameReader
         decode_frame = _frames_c.decode_frame
         encode_frame = _frames_c.encode_frame
         ReplyRouter = _router_c.ReplyRouter

@@ -32,9 +32,3 @@ cdef object decode_view(const unsigned char* data, Py_ssize_t size, int64_t limi
                         object max_size)
 # Decode the ``size`` bytes at ``data`` as exactly one frame.  ``max_size`` is
 # only used in error messages; ``limit`` is its C value.
-
-
-cdef class FrameReader:
-    cdef public object max_size   # limit on one frame, in bytes (an int)
-    cdef bytearray _buffer        # bytes received and not yet returned as frames
-    cdef int64_t _expected        # declared length of the frame being buffered; 0 before its prefix

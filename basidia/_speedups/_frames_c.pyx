@@ -41,7 +41,7 @@ from basidia._speedups import _frames_py as _reference
 from basidia._speedups._frame import DEFAULT_MAX_FRAME_SIZE, Frame
 from basidia.errors import FrameError
 
-__all__ = ["FrameReader", "decode_frame", "encode_frame"]
+__all__ = ["decode_frame", "encode_frame"]
 
 
 cdef extern from "Python.h":
@@ -342,68 +342,3 @@ def encode_frame(frame, max_size=DEFAULT_MAX_FRAME_SIZE):
         pos += value_lens[index]
     memcpy(buf + pos, PyBytes_AS_STRING(payload), payload_len)
     return out
-
-
-cdef class FrameReader:
-    """Splits a byte stream into frames, whatever the chunking.
-
-    ``feed`` returns the frames completed by the new bytes.  A declared length
-    over the limit is rejected as soon as the 8-byte prefix has arrived, before
-    any further buffering.  After a ``FrameError`` the stream cannot be
-    resynchronised: the reader discards its buffer and the caller should drop
-    the connection.
-    """
-
-    def __init__(self, max_size=DEFAULT_MAX_FRAME_SIZE):
-        self.max_size = max_size
-        self._buffer = bytearray()
-        self._expected = 0
-
-    @property
-    def buffered(self):
-        """Bytes received but not yet returned as a frame."""
-        return len(self._buffer)
-
-    def feed(self, data):
-        """Add ``data`` to the stream and return every frame it completes."""
-        cdef bytearray buffer = self._buffer
-        buffer += data
-        cdef object max_size = self.max_size
-        cdef int64_t limit = as_limit(max_size)
-        cdef list frames = []
-        # Frames are decoded in place and the consumed bytes dropped once, at the
-        # end, so a chunk holding many frames costs linear, not quadratic, time.
-        cdef Py_ssize_t start = 0
-        cdef Py_ssize_t available
-        try:
-            while True:
-                available = PyByteArray_GET_SIZE(buffer) - start
-                if self._expected == 0:
-                    if available < PREFIX_SIZE:
-                        break
-                    self._expected = check_prefix(
-                        <const unsigned char*>PyByteArray_AS_STRING(buffer) + start,
-                        limit,
-                        max_size,
-                    )
-                if available < self._expected:
-                    break
-                frames.append(
-                    decode_view(
-                        <const unsigned char*>PyByteArray_AS_STRING(buffer) + start,
-                        <Py_ssize_t>self._expected,
-                        limit,
-                        max_size,
-                    )
-                )
-                start += <Py_ssize_t>self._expected
-                self._expected = 0
-        except FrameError:
-            buffer.clear()
-            start = 0
-            self._expected = 0
-            raise
-        finally:
-            if start:
-                del buffer[:start]
-        return frames

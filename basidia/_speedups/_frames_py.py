@@ -19,7 +19,7 @@ from basidia._speedups._frame import (
 )
 from basidia.errors import FrameError
 
-__all__ = ["FrameReader", "decode_frame", "encode_frame"]
+__all__ = ["decode_frame", "encode_frame"]
 
 _PREFIX = Struct(">BBBBI")
 _FIXED = Struct(">BBBBIQQHHI")
@@ -32,9 +32,9 @@ _KNOWN_FLAGS = 0x03  # FLAG_JSON | FLAG_KWARGS
 _U64_MAX = (1 << 64) - 1
 
 
-def _check_prefix(data: bytes | bytearray | memoryview, max_size: int, offset: int = 0) -> int:
-    """Validate the 8-byte prefix at ``offset`` and return the declared total length."""
-    version, kind, flags, count, total = _PREFIX.unpack_from(data, offset)
+def _check_prefix(data: bytes | bytearray | memoryview, max_size: int) -> int:
+    """Validate the 8-byte prefix and return the declared total length."""
+    version, kind, flags, count, total = _PREFIX.unpack_from(data)
     if version != FRAME_VERSION:
         raise FrameError(f"unsupported frame version {version}")
     if kind < 1 or kind > _MAX_KIND:
@@ -158,55 +158,3 @@ def encode_frame(frame: Frame, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
         len(payload),
     )
     return b"".join(parts)
-
-
-class FrameReader:
-    """Splits a byte stream into frames, whatever the chunking.
-
-    ``feed`` returns the frames completed by the new bytes.  A declared length
-    over the limit is rejected as soon as the 8-byte prefix has arrived, before
-    any further buffering.  After a ``FrameError`` the stream cannot be
-    resynchronised: the reader discards its buffer and the caller should drop
-    the connection.
-    """
-
-    def __init__(self, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
-        self.max_size = max_size
-        self._buffer = bytearray()
-        self._expected = 0
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned as a frame."""
-        return len(self._buffer)
-
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add ``data`` to the stream and return every frame it completes."""
-        buffer = self._buffer
-        buffer += data
-        frames: list[Frame] = []
-        # Frames are decoded where they lie and the consumed bytes dropped once,
-        # at the end, so a chunk holding many frames costs linear, not quadratic, time.
-        start = 0
-        try:
-            while True:
-                available = len(buffer) - start
-                if not self._expected:
-                    if available < PREFIX_SIZE:
-                        break
-                    self._expected = _check_prefix(buffer, self.max_size, start)
-                if available < self._expected:
-                    break
-                end = start + self._expected
-                frames.append(decode_frame(bytes(buffer[start:end]), self.max_size))
-                start = end
-                self._expected = 0
-        except FrameError:
-            buffer.clear()
-            start = 0
-            self._expected = 0
-            raise
-        finally:
-            if start:
-                del buffer[:start]
-        return frames

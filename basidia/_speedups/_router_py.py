@@ -1,8 +1,10 @@
 """Reply routing: correlation id → the caller's future, with deadlines.
 
-This is the reference implementation.  ``_router_c.pyx`` is its hand-written
-compiled twin (a C hash table and deadline heap): it must keep the same public
-behaviour, which the differential tests in ``tests/speedups`` check.
+This file is the router's one source, for both cores: run as Python, it is the
+pure-Python router; setup.py compiles it in Cython's pure-Python mode, with the
+declarations in ``_router_c.pxd``, into the compiled ``_router_c``.  So the two
+cannot drift, and ``tests/speedups`` runs the router's tests on both builds.
+An attribute added here must be declared in the .pxd too.
 
 Deadlines do not cost a loop timer per call.  The router keeps a heap of
 ``(deadline, correlation id)`` and arms a single timer for the earliest live

@@ -31,16 +31,13 @@ class Implementation:
     tag: str
     encode_frame: Callable[..., bytes]
     decode_frame: Callable[..., Frame]
-    FrameReader: Callable[..., Any]
     ReplyRouter: Callable[..., Any]
 
     @classmethod
     def load(cls, tag: str) -> Implementation:
         frames = importlib.import_module(f"basidia._speedups._frames_{tag}")
         router = importlib.import_module(f"basidia._speedups._router_{tag}")
-        return cls(
-            tag, frames.encode_frame, frames.decode_frame, frames.FrameReader, router.ReplyRouter
-        )
+        return cls(tag, frames.encode_frame, frames.decode_frame, router.ReplyRouter)
 
 
 PY = Implementation.load("py")

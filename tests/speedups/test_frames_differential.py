@@ -2,9 +2,8 @@
 
 For any frame both encoders give the same bytes or the same error; for any bytes
 (random, truncated, corrupted, with mutated lengths) both decoders give an equal
-``Frame`` or a ``FrameError`` of the same text; a ``FrameReader`` gives the same
-frames whatever the chunking.  The reference itself only ever raises
-``FrameError`` on bytes.
+``Frame`` or a ``FrameError`` of the same text.  The reference itself only ever
+raises ``FrameError`` on bytes.
 """
 
 from __future__ import annotations
@@ -105,48 +104,6 @@ def test_decode_gives_the_same_frame_or_error(
     assert decode_outcome(c_impl, data, *max_size) == decode_outcome(py_impl, data, *max_size)
 
 
-def feed_outcome(impl: Implementation, chunks: list[bytes]) -> tuple[list[Frame], Any, int]:
-    """Frames returned before the first error, that error, and the bytes left buffered."""
-    reader = impl.FrameReader()
-    got: list[Frame] = []
-    for chunk in chunks:
-        try:
-            got += reader.feed(chunk)
-        except FrameError as exc:
-            return got, str(exc), reader.buffered
-    return got, None, reader.buffered
-
-
-streams = st.lists(st.one_of(st.sampled_from(SEEDS), mutated()), min_size=1, max_size=4).map(
-    b"".join
-)
-
-
-@given(streams)
-@settings(relaxed, max_examples=150)
-def test_reader_is_chunking_independent(
-    py_impl: Implementation, c_impl: Implementation, stream: bytes
-) -> None:
-    """B2: fed whole, byte by byte or split at any point, same frames and same error."""
-    whole = {tag: feed_outcome(impl, [stream]) for tag, impl in (("py", py_impl), ("c", c_impl))}
-    assert whole["c"] == whole["py"]
-    bytewise = feed_outcome(c_impl, [stream[i : i + 1] for i in range(len(stream))])
-    assert bytewise == feed_outcome(py_impl, [stream[i : i + 1] for i in range(len(stream))])
-    _frames, error, _buffered = whole["py"]
-    assert bytewise[1] == error
-    if error is None:
-        assert bytewise == whole["py"]
-    for split in range(1, len(stream)):
-        chunks = [stream[:split], stream[split:]]
-        result = feed_outcome(c_impl, chunks)
-        assert result == feed_outcome(py_impl, chunks)
-        assert result[1] == error
-        if error is None:
-            assert result == whole["py"]
-        else:  # frames completed in the failing chunk are lost with it
-            assert result[0] == bytewise[0][: len(result[0])]
-
-
 def test_fuzz_compiled_parser(py_impl: Implementation, c_impl: Implementation) -> None:
     """A quick seeded mutation fuzz of the compiled parser (tens of thousands of inputs)."""
     rng = random.Random(20_261_121)
@@ -165,6 +122,3 @@ def test_fuzz_compiled_parser(py_impl: Implementation, c_impl: Implementation) -
                 data += bytes(data)  # a second frame, or a long tail
         blob = bytes(data)
         assert decode_outcome(c_impl, blob) == decode_outcome(py_impl, blob)
-        split = rng.randrange(len(blob) + 1)
-        chunks = [blob[:split], blob[split:]]
-        assert feed_outcome(c_impl, chunks) == feed_outcome(py_impl, chunks)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -217,3 +219,18 @@ def test_works_on_uvloop(impl: Implementation) -> None:
         assert (router.pending, router.timeouts) == (0, 1)
     finally:
         loop.close()
+
+
+def test_a_router_in_a_reference_cycle_is_collected(impl: Implementation) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        router = impl.ReplyRouter(loop)
+        _correlation_id, future = router.create(30.0)
+        # router -> future -> its callback -> router, a cycle only the collector can end
+        future.add_done_callback(lambda _f, router=router: None)
+        probes = weakref.ref(router), weakref.ref(future)
+    finally:
+        loop.close()  # which lets go of the armed timer, the other way to the router
+    del router, future
+    gc.collect()
+    assert [probe() for probe in probes] == [None, None]

@@ -69,7 +69,6 @@ def test_selector_exports_one_implementation_throughout() -> None:
     router = importlib.import_module(f"basidia._speedups._router_{tag}")
     assert _speedups.encode_frame is frames.encode_frame
     assert _speedups.decode_frame is frames.decode_frame
-    assert _speedups.FrameReader is frames.FrameReader
     assert _speedups.ReplyRouter is router.ReplyRouter
     assert tag == basidia.IMPLEMENTATION
 
@@ -119,7 +118,6 @@ def test_twins_export_the_same_names_and_signatures(name: str) -> None:
 
 def test_instances_have_the_same_public_attributes() -> None:
     c = require_c()
-    assert _members(c.FrameReader(max_size=10)) == _members(PY.FrameReader(max_size=10))
     loop = asyncio.new_event_loop()
     try:
         assert _members(c.ReplyRouter(loop=loop)) == _members(PY.ReplyRouter(loop=loop))
