@@ -35,6 +35,7 @@ from basidia.errors import BrokerError, ConfigError
 from ..faults.proxy import FaultProxy
 from ..faults.servers import free_port
 from ..logs import captured_logs
+from .cleanup import delete_amqp
 from .contract import BrokerContract, dead_letters_of, eventually, exercise_examples
 
 pytestmark = [pytest.mark.amqp, pytest.mark.timeout(60)]
@@ -56,19 +57,6 @@ _CONTRACT_GROUPS = (
 )
 
 
-async def _delete(url: str, queues: list[str], exchanges: list[str] = ()) -> None:  # type: ignore[assignment]
-    """Delete ``queues`` and ``exchanges`` on the shared broker (missing ones are fine)."""
-    connection = await asyncio.wait_for(aiormq.connect(url), 10)
-    try:
-        channel = await connection.channel(timeout=5)
-        for queue in queues:
-            await channel.queue_delete(queue, timeout=5)
-        for exchange in exchanges:
-            await channel.exchange_delete(exchange, timeout=5)
-    finally:
-        await connection.close(timeout=5)
-
-
 def _group_queues(prefix: str, group: str) -> list[str]:
     return [f"{prefix}.events.{group}", f"{prefix}.events.{group}.dlq"]
 
@@ -82,7 +70,9 @@ class TestAmqpBroker(BrokerContract):
     async def _delete_contract_queues(self, amqp_url: str, name: str) -> AsyncIterator[None]:
         yield
         groups = [name + suffix for suffix in _CONTRACT_GROUPS]
-        await _delete(amqp_url, [q for group in groups for q in _group_queues("basidia", group)])
+        await delete_amqp(
+            amqp_url, [q for group in groups for q in _group_queues("basidia", group)]
+        )
 
 
 # -- helpers for the RabbitMQ-only tests ----------------------------------------------------------
@@ -106,7 +96,7 @@ class Topology:
 async def topology(amqp_url: str, unique: str) -> AsyncIterator[Topology]:
     found = Topology(unique)
     yield found
-    await _delete(amqp_url, found.queues, [f"{found.prefix}.events"])
+    await delete_amqp(amqp_url, found.queues, [f"{found.prefix}.events"])
 
 
 @pytest.fixture
@@ -528,7 +518,7 @@ async def test_a_consumer_whose_queue_is_deleted_consumes_again(
     queue = topology.group(group)
     seen: list[Delivery] = []
     await consumer.subscribe_events(EventSubscription(event, group), _collect(seen), concurrency=1)
-    await _delete(amqp_url, [queue])  # an operator deletes it: the broker cancels the consumer
+    await delete_amqp(amqp_url, [queue])  # an operator deletes it: the broker cancels the consumer
 
     tries = itertools.count()
 
@@ -844,7 +834,9 @@ async def test_examples_run_on_rabbitmq(amqp_url: str, unique: str) -> None:
     try:
         await exercise_examples(amqp_url, unique)
     finally:
-        await _delete(amqp_url, _group_queues("basidia", f"notification_{unique}.on_user_created"))
+        await delete_amqp(
+            amqp_url, _group_queues("basidia", f"notification_{unique}.on_user_created")
+        )
 
 
 async def test_examples_run_on_aiormqs_public_api_alone(
@@ -858,4 +850,6 @@ async def test_examples_run_on_aiormqs_public_api_alone(
     try:
         await exercise_examples(amqp_url, unique)
     finally:
-        await _delete(amqp_url, _group_queues("basidia", f"notification_{unique}.on_user_created"))
+        await delete_amqp(
+            amqp_url, _group_queues("basidia", f"notification_{unique}.on_user_created")
+        )

@@ -3,20 +3,15 @@ it, and the same failure dead-lettered on memory, RabbitMQ and NATS, compared.""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import uuid
 from typing import Any
 
-import aiormq
-import nats
-import nats.js.errors
 import pytest
 
 from basidia import ServiceRunner
 from basidia.brokers import broker_from_url
-from basidia.brokers._nats_jetstream import EVENTS_STREAM
 from basidia.brokers.base import (
     DEAD_LETTER_HEADERS,
     DeadLetter,
@@ -26,6 +21,7 @@ from basidia.brokers.base import (
     read_dead_letter,
 )
 
+from .cleanup import delete_amqp, delete_nats_consumers
 from .contract import dead_letters_of, picky_service
 
 pytestmark = pytest.mark.timeout(60)
@@ -126,24 +122,11 @@ def test_the_record_is_made_the_same_way_for_every_broker() -> None:
 
 
 async def _clean_up(amqp_url: str, nats_url: str, token: str, groups: list[str]) -> None:
-    connection = await aiormq.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        for group in groups:
-            for queue in (f"basidia.events.{group}", f"basidia.events.{group}.dlq"):
-                await channel.queue_delete(queue, timeout=5)
-    finally:
-        await connection.close()
-    nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
-    try:
-        jsm = nc.jsm()
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            for info in await jsm.consumers_info(EVENTS_STREAM):
-                if token in info.name or token in (info.config.filter_subject or ""):
-                    with contextlib.suppress(nats.js.errors.NotFoundError):
-                        await jsm.delete_consumer(EVENTS_STREAM, info.name)
-    finally:
-        await nc.close()
+    queues = [
+        q for group in groups for q in (f"basidia.events.{group}", f"basidia.events.{group}.dlq")
+    ]
+    await delete_amqp(amqp_url, queues)
+    await delete_nats_consumers(nats_url, token)
 
 
 @pytest.mark.amqp

@@ -30,7 +30,6 @@ The cases, by the bug report they come from:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import shutil
@@ -70,6 +69,7 @@ from basidia.rpc import error_from_frame
 from basidia.runner import Cluster
 
 from ..conftest import REQUIRE_BROKERS
+from .cleanup import delete_amqp, delete_nats_consumers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -317,34 +317,6 @@ async def amqp_passive_count(url: str, queue: str) -> int | None:
         return int(ok.message_count or 0)
     finally:
         await connection.close(timeout=5)
-
-
-async def amqp_delete(url: str, queues: list[str], exchanges: list[str]) -> None:
-    connection = await asyncio.wait_for(aiormq.connect(url), 10)
-    try:
-        channel = await connection.channel(timeout=5)
-        for queue in queues:
-            await channel.queue_delete(queue, timeout=5)
-        for exchange in exchanges:
-            await channel.exchange_delete(exchange, timeout=5)
-    finally:
-        await connection.close(timeout=5)
-
-
-async def nats_clean_up(url: str, token: str) -> None:
-    """Delete the JetStream consumers and dead letters of the test with ``token``."""
-    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
-    try:
-        jsm = nc.jsm()
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            for info in await jsm.consumers_info(EVENTS_STREAM):
-                if token in info.name or token in (info.config.filter_subject or ""):
-                    with contextlib.suppress(nats.js.errors.NotFoundError):
-                        await jsm.delete_consumer(EVENTS_STREAM, info.name)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await jsm.purge_stream(DLQ_STREAM, subject=f"{NATS_DLQ_PREFIX}hostile_{token}.>")
-    finally:
-        await nc.close()
 
 
 # -- raw publishers -----------------------------------------------------------------------------
@@ -698,7 +670,7 @@ class TestAmqpHostile(HostileInputs):
         self, amqp_url: str, prefix: str, amqp_queues: list[str]
     ) -> AsyncIterator[None]:
         yield
-        await amqp_delete(amqp_url, amqp_queues, [f"{prefix}.events"])
+        await delete_amqp(amqp_url, amqp_queues, [f"{prefix}.events"])
 
     @pytest.fixture
     async def raw(self, amqp_url: str, prefix: str) -> AsyncIterator[RawClient]:
@@ -858,7 +830,9 @@ class TestNatsHostile(HostileInputs):
     @pytest.fixture(autouse=True)
     async def _clean_up(self, nats_url: str, unique: str) -> AsyncIterator[None]:
         yield
-        await nats_clean_up(nats_url, unique)
+        await delete_nats_consumers(
+            nats_url, unique, purge_dlq=f"{NATS_DLQ_PREFIX}hostile_{unique}.>"
+        )
 
     @pytest.fixture
     async def raw(self, nats_url: str) -> AsyncIterator[NatsRaw]:

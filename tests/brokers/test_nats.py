@@ -29,26 +29,12 @@ from basidia.brokers.base import Failure
 from basidia.brokers.nats import DLQ_STREAM, EVENTS_STREAM, NatsBroker
 from basidia.errors import BrokerError
 
+from .cleanup import delete_nats_consumers
 from .contract import BrokerContract, dead_letters_of, eventually, exercise_examples
 
 pytestmark = [pytest.mark.nats, pytest.mark.timeout(60)]
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-
-
-async def _delete_consumers(url: str, token: str) -> None:
-    """Delete the consumers of the events stream that a test with ``token`` created
-    (``token`` is in their group's name or in their event's)."""
-    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
-    try:
-        jsm = nc.jsm()
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            for info in await jsm.consumers_info(EVENTS_STREAM):
-                if token in info.name or token in (info.config.filter_subject or ""):
-                    with contextlib.suppress(nats.js.errors.NotFoundError):
-                        await jsm.delete_consumer(EVENTS_STREAM, info.name)
-    finally:
-        await nc.close()
 
 
 class TestNatsBroker(BrokerContract):
@@ -59,7 +45,7 @@ class TestNatsBroker(BrokerContract):
     @pytest.fixture(autouse=True)
     async def _clean_up_consumers(self, nats_url: str, name: str) -> AsyncIterator[None]:
         yield
-        await _delete_consumers(nats_url, name)
+        await delete_nats_consumers(nats_url, name)
 
 
 # -- helpers for the NATS-only tests ------------------------------------------------------------
@@ -81,7 +67,7 @@ async def make_broker(
     yield make
     for broker in brokers:
         await broker.close()
-    await _delete_consumers(nats_url, unique)
+    await delete_nats_consumers(nats_url, unique)
 
 
 def _collect(into: list[Delivery] | Counter[bytes]) -> Callable[[Delivery], Awaitable[None]]:
@@ -476,7 +462,7 @@ async def test_examples_run_on_nats(nats_url: str, unique: str) -> None:
     try:
         await exercise_examples(nats_url, unique)
     finally:
-        await _delete_consumers(nats_url, unique)  # the groups of this test's services
+        await delete_nats_consumers(nats_url, unique)  # the groups of this test's services
 
 
 # -- TLS and authentication, against nats-servers of our own ------------------------------------
