@@ -78,7 +78,12 @@ class RequestServer:
         self._name = container.service_name
         self._broker = container.runtime.broker
         self._max_frame_size = container.runtime.settings.max_frame_size
+        # A reply must fit this frame limit and what the broker carries (NATS: the
+        # max_payload of the server it is connected to when the service starts).
+        self._reply_limit = min(self._max_frame_size, self._broker.max_body_size)
         self._tracebacks = container.runtime.settings.remote_tracebacks
+        self._track, self._untrack = container.track, container.untrack
+        self._handle = container.handle
         self._reply_addresses: set[str] = set()
         # Type hints are resolved now, not on the first call.
         self._routes: dict[str, _Route] = {}
@@ -94,8 +99,7 @@ class RequestServer:
         )
 
     async def on_request(self, delivery: Delivery) -> None:
-        container = self.container
-        task = container.track()
+        task = self._track()
         try:
             body = delivery.body
             frame = self._accept(body)
@@ -121,7 +125,7 @@ class RequestServer:
         else:
             await delivery.ack()
         finally:
-            container.untrack(task)
+            self._untrack(task)
 
     async def _send_reply(self, frame: Frame, body: bytes) -> None:
         try:
@@ -197,7 +201,7 @@ class RequestServer:
             return self._error_body(frame, exc)
         ctx = CallContext(self._name, method, frame, frame.deadline / 1000.0)
         try:
-            result = await self.container.handle(ctx, func, args, task, stats)
+            result = await self._handle(ctx, func, args, task, stats)
         except TimeoutError:
             return None  # the caller has timed out too: nobody waits for an answer
         except RpcError as exc:
@@ -216,10 +220,8 @@ class RequestServer:
         return self._reply_body(frame, result)
 
     def _reply_body(self, frame: Frame, result: Any) -> bytes:
-        # A reply must fit this service's frame limit and what the broker carries.
-        limit = min(self._max_frame_size, self._broker.max_body_size)
         try:
-            return reply_frame(frame, result, limit)
+            return reply_frame(frame, result, self._reply_limit)
         except FrameError as exc:
             message = f"the result of {frame.target} cannot be sent: {exc}"
             self.container.bad_input.log(logging.ERROR, "reply too large", "%s", message)

@@ -52,6 +52,7 @@ class RpcClient:
         self._broker = broker
         self.timeout = timeout
         self._codec = codec or Codec()
+        self._codec_headers = self._codec.headers
         self._max_frame_size = max_frame_size
         self._router: ReplyRouter | None = None
         self._chain = call_chain(middleware, self._send_call)
@@ -148,8 +149,8 @@ class RpcClient:
                     timeout = remaining
             headers = dict(headers) if headers else {}
             headers[CALL_STACK_HEADER] = " ".join(ctx.call_id_stack)
-        if self._codec.headers:
-            headers = {**headers, **self._codec.headers} if headers else self._codec.headers
+        if self._codec_headers:
+            headers = {**headers, **self._codec_headers} if headers else self._codec_headers
         try:
             payload, flags = self._codec.encode_args(args, kwargs)
         except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
