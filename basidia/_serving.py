@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from basidia._speedups import HARD_MAX_FRAME_SIZE, Frame, Kind, decode_frame
-from basidia._wire import error_reply, reply_frame
+from basidia._speedups import Frame, Kind, decode_frame
+from basidia._wire import decode_over_limit, error_reply, reply_frame
 from basidia.brokers.base import (
     Delivery,
     EndpointStats,
@@ -151,7 +151,7 @@ class RequestServer:
         try:
             frame = decode_frame(body, self._max_frame_size)
         except FrameError as exc:
-            oversized = self._oversized(body)
+            oversized = decode_over_limit(body, self._max_frame_size)
             if oversized is None:
                 # Without a frame there is no trustworthy reply address: log, count, drop.
                 _reject(self.container, "a malformed request frame", str(exc))
@@ -174,14 +174,6 @@ class RequestServer:
             logger.debug("%s: dropped an expired request for %s", self._name, frame.target)
             return None
         return frame
-
-    def _oversized(self, body: bytes) -> Frame | None:
-        if not self._max_frame_size < len(body) <= HARD_MAX_FRAME_SIZE:
-            return None
-        try:
-            return decode_frame(body, HARD_MAX_FRAME_SIZE)
-        except FrameError:
-            return None
 
     async def _answer(self, frame: Frame, task: asyncio.Task[Any]) -> bytes | None:
         """The reply or error frame for a request; None when the caller has given up."""

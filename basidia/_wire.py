@@ -16,7 +16,15 @@ from typing import Any, Protocol
 
 import msgspec
 
-from basidia._speedups import FLAG_JSON, FLAG_KWARGS, Frame, Kind, decode_frame, encode_frame
+from basidia._speedups import (
+    FLAG_JSON,
+    FLAG_KWARGS,
+    HARD_MAX_FRAME_SIZE,
+    Frame,
+    Kind,
+    decode_frame,
+    encode_frame,
+)
 from basidia.errors import (
     ERROR_TYPES,
     FrameError,
@@ -25,6 +33,7 @@ from basidia.errors import (
     ServiceUnavailable,
     ValidationError,
 )
+from basidia.log import shorten
 
 __all__ = [
     "CONTENT_TYPE_HEADER",
@@ -32,6 +41,7 @@ __all__ = [
     "Codec",
     "Serializer",
     "TypedDecoder",
+    "decode_over_limit",
     "decode_result",
     "error_from_frame",
     "error_reply",
@@ -313,12 +323,6 @@ class _ErrorPayload(msgspec.Struct):
 _decode_error = msgspec.msgpack.Decoder(_ErrorPayload).decode
 
 
-def _cut(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
-
-
 def error_reply(
     correlation_id: int, error: Exception, target: str = "", traceback: str | None = None
 ) -> bytes:
@@ -335,12 +339,12 @@ def error_reply(
     else:
         exc_type, message = type(error).__name__, str(error)
     payload: dict[str, str] = {
-        "code": _cut(getattr(error, "code", "remote_error"), _MAX_ERROR_NAME),
-        "type": _cut(exc_type, _MAX_ERROR_NAME),
-        "message": _cut(message, MAX_ERROR_MESSAGE),
+        "code": shorten(getattr(error, "code", "remote_error"), _MAX_ERROR_NAME),
+        "type": shorten(exc_type, _MAX_ERROR_NAME),
+        "message": shorten(message, MAX_ERROR_MESSAGE),
     }
     if traceback:
-        payload["traceback"] = _cut(traceback, MAX_TRACEBACK)
+        payload["traceback"] = shorten(traceback, MAX_TRACEBACK)
     if len(target) > _MAX_ERROR_NAME:
         target = ""  # callers match errors by correlation id; the target is informative
     return encode_frame(Frame(_ERROR, correlation_id, target, _msgpack_encode(payload)))
@@ -364,6 +368,18 @@ def error_from_frame(frame: Frame) -> RpcError:
     if kind is None or error.code == RemoteError.code:
         return RemoteError(error.type, error.message, error.traceback)
     return kind(error.message)
+
+
+def decode_over_limit(body: bytes, limit: int) -> Frame | None:
+    """The frame in ``body``, which is over ``limit`` but may be under the hard ceiling:
+    decoded only to answer its correlation id with ``MessageTooLarge`` rather than let
+    the other side wait for its deadline.  None when it is malformed or larger still."""
+    if not limit < len(body) <= HARD_MAX_FRAME_SIZE:
+        return None
+    try:
+        return decode_frame(body, HARD_MAX_FRAME_SIZE)
+    except FrameError:
+        return None
 
 
 def error_text(body: bytes) -> str:

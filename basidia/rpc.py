@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from basidia._speedups import Frame, Kind, ReplyRouter, decode_frame, encode_frame
-from basidia._wire import Codec, decode_result, error_from_frame
+from basidia._wire import Codec, decode_over_limit, decode_result, error_from_frame
 from basidia.brokers.base import Broker
 from basidia.context import CALL_STACK_HEADER, current_call
 from basidia.errors import (
@@ -83,15 +83,15 @@ class RpcClient:
             frame = decode_frame(body, self._max_frame_size)
         except FrameError as exc:
             self.malformed_replies += 1
-            if len(body) > self._max_frame_size and len(body) >= 16 and body[0] == 1:
+            oversized = decode_over_limit(body, self._max_frame_size)
+            if oversized is not None:
                 # Over this client's limit (the service's is larger): fail that call now
                 # with a typed error rather than let it wait for its deadline.
-                correlation_id = int.from_bytes(body[8:16], "big")
                 too_large = MessageTooLarge(
                     f"a reply of {len(body)} bytes exceeds this client's frame limit of "
                     f"{self._max_frame_size} bytes (max_frame_size)"
                 )
-                if self.router.fail(correlation_id, too_large):
+                if self.router.fail(oversized.correlation_id, too_large):
                     return
             self._bad_replies.log(
                 logging.WARNING, "malformed reply", "dropped a malformed reply frame: %s", exc

@@ -28,6 +28,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
+from basidia._wire import error_reply
 from basidia.brokers._amqp_fast import oversized
 from basidia.brokers._common import WorkerPool
 from basidia.brokers.base import (
@@ -41,7 +42,6 @@ from basidia.brokers.base import (
     EventSubscription,
     Failure,
     dead_letter_headers,
-    error_reply,
     make_dead_letter,
 )
 from basidia.errors import BrokerError, MessageTooLarge

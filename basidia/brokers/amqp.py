@@ -42,6 +42,7 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from basidia._speedups import HARD_MAX_FRAME_SIZE
+from basidia._wire import no_responders
 from basidia.brokers._amqp_consumers import (
     _LINK_ERRORS,
     _PERSISTENT,
@@ -62,7 +63,6 @@ from basidia.brokers.base import (
     EventSubscription,
     InboxHandler,
     Subscription,
-    no_responders,
     read_dead_letter,
 )
 from basidia.errors import BrokerError, ConfigError, ConnectionLost

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from basidia._speedups import HARD_MAX_FRAME_SIZE
-from basidia._wire import error_reply, no_responders
 from basidia.errors import ConnectionLost
 
 __all__ = [
@@ -46,9 +45,7 @@ __all__ = [
     "ServiceInfo",
     "Subscription",
     "dead_letter_headers",
-    "error_reply",
     "make_dead_letter",
-    "no_responders",
     "read_dead_letter",
 ]
 

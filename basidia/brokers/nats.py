@@ -36,6 +36,8 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.nuid import NUID
 
+from basidia._speedups import DEFAULT_MAX_FRAME_SIZE
+from basidia._wire import no_responders
 from basidia.brokers._common import Backoff, Names, Secrets, WorkerPool, parse_url, tls_context
 from basidia.brokers._nats_jetstream import (
     DLQ_STREAM,
@@ -59,7 +61,6 @@ from basidia.brokers.base import (
     ServiceInfo,
     Subscription,
     make_dead_letter,
-    no_responders,
 )
 from basidia.errors import BrokerError, ConnectionLost
 from basidia.log import ThrottledLog
@@ -318,7 +319,7 @@ class NatsBroker(Broker):
     def max_body_size(self) -> int:
         nc = self._nc
         # nats-py keeps the last server's max_payload while reconnecting.
-        return int(nc.max_payload) if nc is not None and nc.max_payload else 1024 * 1024
+        return int(nc.max_payload) if nc is not None and nc.max_payload else DEFAULT_MAX_FRAME_SIZE
 
     def reply_to_problem(self, reply_to: str) -> str | None:
         # Only ever answer into an inbox, never on a subject a forged frame picked (a
@@ -608,15 +609,13 @@ class NatsBroker(Broker):
             handler(frame)
 
     async def send_reply(self, reply_to: str, body: bytes) -> None:
-        # reply_to comes from a request frame; the container has checked it already.
-        if self.reply_to_problem(reply_to) is not None:
+        # reply_to comes from a request frame, checked in full with reply_to_problem when
+        # the request was accepted (basidia/_serving.py).  Here, on every reply, only what
+        # keeps a caller of this method from publishing anywhere but into an inbox.
+        if not reply_to.startswith(INBOX_PREFIX) or "*" in reply_to or ">" in reply_to:
             logger.debug("dropped a reply to a non-inbox subject")
             return
         nc = self._client()
-        if len(body) > nc.max_payload:
-            raise BrokerError(
-                f"a reply of {len(body)} bytes exceeds the server's limit of {nc.max_payload} bytes"
-            )
         try:
             await nc.publish(reply_to, body)
         except nats.errors.MaxPayloadError:
