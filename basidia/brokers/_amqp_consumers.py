@@ -307,7 +307,7 @@ class _Delivery(Delivery):
     async def ack(self) -> None:
         await self._settle(ack=True)
 
-    async def nack(self, *, requeue: bool = True) -> None:
+    async def nack(self, *, requeue: bool = True, delay: float = 0.0) -> None:
         await self._settle(ack=False, requeue=requeue)
 
     async def dead_letter(self, failure: Failure) -> None:
@@ -511,7 +511,7 @@ class _EventDelivery(_Delivery):
         properties.headers = {**headers, **dropped}
         return properties
 
-    async def nack(self, *, requeue: bool = True) -> None:
+    async def nack(self, *, requeue: bool = True, delay: float = 0.0) -> None:
         if self._settled or not requeue:
             await self._settle(ack=False)
             return

@@ -485,7 +485,7 @@ class JetStreamDelivery(Delivery):
             self._consumer.first_failures.pop(self.sequence, None)
         await self._settle(b"+ACK")
 
-    async def nack(self, *, requeue: bool = True) -> None:
+    async def nack(self, *, requeue: bool = True, delay: float = 0.0) -> None:
         if not self._settled:
             if requeue:
                 self._consumer.failed(self.sequence)

@@ -137,6 +137,9 @@ class DeadLetter:
     last_failure: float
     frame: bytes
     truncated_from: int = 0
+    #: The broker's own handle on this letter (a message sequence, a stream entry id),
+    #: used to show, replay or purge one letter; "" where the adapter has none.
+    id: str = ""
 
 
 def make_dead_letter(
@@ -266,8 +269,12 @@ class Delivery:
     async def ack(self) -> None:
         """The message is handled; the broker may forget it."""
 
-    async def nack(self, *, requeue: bool = True) -> None:
-        """The handler failed; redeliver the message if ``requeue``."""
+    async def nack(self, *, requeue: bool = True, delay: float = 0.0) -> None:
+        """The handler failed; redeliver the message if ``requeue``, after ``delay``
+        seconds.  Waiting never blocks the consumer (other deliveries keep flowing), and
+        where the broker can hold the message (delay queues, a NAK with delay, a
+        scheduled set) a pending retry survives a restart of the consumer
+        (``docs/resilience.md``)."""
 
     async def dead_letter(self, failure: Failure) -> None:
         """Park the message where operators can inspect it (``Broker.dead_letters``), as a
@@ -435,6 +442,22 @@ class Broker(abc.ABC):
     async def dead_letters(self, group: str, *, limit: int = 100) -> list[DeadLetter]:
         """The dead letters of consumer group ``group`` (``service.handler``), oldest
         first, at most ``limit``, WITHOUT removing them from the broker."""
+
+    async def dead_letter_groups(self) -> list[str]:
+        """The consumer groups (``service.handler``) that have dead letters, as far as the
+        broker can list them; the default knows none."""
+        return []
+
+    async def replay_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
+        """Re-deliver dead letters of ``group`` (all, or those whose ``DeadLetter.id`` is
+        in ``ids``) to that group's handler once, as a first attempt with the original
+        frame (so the original idempotency key), and remove them from the dead letters.
+        Returns how many were replayed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot replay dead letters")
+
+    async def purge_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
+        """Delete dead letters of ``group`` (all, or those in ``ids``); returns how many."""
+        raise NotImplementedError(f"{type(self).__name__} cannot purge dead letters")
 
     @abc.abstractmethod
     async def subscribe_events(

@@ -71,7 +71,7 @@ class _EventDelivery(Delivery):
     async def ack(self) -> None:
         self._settled = True
 
-    async def nack(self, *, requeue: bool = True) -> None:
+    async def nack(self, *, requeue: bool = True, delay: float = 0.0) -> None:
         if self._settled:
             return
         self._settled = True
