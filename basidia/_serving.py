@@ -38,6 +38,7 @@ from basidia.errors import (
     ValidationError,
 )
 from basidia.log import shorten
+from basidia.versioning import EventVersionError
 
 if TYPE_CHECKING:
     from basidia.container import ServiceContainer
@@ -273,6 +274,10 @@ class _EventServer:
             return
         try:
             data = self._decode(frame)
+        except EventVersionError as exc:  # only handlers that declare versions raise it
+            _reject(container, f"an event version {handler.name} does not accept", str(exc))
+            await self._dead_letter(delivery, str(exc), "")
+            return
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             _reject(container, f"invalid event data for {handler.name}", str(exc))
             await self._dead_letter(delivery, f"invalid event data: {exc}", "")

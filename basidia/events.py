@@ -9,6 +9,7 @@ from basidia._speedups import Frame, Kind, encode_frame
 from basidia._wire import Codec
 from basidia.brokers.base import Broker
 from basidia.context import IDEMPOTENCY_HEADER, SOURCE_HEADER
+from basidia.versioning import VERSION_HEADER, check_version
 
 __all__ = ["EventPublisher"]
 
@@ -28,18 +29,23 @@ class EventPublisher:
         *,
         source: str = "",
         idempotency_key: str | None = None,
+        version: int | None = None,
     ) -> str:
         """Publish ``data`` as event ``event``; return its idempotency key once the
         broker has confirmed it.
 
         Pass the same ``idempotency_key`` when re-publishing the same business
         event so that handlers (and de-duplicating brokers) can recognise it.
+        ``version`` is the schema version ``data`` follows (none: version 1); it
+        travels in the ``ver`` header (docs/events.md).
         """
         key = idempotency_key or uuid.uuid4().hex
         codec = self._codec
         headers = {IDEMPOTENCY_HEADER: key, **codec.headers}
         if source:
             headers[SOURCE_HEADER] = source
+        if version is not None:
+            headers[VERSION_HEADER] = str(check_version(version))
         frame = Frame(Kind.EVENT, 0, event, codec.encode(data), "", 0, headers, codec.flags)
         await self._broker.publish_event(
             event, encode_frame(frame, self._max_frame_size), idempotency_key=key
@@ -58,8 +64,15 @@ class _Dispatch:
         self._publisher = publisher
         self._source = source
 
-    async def __call__(self, event: str, data: Any, *, idempotency_key: str | None = None) -> str:
+    async def __call__(
+        self,
+        event: str,
+        data: Any,
+        *,
+        idempotency_key: str | None = None,
+        version: int | None = None,
+    ) -> str:
         """Publish ``data`` as event ``event``; see ``EventPublisher.publish``."""
         return await self._publisher.publish(
-            event, data, source=self._source, idempotency_key=idempotency_key
+            event, data, source=self._source, idempotency_key=idempotency_key, version=version
         )

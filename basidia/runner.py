@@ -89,10 +89,18 @@ class _Client:
         """``rpc.<service>.<method>(...)`` for any service on the broker."""
         return self._connection.rpc
 
-    async def dispatch(self, event: str, data: Any, *, idempotency_key: str | None = None) -> str:
-        """Publish an event; return its idempotency key once the broker has it."""
+    async def dispatch(
+        self,
+        event: str,
+        data: Any,
+        *,
+        idempotency_key: str | None = None,
+        version: int | None = None,
+    ) -> str:
+        """Publish an event (of schema ``version``, docs/events.md); return its
+        idempotency key once the broker has it."""
         return await self._connection.publisher.publish(
-            event, data, idempotency_key=idempotency_key
+            event, data, idempotency_key=idempotency_key, version=version
         )
 
 

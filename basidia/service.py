@@ -5,10 +5,11 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from basidia._wire import ArgumentSpec, TypedDecoder
+from basidia.versioning import Upcaster, VersionedDecoder, check_versions
 
 if TYPE_CHECKING:
     from typing import Self
@@ -123,6 +124,8 @@ class EventHandler(Entrypoint):
         broadcast: bool,
         durable: bool,
         max_attempts: int | None,
+        versions: Sequence[int] | None = None,
+        upcasters: Mapping[int, Upcaster] | None = None,
     ) -> None:
         super().__init__(func)
         if not _EVENT.match(event):
@@ -136,10 +139,16 @@ class EventHandler(Entrypoint):
         self.broadcast = broadcast
         self.durable = durable
         self.max_attempts = max_attempts
-        self._decoder: TypedDecoder | None = None
+        #: The schema versions accepted (None: any, unchecked) and the upcasters that lift
+        #: an older version's data one version up (basidia/versioning.py).
+        self.versions, self.upcasters = check_versions(func.__qualname__, versions, upcasters)
+        self._decoder: TypedDecoder | VersionedDecoder | None = None
 
     def describe(self) -> Any:
-        return {"name": self.name, "event": self.event, "broadcast": self.broadcast}
+        described = {"name": self.name, "event": self.event, "broadcast": self.broadcast}
+        if self.versions is not None:
+            described["versions"] = list(self.versions)
+        return described
 
     @classmethod
     async def attach(
@@ -150,12 +159,23 @@ class EventHandler(Entrypoint):
         return [await serve_events(container, handler) for handler in entrypoints]
 
     @property
-    def decoder(self) -> TypedDecoder:
-        """Reads an event's data, validated against the handler's type hint."""
+    def data_type(self) -> Any:
+        """The type hint of the handler's event argument (``Any`` without one)."""
+        hints = typing.get_type_hints(self.func)
+        return hints.get(list(inspect.signature(self.func).parameters)[1], Any)
+
+    @property
+    def decoder(self) -> TypedDecoder | VersionedDecoder:
+        """Reads an event's data, validated against the handler's type hint (and, when
+        the handler declares versions, checked and upcast: basidia/versioning.py)."""
         if self._decoder is None:
-            hints = typing.get_type_hints(self.func)
-            param = list(inspect.signature(self.func).parameters)[1]
-            self._decoder = TypedDecoder(hints.get(param, Any))
+            if self.versions is None:
+                self._decoder = TypedDecoder(self.data_type)
+            else:
+                where = self.func.__qualname__
+                self._decoder = VersionedDecoder(
+                    self.data_type, self.versions, self.upcasters, where
+                )
         return self._decoder
 
 
@@ -197,6 +217,8 @@ def event_handler(
     broadcast: bool = False,
     durable: bool = True,
     max_attempts: int | None = None,
+    versions: Sequence[int] | None = None,
+    upcasters: Mapping[int, Upcaster] | None = None,
 ) -> Callable[[F], F]:
     """Handle every event named ``event``.
 
@@ -206,13 +228,24 @@ def event_handler(
     while no instance runs are lost).  A handler that raises is retried until
     ``max_attempts`` (default from config ``event_max_attempts``), then the event
     is dead-lettered with the error as the reason.
+
+    ``versions`` are the event schema versions the handler accepts (default: any,
+    unchecked); an event of another version is dead-lettered with the reason.
+    ``upcasters`` map an older version to a function that turns its data into the
+    next version's, so the handler reads its newest version (docs/events.md).
     """
 
     def decorate(func: F) -> F:
         return mark(
             func,
             EventHandler(
-                func, event, broadcast=broadcast, durable=durable, max_attempts=max_attempts
+                func,
+                event,
+                broadcast=broadcast,
+                durable=durable,
+                max_attempts=max_attempts,
+                versions=versions,
+                upcasters=upcasters,
             ),
         )
 
