@@ -110,10 +110,11 @@ def _rpc(
         "type": "array",
         "description": "the positional arguments, in order (a call with keywords sends "
         "[arguments, {name: value}] with the frame's KWARGS flag)",
-        "items": items,
         "minItems": sum(1 for _, _, required in params if required),
         "maxItems": len(params),
     }
+    if items:  # JSON Schema draft 7's tuple form, which AsyncAPI's schema format reads
+        request_payload["items"] = items
     target = f"{service}.{method.name}"
     channel_id, reply_id = f"rpc.{target}", f"rpc.{target}.reply"
     channels[channel_id] = {

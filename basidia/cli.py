@@ -1,4 +1,4 @@
-"""The ``basidia`` command: ``run``, ``shell`` and ``bench``."""
+"""The ``basidia`` command: ``run``, ``shell``, ``bench``, ``asyncapi`` and ``new``."""
 
 from __future__ import annotations
 
@@ -267,6 +267,64 @@ def shell(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         loop.close()
+
+
+# -- contracts and scaffolding (docs/contracts.md, docs/getting-started.md) ----------------
+
+
+@app.command()
+def asyncapi(
+    targets: list[str] = typer.Argument(
+        ..., help="Directories, .py files, modules or module:Class naming the services."
+    ),
+    output: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--output", "-o", help="Write it here (.json, or .yaml/.yml); default: stdout."
+    ),
+    title: str = typer.Option("Basidia services", help="The document's title."),
+) -> None:
+    """Write the AsyncAPI 3.0 document of the services' RPC methods and events."""
+    from basidia.asyncapi import asyncapi_document
+
+    try:
+        document = asyncapi_document(_load(targets), title=title)
+    except (BasidiaError, ImportError, TypeError, ValueError) as exc:
+        raise _fail(exc) from None
+    if output is not None and output.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    else:
+        import json
+
+        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {output}", err=True)
+
+
+@app.command()
+def new(
+    name: str = typer.Argument(..., help="The project's name: a directory of that name is made."),
+    broker: str = typer.Option(
+        "rabbitmq", "--broker", "-b", help="The broker in the compose file: rabbitmq or nats."
+    ),
+    directory: Path = typer.Option(
+        Path("."), "--directory", "-d", help="Where to make the project's directory."
+    ),
+) -> None:
+    """Write a new project: a service, its tests, config, Dockerfile, compose file, manifests."""
+    from basidia.scaffold import create_project
+
+    try:
+        root = create_project(name, directory, broker=broker)
+    except (BasidiaError, ValueError, FileExistsError) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"created {root}; next: cd {root} and see its README.md")
+
+
+# -- end contracts and scaffolding ---------------------------------------------------------
 
 
 def _register_bench() -> None:

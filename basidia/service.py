@@ -195,6 +195,20 @@ class HttpEndpoint(Entrypoint):
     def describe(self) -> Any:
         return {"name": self.name, "methods": self.methods, "path": self.path}
 
+    @property
+    def body_type(self) -> Any:
+        """The type hint of the argument after the request (the JSON body, decoded and
+        validated for the endpoint), or None when the endpoint takes the request alone."""
+        params = list(inspect.signature(self.func).parameters)
+        if len(params) < 3:
+            return None
+        return typing.get_type_hints(self.func).get(params[2], Any)
+
+    @property
+    def result_type(self) -> Any:
+        """The endpoint's return type hint (``Any`` without one)."""
+        return typing.get_type_hints(self.func).get("return", Any)
+
     @classmethod
     def sources(cls, entrypoints: Sequence[Self]) -> int:
         return 1 if entrypoints else 0  # one HTTP server for all the routes

@@ -263,6 +263,9 @@ def test_wheel_holds_the_compiled_modules_and_no_sources(dists: Dists) -> None:
     # The pure-Python twins stay: BASIDIA_NO_EXTENSIONS=1 and the fallback use them.
     assert {"basidia/_speedups/_frames_py.py", "basidia/_speedups/_router_py.py"} <= set(names)
     assert "basidia/py.typed" in names
+    # basidia new writes projects from these.
+    assert "basidia/scaffold/templates/k8s/deployment.yaml.tmpl" in names
+    assert "basidia/scaffold/templates/package/service.py.tmpl" in names
     assert not [n for n in names if n.endswith((".c", ".h", ".pyx", ".pxd", ".html", ".pyc"))]
     assert not [n for n in names if not n.startswith(("basidia/", "basidia-"))]
     _, _, _, tags = parse_wheel_filename(dists.wheel.name)

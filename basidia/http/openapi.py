@@ -3,7 +3,9 @@
 Endpoints take a Starlette ``Request``, so the document describes what the
 declaration tells: path, methods, path parameters (typed by their Starlette
 convertor), the service as a tag, the docstring as summary and description,
-and the error responses every endpoint may give.
+and the error responses every endpoint may give.  An argument after the request
+is the JSON request body and the return type hint the 200 response: both get
+JSON Schemas from msgspec (docs/http.md, "Typed bodies").
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from starlette.routing import Route
 
 from basidia import __version__
 from basidia.container import ServiceContainer
+from basidia.schemas import SchemaSet
 from basidia.service import HttpEndpoint
 
 __all__ = ["OPENAPI_PATH", "openapi_document", "openapi_route"]
@@ -52,6 +55,7 @@ def openapi_document(
     """The OpenAPI 3.1 document of every HTTP endpoint of ``containers``."""
     paths: dict[str, dict[str, Any]] = {}
     tags: list[dict[str, str]] = []
+    schemas = SchemaSet()
     for container in containers:
         service = container.service_name
         endpoints = [
@@ -69,7 +73,7 @@ def openapi_document(
         for key, endpoint in endpoints:
             path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", endpoint.path)
             for method in endpoint.methods:
-                operation = _operation(service, key, endpoint)
+                operation = _operation(service, key, endpoint, schemas)
                 if len(endpoint.methods) > 1:  # operation ids are unique per document
                     operation["operationId"] += f".{method.lower()}"
                 paths.setdefault(path, {})[method.lower()] = operation
@@ -80,6 +84,7 @@ def openapi_document(
         "paths": paths,
         "components": {
             "schemas": {
+                **dict(sorted(schemas.components.items())),
                 "Error": {
                     "type": "object",
                     "required": ["error", "detail"],
@@ -87,13 +92,15 @@ def openapi_document(
                         "error": {"type": "string", "description": "A stable error code"},
                         "detail": {"type": "string", "description": "What went wrong"},
                     },
-                }
+                },
             }
         },
     }
 
 
-def _operation(service: str, key: str, endpoint: HttpEndpoint) -> dict[str, Any]:
+def _operation(
+    service: str, key: str, endpoint: HttpEndpoint, schemas: SchemaSet
+) -> dict[str, Any]:
     summary, description = _docstring(endpoint.func)
     operation: dict[str, Any] = {
         "operationId": f"{service}.{key}",
@@ -113,7 +120,18 @@ def _operation(service: str, key: str, endpoint: HttpEndpoint) -> dict[str, Any]
     ]
     if parameters:
         operation["parameters"] = parameters
-    responses: dict[str, Any] = {"200": {"description": "Successful response"}}
+    body_type = endpoint.body_type
+    if body_type is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schemas.schema(body_type)}},
+        }
+    success: dict[str, Any] = {"description": "Successful response"}
+    result_type = endpoint.result_type
+    is_response = isinstance(result_type, type) and issubclass(result_type, Response)
+    if result_type is not Any and not is_response:  # else nothing to say about the body
+        success["content"] = {"application/json": {"schema": schemas.schema(result_type)}}
+    responses: dict[str, Any] = {"200": success}
     for status, text in _ERRORS.items():
         responses[status] = {"description": text, **_ERROR_REF}
     operation["responses"] = responses
