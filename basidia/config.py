@@ -251,18 +251,28 @@ def _read_file(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
 class Settings:
     """Basidia's own settings with their defaults."""
 
+    #: Broker URL: ``memory://`` (in-process), ``amqp://...``, ``nats://...``.
     broker: str = "memory://"
+    #: Seconds an RPC call may take, its deadline; nested calls inherit what is left.
     rpc_timeout: float = 30.0
+    #: Calls each service handles at once (a service's ``max_workers`` overrides it).
     max_workers: int = 64
+    #: Payload format: ``msgpack``, ``json`` or a registered serializer's name.
     serializer: str = "msgpack"
+    #: Seconds the calls in flight get to finish on SIGTERM (``basidia run --grace``).
     shutdown_grace: float = 20.0
+    #: Attempts an event handler gets before the event is dead-lettered.
     event_max_attempts: int = 3
+    #: Largest frame sent or accepted, in bytes (1024 to 16 MiB).
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     #: Send a failing handler's traceback to its callers (``RemoteError.traceback``):
     #: off in production, where it may tell too much; on in tests and ``basidia shell``.
     remote_tracebacks: bool = False
+    #: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR`` or ``CRITICAL``.
     log_level: str = "INFO"
+    #: ``text`` or ``json`` (one JSON object per line).
     log_format: str = "text"
+    #: Options passed to the broker adapter (docs/rabbitmq.md, docs/nats.md).
     broker_options: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:

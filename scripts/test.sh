@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole check: lint, types, the suite on the compiled core, the suite on the pure-Python
 # core, and the benchmark gates.  Run it from a virtual environment where
-# `pip install -e '.[all,test]'` has been done (README, "Run the tests").
+# `pip install -e '.[all,test,docs]'` has been done (README, "Run the tests").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python}
@@ -20,6 +20,11 @@ BASIDIA_NO_EXTENSIONS= BASIDIA_REQUIRE_EXTENSIONS=1 "$python" -m pytest "$@"
 
 step "test suite, pure-Python core (BASIDIA_NO_EXTENSIONS=1)"
 BASIDIA_NO_EXTENSIONS=1 BASIDIA_REQUIRE_EXTENSIONS= "$python" -m pytest "$@"
+
+step "documentation site: mkdocs build --strict"
+site=$(mktemp -d)
+"$python" -m mkdocs build --strict --quiet --site-dir "$site"
+rm -rf "$site"
 
 step "benchmark gates: basidia bench --max-overhead-us 1000 on every broker available"
 "$python" benchmarks/bench_gate.py
