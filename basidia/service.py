@@ -202,12 +202,20 @@ class HttpEndpoint(Entrypoint):
         params = list(inspect.signature(self.func).parameters)
         if len(params) < 3:
             return None
-        return typing.get_type_hints(self.func).get(params[2], Any)
+        return self._hints().get(params[2], Any)
 
     @property
     def result_type(self) -> Any:
         """The endpoint's return type hint (``Any`` without one)."""
-        return typing.get_type_hints(self.func).get("return", Any)
+        return self._hints().get("return", Any)
+
+    def _hints(self) -> dict[str, Any]:
+        # A hint that cannot be resolved (a name imported only for type checkers) is
+        # left out, as if it were not there: the endpoint still serves.
+        try:
+            return typing.get_type_hints(self.func)
+        except (NameError, TypeError):
+            return {}
 
     @classmethod
     def sources(cls, entrypoints: Sequence[Self]) -> int:

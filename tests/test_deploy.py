@@ -15,7 +15,10 @@ from basidia.config import Settings
 from basidia.http.server import HttpSettings
 from basidia.loader import load_services
 
+from .contracts.conftest import fresh_imports
 from .test_scaffold import check_deployment, grace_option_default, served_paths
+
+__all__ = ["fresh_imports"]  # autouse: loading examples/ leaves no module behind
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -207,7 +207,7 @@ class Dists:
 # the sdist has to generate its C sources itself.
 NOT_IN_A_CLONE = shutil.ignore_patterns(
     ".git", ".venv", "venv", "build", "dist", "wheelhouse", "*.egg-info", ".eggs",
-    "__pycache__", ".*_cache", ".hypothesis", ".benchmarks",
+    "__pycache__", ".*_cache", ".hypothesis", ".benchmarks", "node_modules",
     "*.so", "*.pyd", "*.c", "*.html",
 )  # fmt: skip
 

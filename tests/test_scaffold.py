@@ -117,6 +117,21 @@ def test_the_project_has_its_files_and_they_parse(tmp_path: Path, broker: str) -
     assert "pip install -e '.[test]'\npytest\n" in readme
 
 
+def test_kubernetes_names_are_valid_when_the_project_name_has_underscores(
+    tmp_path: Path,
+) -> None:
+    root = create_project("order_desk", tmp_path)
+    dns_label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    for path in (root / "k8s").glob("*.yaml"):
+        manifest = yaml.safe_load(path.read_text())
+        assert dns_label.match(manifest["metadata"]["name"]), path.name
+    deployment = yaml.safe_load((root / "k8s" / "deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "order-desk:latest"
+    assert "docker build -t order-desk:latest ." in (root / "README.md").read_text()
+    assert container["command"][2] == "order_desk.service"
+
+
 def test_the_grace_the_files_assume_is_basidia_runs_default() -> None:
     # --grace unset means the config's shutdown_grace, whose default the files use.
     assert grace_option_default() is None

@@ -73,6 +73,7 @@ def _values(name: str, broker: str) -> dict[str, str]:
     grace = Settings.shutdown_grace
     return {
         "name": name,
+        "k8s_name": name.replace("_", "-"),  # Kubernetes names allow no "_"
         "package": package,
         "service": package,
         "class_name": "".join(part.capitalize() for part in package.split("_")) + "Service",
