@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from basidia import __version__
 from basidia.context import IDEMPOTENCY_HEADER, SOURCE_HEADER
@@ -19,7 +20,7 @@ from basidia.schemas import SchemaSet, signature_types
 from basidia.service import EventHandler, Rpc, Service
 from basidia.versioning import VERSION_HEADER, upcaster_input
 
-__all__ = ["ASYNCAPI_VERSION", "asyncapi_document"]
+__all__ = ["ASYNCAPI_VERSION", "asyncapi_document", "server_of"]
 
 ASYNCAPI_VERSION = "3.0.0"
 
@@ -66,10 +67,29 @@ def _event_headers(version: int | None) -> dict[str, Any]:
     return {"type": "object", "properties": properties}
 
 
+def server_of(url: str) -> dict[str, Any]:
+    """An AsyncAPI server object for broker ``url`` (amqp(s)://, nats://, tls://); its
+    user name and password are left out."""
+    parts = urlsplit(url)
+    protocol = {"amqp": "amqp", "amqps": "amqps", "nats": "nats", "tls": "nats"}.get(
+        parts.scheme.lower()
+    )
+    if protocol is None or not parts.hostname:
+        raise ValueError(f"a server needs an amqp://, amqps://, nats:// or tls:// URL, got {url!r}")
+    host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    server: dict[str, Any] = {"host": host, "protocol": protocol}
+    if parts.path not in ("", "/"):
+        server["pathname"] = parts.path  # the RabbitMQ virtual host
+    return server
+
+
 def asyncapi_document(
-    services: Sequence[type[Service]], title: str = "Basidia services"
+    services: Sequence[type[Service]],
+    title: str = "Basidia services",
+    broker: str | None = None,
 ) -> dict[str, Any]:
-    """The AsyncAPI 3.0 document of every RPC method and event of ``services``."""
+    """The AsyncAPI 3.0 document of every RPC method and event of ``services``; with a
+    ``broker`` URL, that broker as its server."""
     schemas = SchemaSet()
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
@@ -80,7 +100,7 @@ def asyncapi_document(
                 _rpc(schemas, channels, operations, name, key, entrypoint)
             elif isinstance(entrypoint, EventHandler):
                 _event(schemas, channels, operations, name, key, entrypoint)
-    return {
+    document: dict[str, Any] = {
         "asyncapi": ASYNCAPI_VERSION,
         "info": {
             "title": title,
@@ -94,6 +114,9 @@ def asyncapi_document(
         "operations": operations,
         "components": {"schemas": dict(sorted(schemas.components.items()))},
     }
+    if broker is not None:
+        document["servers"] = {"broker": server_of(broker)}
+    return document
 
 
 def _rpc(

@@ -281,12 +281,15 @@ def asyncapi(
         None, "--output", "-o", help="Write it here (.json, or .yaml/.yml); default: stdout."
     ),
     title: str = typer.Option("Basidia services", help="The document's title."),
+    broker: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--broker", "-b", help="Name this broker (amqp://... or nats://...) as the server."
+    ),
 ) -> None:
     """Write the AsyncAPI 3.0 document of the services' RPC methods and events."""
     from basidia.asyncapi import asyncapi_document
 
     try:
-        document = asyncapi_document(_load(targets), title=title)
+        document = asyncapi_document(_load(targets), title=title, broker=broker)
     except (BasidiaError, ImportError, TypeError, ValueError) as exc:
         raise _fail(exc) from None
     if output is not None and output.suffix.lower() in (".yaml", ".yml"):

@@ -62,14 +62,21 @@ def asyncapi_problems(documents: dict[str, dict[str, Any]], tmp_path: Path) -> d
 def test_asyncapi_documents_of_the_examples_and_typed_services_pass_the_parser(
     tmp_path: Path,
 ) -> None:
+    examples = load_services([str(ROOT / "examples")])
     documents = {
-        "examples": asyncapi_document(load_services([str(ROOT / "examples")])),
-        "shop": asyncapi_document([Shop, Billing]),
+        "examples": asyncapi_document(examples),
+        "shop": asyncapi_document([Shop, Billing], broker="amqp://u:secret@rabbit:5672/prod"),
+        "nats": asyncapi_document(examples, broker="nats://127.0.0.1:4222"),
     }
+    assert documents["shop"]["servers"] == {
+        "broker": {"host": "rabbit:5672", "protocol": "amqp", "pathname": "/prod"}
+    }
+    assert "secret" not in json.dumps(documents["shop"])
     verdicts = asyncapi_problems(documents, tmp_path)
     assert {name: (v["errors"], v["warnings"]) for name, v in verdicts.items()} == {
         "examples": ([], []),
         "shop": ([], []),
+        "nats": ([], []),
     }
 
 
@@ -138,6 +145,10 @@ def test_basidia_asyncapi_writes_json_and_yaml(tmp_path: Path) -> None:
     assert yaml.safe_load(as_yaml.read_text()) == document
     result = runner.invoke(app, ["asyncapi", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "error:" in result.output
+    result = runner.invoke(app, ["asyncapi", str(ROOT / "examples"), "-b", "memory://"])
+    assert result.exit_code == 2 and "needs an amqp://" in result.output
+    result = runner.invoke(app, ["asyncapi", str(ROOT / "examples"), "-b", "nats://n:4222"])
+    assert json.loads(result.stdout)["servers"]["broker"] == {"host": "n:4222", "protocol": "nats"}
 
 
 def openapi_of(services: list[Any]) -> dict[str, Any]:
