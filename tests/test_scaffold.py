@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -183,6 +184,7 @@ def test_the_projects_tests_pass_with_this_basidia(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # ~40 s on an idle 2-core machine; pip waits on the index
 @pytest.mark.skipif(
     env_flag("BASIDIA_NO_EXTENSIONS"),
     reason="installs Basidia's pure core in a fresh venv whatever the run: once, in the "
@@ -218,8 +220,12 @@ def test_basidia_new_then_the_readme_test_command_passes_in_a_fresh_venv(
     )
     assert new.returncode == 0, new.stdout + new.stderr  # templates came with the wheel
     project = tmp_path / "demo"
-    pip("-e", ".[test]", cwd=project)  # the README's install command
-    done = run_readme_tests(python, project)
+    readme = (project / "README.md").read_text()
+    block = readme.split("## Install and test\n\n```bash\n", 1)[1].split("```", 1)[0]
+    _, install, test = block.splitlines()
+    assert (install, test) == ("pip install -e '.[test]'", "pytest")
+    pip(*shlex.split(install)[2:], cwd=project)  # the README's install command
+    done = run_readme_tests(python, project)  # and its test command
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 passed" in done.stdout
     elapsed = time.monotonic() - started

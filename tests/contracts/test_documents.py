@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from basidia import ServiceRunner
+from basidia._speedups import env_flag
 from basidia.asyncapi import asyncapi_document
 from basidia.cli import app
 from basidia.http.openapi import openapi_document
@@ -59,6 +60,11 @@ def asyncapi_problems(documents: dict[str, dict[str, Any]], tmp_path: Path) -> d
     return {Path(v["file"]).stem: v for v in verdicts}
 
 
+@pytest.mark.skipif(
+    env_flag("BASIDIA_NO_EXTENSIONS"),
+    reason="the documents do not depend on the core: node validates them once, in the "
+    "compiled-core run",
+)
 def test_asyncapi_documents_of_the_examples_and_typed_services_pass_the_parser(
     tmp_path: Path,
 ) -> None:
