@@ -521,7 +521,7 @@ def test_tests_workflow_covers_every_python_both_cores_and_both_brokers() -> Non
     (nats,) = [script for script in run_scripts(workflow) if "4222:4222" in script]
     assert " -js " in nats  # JetStream
     # The install is the README's, as .ci/run does it.
-    assert "python -m pip install -e '.[all,test]'" in run_lines(workflow)
+    assert "python -m pip install -e '.[all,test,docs]'" in run_lines(workflow)
 
 
 def test_wheels_workflow_builds_from_the_sdist_and_publishes_on_tags() -> None:
