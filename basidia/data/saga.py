@@ -38,7 +38,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
@@ -48,6 +48,7 @@ from basidia.data.outbox import Backoff, DatabaseProvider
 from basidia.errors import BrokerError, ConfigError, RpcTimeout, ServiceUnavailable
 
 if TYPE_CHECKING:
+    from basidia.container import ServiceContainer
     from basidia.context import CallContext
 
 __all__ = ["STATUSES", "Saga", "Sagas", "get_saga", "list_sagas", "step"]
@@ -169,6 +170,7 @@ class Sagas(DatabaseProvider):
         )
 
     async def stop(self) -> None:
+        self.owner, owner = "", self.owner
         tasks = [t for t in (self._maintainer, *self._running.values()) if t is not None]
         self._maintainer = None
         for task in tasks:
@@ -180,7 +182,7 @@ class Sagas(DatabaseProvider):
         with contextlib.suppress(Exception):
             await self.db.execute(
                 "UPDATE basidia_sagas SET lease_until = 0, owner = NULL WHERE owner = $1",
-                self.owner,
+                owner,
             )
         await self.db.close()
 
@@ -564,3 +566,36 @@ async def _get(conn: Connection, saga_id: str) -> dict[str, Any] | None:
         for s in steps
     ]
     return record
+
+
+# -- the management API's view (basidia/http/management.py) -------------------------------
+
+
+def _coordinators(containers: Iterable[ServiceContainer]) -> list[Sagas]:
+    """The ``Sagas`` of running services (those whose database is open)."""
+    return [
+        provider
+        for container in containers
+        for provider in container.dependencies.values()
+        if isinstance(provider, Sagas) and provider.owner and "db" in vars(provider)
+    ]
+
+
+async def running_sagas(
+    containers: Iterable[ServiceContainer], *, status: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """The sagas in the databases of these services, newest first."""
+    found: dict[str, dict[str, Any]] = {}
+    for provider in _coordinators(containers):
+        for saga in await list_sagas(provider.db, status=status, limit=limit):
+            found.setdefault(saga["id"], saga)
+    return sorted(found.values(), key=lambda saga: saga["created_at"], reverse=True)[:limit]
+
+
+async def find_saga(containers: Iterable[ServiceContainer], saga_id: str) -> dict[str, Any] | None:
+    """One saga from the databases of these services, or None."""
+    for provider in _coordinators(containers):
+        saga = await get_saga(provider.db, saga_id)
+        if saga is not None:
+            return saga
+    return None
