@@ -1,4 +1,4 @@
-"""The ``basidia`` command: ``run``, ``shell``, ``bench``, ``asyncapi`` and ``new``."""
+"""The ``basidia`` command: ``run``, ``shell``, ``bench``, ``asyncapi``, ``new`` and ``sagas``."""
 
 from __future__ import annotations
 
@@ -328,6 +328,51 @@ def new(
 
 
 # -- end contracts and scaffolding ---------------------------------------------------------
+
+
+# -- sagas (docs/sagas.md) -------------------------------------------------------------------
+
+
+@app.command()
+def sagas(
+    action: str = typer.Argument(..., help="list, or show (with SAGA_ID)."),
+    saga_id: Optional[str] = typer.Argument(None, help="The saga to show."),  # noqa: UP045
+    database: str = typer.Option(
+        ...,
+        "--database",
+        "-d",
+        metavar="URL",
+        envvar="BASIDIA_DATABASE__URL",
+        help="The service's database: postgresql://... or sqlite:///file.db "
+        "(default: BASIDIA_DATABASE__URL).",
+    ),
+    schema: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--schema", help="The PostgreSQL schema of the tables (default: the search path)."
+    ),
+    status: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--status",
+        help="list: only sagas in this status (running, compensating, completed, "
+        "compensated, failed).",
+    ),
+    limit: int = typer.Option(50, "--limit", help="list: at most this many, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rather than text."),
+) -> None:
+    """List the sagas in a service's database, or show one with its steps."""
+    from basidia.data.sagactl import show_sagas
+
+    if action not in ("list", "show") or (action == "show") != (saga_id is not None):
+        raise _fail(ValueError("use: basidia sagas list, or basidia sagas show SAGA_ID"))
+    try:
+        text = run_async(
+            show_sagas(database, schema, saga_id, status=status, limit=limit, as_json=as_json)
+        )
+    except (BasidiaError, ImportError, ValueError, OSError) as exc:
+        raise _fail(exc) from None
+    typer.echo(text)
+
+
+# -- end sagas -------------------------------------------------------------------------------
 
 
 def _register_bench() -> None:

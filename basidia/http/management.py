@@ -8,6 +8,8 @@ are refused, see ``basidia.http.crosssite``)::
     GET  /services/{name}           one service
     POST /services/{name}/start     STOPPED/ERROR → STARTING → RUNNING
     POST /services/{name}/stop      RUNNING/ERROR → STOPPING → STOPPED (?grace=seconds)
+    GET  /sagas                     the sagas of the services here (?status=, ?limit=)
+    GET  /sagas/{id}                one saga with its steps (docs/sagas.md)
 
 Health (never behind the token, so that Kubernetes probes work; they reveal
 nothing but the verdict)::
@@ -116,6 +118,8 @@ class Management:
                 methods=["POST"],
                 name="management.stop",
             ),
+            Route("/sagas", guard(self.sagas), methods=["GET"], name="management.sagas"),
+            Route("/sagas/{id}", guard(self.saga), methods=["GET"], name="management.saga"),
         ]
 
     def _guarded(self, endpoint: Endpoint) -> Endpoint:
@@ -222,6 +226,31 @@ class Management:
         logger.info("stopping %s (management API)", container.service_name)
         await self.runner.stop_service(container.service_name, grace)
         return JSONResponse(describe(container))
+
+    async def sagas(self, request: Request) -> Response:
+        """``GET /sagas``: the sagas in the databases of the services here, newest first."""
+        from basidia.data.saga import running_sagas
+
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+            found = await running_sagas(
+                self.runner.containers.values(),
+                status=request.query_params.get("status"),
+                limit=limit,
+            )
+        except ValueError as exc:
+            return error_response(400, str(exc))
+        return JSONResponse(found)
+
+    async def saga(self, request: Request) -> Response:
+        """``GET /sagas/{id}``: one saga, its data and its steps."""
+        from basidia.data.saga import find_saga
+
+        saga_id = request.path_params["id"]
+        found = await find_saga(self.runner.containers.values(), saga_id)
+        if found is None:
+            return error_response(404, f"no saga {saga_id!r} in the databases of this process")
+        return JSONResponse(found)
 
     def _container(self, request: Request) -> ServiceContainer | None:
         return self.runner.containers.get(request.path_params["name"])
