@@ -43,3 +43,21 @@ async def delete_nats_consumers(url: str, token: str, *, purge_dlq: str = "") ->
                 await jsm.purge_stream(DLQ_STREAM, subject=purge_dlq)
     finally:
         await nc.close()
+
+
+async def delete_redis_keys(url: str, token: str) -> None:
+    """Delete the keys (streams, sets) on the Redis server at ``url`` whose name holds
+    ``token``."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url, socket_timeout=5)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"*{token}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.srem(
+            "basidia:dlq-groups",
+            *[k[len(b"basidia:dlq:") :] for k in keys if k.startswith(b"basidia:dlq:")] or [b"-"],
+        )
+    finally:
+        await client.aclose()
