@@ -99,7 +99,15 @@ def _load(targets: list[str]) -> list[type[Service]]:
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML or TOML config file.")
 BrokerOption = typer.Option(
-    None, "--broker", "-b", help="Broker URL: memory:// (default), amqp://..., nats://..."
+    None,
+    "--broker",
+    "-b",
+    help="Broker URL: memory:// (default), amqp://..., nats://..., redis://...",
+)
+EventBrokerOption = typer.Option(
+    None,
+    "--event-broker",
+    help="Broker URL for events, RPC staying on --broker (default: the same broker).",
 )
 
 
@@ -109,6 +117,7 @@ def run(
         ..., help="Directories, .py files, modules or module:Class naming the services."
     ),
     broker: Optional[str] = BrokerOption,  # noqa: UP045 - typer reads the annotation
+    event_broker: Optional[str] = EventBrokerOption,  # noqa: UP045
     config: Optional[Path] = ConfigOption,  # noqa: UP045
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING..."),  # noqa: UP045
     log_format: Optional[str] = typer.Option(None, help="text or json."),  # noqa: UP045
@@ -143,6 +152,7 @@ def run(
         settings_config = _load_config(
             config,
             broker=broker,
+            event_broker=event_broker,
             log_level=log_level,
             log_format=log_format,
             max_workers=max_workers,
@@ -217,13 +227,16 @@ def shell(
         None, help="Services to host in this process (on the memory broker by default)."
     ),
     broker: Optional[str] = BrokerOption,  # noqa: UP045
+    event_broker: Optional[str] = EventBrokerOption,  # noqa: UP045
     config: Optional[Path] = ConfigOption,  # noqa: UP045
 ) -> None:
     """An interactive console: ``await rpc.greeting_service.hello("World")``."""
     try:
         # A developer's console: remote errors come with their tracebacks unless the
         # config says otherwise.
-        shell_config = _load_config(config, {"remote_tracebacks": True}, broker=broker)
+        shell_config = _load_config(
+            config, {"remote_tracebacks": True}, broker=broker, event_broker=event_broker
+        )
         configure_logging("WARNING")
         services = _load(targets) if targets else []
     except (BasidiaError, ImportError) as exc:

@@ -274,6 +274,11 @@ class Settings:
     log_format: str = "text"
     #: Options passed to the broker adapter (docs/rabbitmq.md, docs/nats.md).
     broker_options: dict[str, Any] = field(default_factory=dict)
+    #: Broker URL for events, when they go to another broker than RPC (docs/brokers.md);
+    #: empty: ``broker`` carries both.
+    event_broker: str = ""
+    #: Options passed to the events broker's adapter.
+    event_broker_options: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -354,6 +359,8 @@ _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
     "log_level": str,
     "log_format": str,
     "broker_options": dict,
+    "event_broker": str,
+    "event_broker_options": dict,
 }
 _TYPE_NAMES: dict[object, str] = {
     int: "an integer",

@@ -12,6 +12,7 @@ from typing import Any
 from basidia._wire import Codec
 from basidia.brokers import broker_from_url
 from basidia.brokers.base import Broker
+from basidia.brokers.mixed import MixedBroker
 from basidia.config import Config, Settings
 from basidia.container import Runtime, ServiceContainer, State
 from basidia.dependencies import ProviderFactory
@@ -40,6 +41,7 @@ class _Connection:
         config: Config,
         timeout: float | None,
         middleware: Sequence[Middleware],
+        event_broker: str | Broker | None = None,
     ) -> None:
         self.config = config
         self.settings: Settings = config.settings
@@ -50,6 +52,16 @@ class _Connection:
             if isinstance(broker, str)
             else broker
         )
+        if event_broker is None:
+            event_broker = self.settings.event_broker or None
+        if event_broker is not None and event_broker != broker:
+            # RPC on one broker, events on another (docs/brokers.md).
+            events = (
+                broker_from_url(event_broker, self.settings.event_broker_options)
+                if isinstance(event_broker, str)
+                else event_broker
+            )
+            self.broker = MixedBroker(self.broker, events)
         codec = Codec(self.settings.serializer)
         self.client = RpcClient(
             self.broker,
@@ -107,9 +119,10 @@ class _Client:
 class ServiceRunner(_Client):
     """Hosts services on one shared broker connection.
 
-    ``broker`` is a URL (``memory://``, ``amqp://...``, ``nats://...``) or a
-    ``Broker``; by default it comes from the config (``broker``), else the
-    in-process memory broker.
+    ``broker`` is a URL (``memory://``, ``amqp://...``, ``nats://...``, ``redis://...``)
+    or a ``Broker``; by default it comes from the config (``broker``), else the
+    in-process memory broker.  ``event_broker`` (or the config's ``event_broker``) puts
+    events on another broker than RPC.
     """
 
     def __init__(
@@ -120,11 +133,12 @@ class ServiceRunner(_Client):
         config: Config | Mapping[str, Any] | None = None,
         providers: Mapping[type, ProviderFactory] | None = None,
         middleware: Sequence[Middleware] = (),
+        event_broker: str | Broker | None = None,
     ) -> None:
         self.config = _config(config)
         self.middleware = list(middleware)
         self.providers = dict(providers or {})
-        self._connection = _Connection(broker, self.config, None, self.middleware)
+        self._connection = _Connection(broker, self.config, None, self.middleware, event_broker)
         self.runtime = Runtime(
             broker=self._connection.broker,
             client=self._connection.client,
@@ -236,8 +250,11 @@ class Cluster(_Client):
         config: Config | Mapping[str, Any] | None = None,
         timeout: float | None = None,
         middleware: Sequence[Middleware] = (),
+        event_broker: str | Broker | None = None,
     ) -> None:
-        self._connection = _Connection(broker, _config(config), timeout, list(middleware))
+        self._connection = _Connection(
+            broker, _config(config), timeout, list(middleware), event_broker
+        )
 
     async def start(self) -> Cluster:
         """Connect (``async with`` does this for you)."""
@@ -266,6 +283,10 @@ def connect(
     config: Config | Mapping[str, Any] | None = None,
     timeout: float | None = None,
     middleware: Sequence[Middleware] = (),
+    event_broker: str | Broker | None = None,
 ) -> Cluster:
-    """A client for the services on ``broker``; use it with ``async with``."""
-    return Cluster(broker, config=config, timeout=timeout, middleware=middleware)
+    """A client for the services on ``broker``; use it with ``async with``.
+    ``event_broker`` publishes events to another broker than RPC's."""
+    return Cluster(
+        broker, config=config, timeout=timeout, middleware=middleware, event_broker=event_broker
+    )

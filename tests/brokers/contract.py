@@ -90,8 +90,11 @@ def picky_service(name: str, seen: list[int], *, succeed_on: int = 0) -> type[Se
     return Picky
 
 
-async def exercise_examples(broker_url: str, unique: str) -> None:
-    """Run the services of ``examples/`` on ``broker_url`` and use them as the README does.
+async def exercise_examples(
+    broker_url: str, unique: str, *, event_broker: str | None = None
+) -> None:
+    """Run the services of ``examples/`` on ``broker_url`` and use them as the README does
+    (with their events on ``event_broker`` when given).
 
     Service names get ``unique`` appended: other runs may share the broker.  The
     caller removes the durable group ``notification_<unique>.on_user_created``.
@@ -115,8 +118,8 @@ async def exercise_examples(broker_url: str, unique: str) -> None:
     )
     config = {"database": {"url": "postgres://example"}}
     services = [greeting, database, users, notifications]
-    async with ServiceRunner(services, broker=broker_url, config=config):
-        async with connect(broker_url) as cluster:
+    async with ServiceRunner(services, broker=broker_url, config=config, event_broker=event_broker):
+        async with connect(broker_url, event_broker=event_broker) as cluster:
             assert await cluster.rpc[f"greeting_{unique}"].hello("World") == "Hello, World!"
             greeting_text = await cluster.rpc[f"user_{unique}"].get_user_greeting(7)
             assert greeting_text == "Hello, User 7!"
