@@ -1,4 +1,4 @@
-"""The ``basidia`` command: ``run``, ``shell``, ``bench``, ``asyncapi``, ``new`` and ``sagas``."""
+"""The ``basidia`` command: ``run``, ``shell``, ``bench``, ``asyncapi``, ``new``, ``sagas`` and ``dlq``."""
 
 from __future__ import annotations
 
@@ -262,9 +262,12 @@ def shell(
     banner = (
         f"{version_text()}\nbroker: {cluster.broker.safe_url}; services hosted here: {hosted}\n"
         'Top-level await works: >>> await rpc.greeting_service.hello("World")\n'
-        "Also: dispatch(event, data), runner."
+        "Also: dispatch(event, data), runner, await dlq.list() (dead letters)."
     )
+    from basidia.resilience.dlq import DeadLetterTool
+
     namespace = {
+        "dlq": DeadLetterTool(cluster.broker),
         "rpc": cluster.rpc,
         "dispatch": cluster.dispatch,
         "runner": runner,
@@ -386,6 +389,54 @@ def sagas(
 
 
 # -- end sagas -------------------------------------------------------------------------------
+
+
+@app.command()
+def dlq(
+    action: str = typer.Argument(..., help="list, show, replay or purge."),
+    ids: Optional[list[str]] = typer.Argument(  # noqa: UP045
+        None, help="Dead letters to show, replay or purge, by id (default: all selected)."
+    ),
+    broker: Optional[str] = BrokerOption,  # noqa: UP045
+    service: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--service", "-s", help="Only the dead letters of this service."
+    ),
+    handler: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--handler", "-H", help="Only those of this event handler."
+    ),
+    limit: int = typer.Option(100, "--limit", help="Dead letters read per group, at most."),
+    yes: bool = typer.Option(False, "--yes", help="Purge every selected dead letter."),
+    config: Optional[Path] = ConfigOption,  # noqa: UP045
+) -> None:
+    """Dead letters: list, show (whole records, as JSON), replay to their handlers, purge."""
+    from basidia.brokers import broker_from_url
+    from basidia.resilience.dlq import ACTIONS, DeadLetterTool
+
+    if action not in ACTIONS:
+        raise _fail(ConfigError(f"the action must be one of {', '.join(ACTIONS)}, not {action!r}"))
+
+    async def act() -> None:
+        settings = _load_config(config, broker=broker).settings
+        adapter = broker_from_url(settings.broker, settings.broker_options)
+        await adapter.connect()
+        try:
+            tool = DeadLetterTool(adapter, typer.echo)
+            chosen = list(ids or ())
+            if action == "list":
+                await tool.list(service, handler, limit=limit)
+            elif action == "show":
+                await tool.show(chosen, service, handler, limit=limit)
+            elif action == "replay":
+                await tool.replay(chosen, service, handler)
+            else:
+                await tool.purge(chosen, service, handler, everything=yes)
+        finally:
+            await adapter.close()
+
+    try:
+        run_async(act())
+    except (BasidiaError, ImportError, OSError, NotImplementedError) as exc:
+        raise _fail(exc) from None
 
 
 def _register_bench() -> None:

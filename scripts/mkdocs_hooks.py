@@ -24,6 +24,7 @@ GUIDE = [
     "deployment.md",
     "serialization.md",
     "dead-letters.md",
+    "resilience.md",
     "reliability.md",
     "security.md",
 ]

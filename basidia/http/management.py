@@ -36,6 +36,7 @@ from basidia import IMPLEMENTATION, __version__
 from basidia.container import ServiceContainer, State
 from basidia.http.crosssite import CrossSiteGuard
 from basidia.http.errors import error_response
+from basidia.resilience.breaker import guards_of
 from basidia.runner import ServiceRunner
 
 __all__ = ["Management", "health_routes", "is_ready"]
@@ -281,9 +282,12 @@ def describe(container: ServiceContainer) -> dict[str, Any]:
             "expired": stats.expired,
             "malformed": stats.malformed,
             "dead_lettered": stats.dead_lettered,
+            "duplicates": stats.duplicates,
             "last_error": stats.last_error or None,
             "processing_time": round(stats.processing_time, 6),
         },
+        # Circuit breaker and bulkhead of each RPC dependency, by target (docs/resilience.md).
+        "breakers": {target: guard.describe() for target, guard in guards_of(container).items()},
     }
 
 
