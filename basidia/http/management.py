@@ -8,6 +8,8 @@ are refused, see ``basidia.http.crosssite``)::
     GET  /services/{name}           one service
     POST /services/{name}/start     STOPPED/ERROR → STARTING → RUNNING
     POST /services/{name}/stop      RUNNING/ERROR → STOPPING → STOPPED (?grace=seconds)
+    GET  /metrics                   Prometheus text, with the Prometheus exporter on
+                                    (docs/observability.md)
 
 Health (never behind the token, so that Kubernetes probes work; they reveal
 nothing but the verdict)::
@@ -116,6 +118,7 @@ class Management:
                 methods=["POST"],
                 name="management.stop",
             ),
+            Route("/metrics", guard(self.metrics), methods=["GET"], name="management.metrics"),
         ]
 
     def _guarded(self, endpoint: Endpoint) -> Endpoint:
@@ -222,6 +225,21 @@ class Management:
         logger.info("stopping %s (management API)", container.service_name)
         await self.runner.stop_service(container.service_name, grace)
         return JSONResponse(describe(container))
+
+    async def metrics(self, request: Request) -> Response:
+        """``GET /metrics``: the metrics in Prometheus's text format; 404 when the
+        Prometheus exporter is off."""
+        from basidia.telemetry import prometheus_text
+
+        found = prometheus_text()
+        if found is None:
+            return error_response(
+                404,
+                "metrics are off: set OTEL_METRICS_EXPORTER=prometheus or "
+                "telemetry.metrics_exporter (docs/observability.md)",
+            )
+        body, content_type = found
+        return Response(body, media_type=content_type)
 
     def _container(self, request: Request) -> ServiceContainer | None:
         return self.runner.containers.get(request.path_params["name"])
