@@ -82,6 +82,13 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _BAGGAGE_ENTRY = re.compile(
     r"\s*[!#$%&'*+\-.^_`|~0-9A-Za-z]+\s*=\s*[!#$%&'()*+\-./0-9:<=>?@A-Z\[\]^_`a-z{|}~]*\s*(;.*)?"
 )
+# W3C Trace Context: a tracestate member is ``key=value``; checked here, so that a
+# malformed one is counted once rather than logged by the SDK for every member.
+_TRACESTATE_MEMBER = re.compile(
+    r"\s*(?:[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]\s*"
+)
+_MAX_TRACESTATE_MEMBERS = 32
 _BAGGAGE = W3CBaggagePropagator()
 _EMPTY = Context()
 _REQUEST, _EVENT = int(Kind.REQUEST), int(Kind.EVENT)
@@ -163,7 +170,14 @@ class TraceContextReader:
         return ctx
 
     def _with_state(self, parent: SpanContext, tracestate: str) -> SpanContext:
-        state = TraceState.from_header([tracestate]) if len(tracestate) <= _MAX_TRACESTATE else None
+        members = [member for member in tracestate.split(",") if member.strip()]
+        state = None
+        if (
+            len(tracestate) <= _MAX_TRACESTATE
+            and len(members) <= _MAX_TRACESTATE_MEMBERS
+            and all(_TRACESTATE_MEMBER.fullmatch(member) for member in members)
+        ):
+            state = TraceState.from_header([tracestate])
         if not state:
             self._drop("malformed tracestate")
             return parent

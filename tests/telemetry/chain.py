@@ -49,6 +49,10 @@ def chain_services(suffix: str) -> dict[str, type[Service]]:
         async def get_user(self, user_id: int) -> dict[str, Any]:
             return {"id": user_id, "name": f"User {user_id}"}
 
+        @rpc
+        async def fail(self) -> None:
+            raise LookupError("no such user")
+
     class NotifyService(Service):
         name = f"chain_notify_{suffix}"
 
