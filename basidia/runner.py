@@ -20,6 +20,7 @@ from basidia.events import EventPublisher
 from basidia.middleware import Middleware
 from basidia.rpc import ClusterProxy, RpcClient
 from basidia.service import Service
+from basidia.telemetry import instrumentation_for
 
 __all__ = ["Cluster", "ServiceRunner", "connect"]
 
@@ -42,9 +43,15 @@ class _Connection:
         timeout: float | None,
         middleware: Sequence[Middleware],
         event_broker: str | Broker | None = None,
+        services: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.settings: Settings = config.settings
+        # Traces and metrics, when telemetry is on: outermost middleware (docs/observability.md).
+        self.telemetry = instrumentation_for(config, middleware, services)
+        if self.telemetry is not None and self.telemetry not in middleware:
+            middleware = [self.telemetry, *middleware]
+        self.middleware = list(middleware)
         if broker is None:
             broker = self.settings.broker
         self.broker = (
@@ -71,7 +78,12 @@ class _Connection:
             middleware=middleware,
         )
         self.publisher = EventPublisher(self.broker, codec, self.settings.max_frame_size)
+        self.publisher.telemetry = self.telemetry
         self.rpc = ClusterProxy(self.client)
+        #: The services hosted on this connection (a runner's), by name.
+        self.containers: dict[str, ServiceContainer] = {}
+        if self.telemetry is not None:
+            self.telemetry.attach(self.containers, self.broker)
 
     async def open(self) -> None:
         await self.broker.connect()
@@ -84,6 +96,14 @@ class _Connection:
     async def close(self) -> None:
         await self.client.close()
         await self.broker.close()
+        if self.telemetry is not None:
+            await self.telemetry.flush()
+
+
+def _service_name(service: Any) -> str:
+    return (
+        service.service_name() if isinstance(service, type) and issubclass(service, Service) else ""
+    )
 
 
 class _Client:
@@ -136,9 +156,17 @@ class ServiceRunner(_Client):
         event_broker: str | Broker | None = None,
     ) -> None:
         self.config = _config(config)
-        self.middleware = list(middleware)
+        services = list(services)
         self.providers = dict(providers or {})
-        self._connection = _Connection(broker, self.config, None, self.middleware, event_broker)
+        self._connection = _Connection(
+            broker,
+            self.config,
+            None,
+            middleware,
+            event_broker,
+            [_service_name(s) for s in services],
+        )
+        self.middleware = self._connection.middleware
         self.runtime = Runtime(
             broker=self._connection.broker,
             client=self._connection.client,
@@ -148,7 +176,7 @@ class ServiceRunner(_Client):
             providers=self.providers,
             middleware=self.middleware,
         )
-        self.containers: dict[str, ServiceContainer] = {}
+        self.containers = self._connection.containers
         for service in services:
             self.add_service(service)
         self._started = False

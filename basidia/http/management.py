@@ -10,6 +10,8 @@ are refused, see ``basidia.http.crosssite``)::
     POST /services/{name}/stop      RUNNING/ERROR → STOPPING → STOPPED (?grace=seconds)
     GET  /sagas                     the sagas of the services here (?status=, ?limit=)
     GET  /sagas/{id}                one saga with its steps (docs/sagas.md)
+    GET  /metrics                   Prometheus text, with the Prometheus exporter on
+                                    (docs/observability.md)
 
 Health (never behind the token, so that Kubernetes probes work; they reveal
 nothing but the verdict)::
@@ -121,6 +123,7 @@ class Management:
             ),
             Route("/sagas", guard(self.sagas), methods=["GET"], name="management.sagas"),
             Route("/sagas/{id}", guard(self.saga), methods=["GET"], name="management.saga"),
+            Route("/metrics", guard(self.metrics), methods=["GET"], name="management.metrics"),
         ]
 
     def _guarded(self, endpoint: Endpoint) -> Endpoint:
@@ -252,6 +255,22 @@ class Management:
         if found is None:
             return error_response(404, f"no saga {saga_id!r} in the databases of this process")
         return JSONResponse(found)
+
+
+    async def metrics(self, request: Request) -> Response:
+        """``GET /metrics``: the metrics in Prometheus's text format; 404 when the
+        Prometheus exporter is off."""
+        from basidia.telemetry import prometheus_text
+
+        found = prometheus_text()
+        if found is None:
+            return error_response(
+                404,
+                "metrics are off: set OTEL_METRICS_EXPORTER=prometheus or "
+                "telemetry.metrics_exporter (docs/observability.md)",
+            )
+        body, content_type = found
+        return Response(body, media_type=content_type)
 
     def _container(self, request: Request) -> ServiceContainer | None:
         return self.runner.containers.get(request.path_params["name"])
