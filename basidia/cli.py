@@ -1,4 +1,4 @@
-"""The ``basidia`` command: ``run``, ``shell``, ``bench``, ``asyncapi``, ``new``, ``sagas`` and ``dlq``."""
+"""The ``basidia`` command: run, shell, bench, asyncapi, new, sagas, dlq and the rest."""
 
 from __future__ import annotations
 

@@ -256,7 +256,6 @@ class Management:
             return error_response(404, f"no saga {saga_id!r} in the databases of this process")
         return JSONResponse(found)
 
-
     async def metrics(self, request: Request) -> Response:
         """``GET /metrics``: the metrics in Prometheus's text format; 404 when the
         Prometheus exporter is off."""
