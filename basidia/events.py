@@ -30,6 +30,7 @@ class EventPublisher:
         source: str = "",
         idempotency_key: str | None = None,
         version: int | None = None,
+        key: str | None = None,
     ) -> str:
         """Publish ``data`` as event ``event``; return its idempotency key once the
         broker has confirmed it.
@@ -37,8 +38,11 @@ class EventPublisher:
         Pass the same ``idempotency_key`` when re-publishing the same business
         event so that handlers (and de-duplicating brokers) can recognise it.
         ``version`` is the schema version ``data`` follows (none: version 1); it
-        travels in the ``ver`` header (docs/events.md).
+        travels in the ``ver`` header (docs/events.md).  Events with the same ``key``
+        are handled in the order published where the broker partitions its topics
+        (Kafka, docs/kafka.md); other brokers ignore it.
         """
+        partition_key = key
         key = idempotency_key or uuid.uuid4().hex
         codec = self._codec
         headers = {IDEMPOTENCY_HEADER: key, **codec.headers}
@@ -47,9 +51,11 @@ class EventPublisher:
         if version is not None:
             headers[VERSION_HEADER] = str(check_version(version))
         frame = Frame(Kind.EVENT, 0, event, codec.encode(data), "", 0, headers, codec.flags)
-        await self._broker.publish_event(
-            event, encode_frame(frame, self._max_frame_size), idempotency_key=key
-        )
+        body = encode_frame(frame, self._max_frame_size)
+        if partition_key is None:
+            await self._broker.publish_event(event, body, idempotency_key=key)
+        else:
+            await self._broker.publish_event(event, body, idempotency_key=key, key=partition_key)
         return key
 
     def bound(self, source: str) -> _Dispatch:
@@ -71,8 +77,14 @@ class _Dispatch:
         *,
         idempotency_key: str | None = None,
         version: int | None = None,
+        key: str | None = None,
     ) -> str:
         """Publish ``data`` as event ``event``; see ``EventPublisher.publish``."""
         return await self._publisher.publish(
-            event, data, source=self._source, idempotency_key=idempotency_key, version=version
+            event,
+            data,
+            source=self._source,
+            idempotency_key=idempotency_key,
+            version=version,
+            key=key,
         )
