@@ -780,7 +780,8 @@ class KafkaBroker(Broker):
                 f"could not ask {self.safe_url} about group {group_id}: "
                 f"{self._secrets.describe(exc)}"
             ) from None
-        return any(group[-1] for group in response.groups)
+        # (error_code, group_id, state, protocol_type, protocol, members, ...)
+        return any(group[5] for group in response.groups)
 
     async def open_inbox(self, handler: InboxHandler) -> str:
         if self._inbox is None:
