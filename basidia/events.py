@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from basidia._speedups import Frame, Kind, encode_frame
@@ -35,6 +36,7 @@ class EventPublisher:
         source: str = "",
         idempotency_key: str | None = None,
         version: int | None = None,
+        key: str | None = None,
     ) -> str:
         """Publish ``data`` as event ``event``; return its idempotency key once the
         broker has confirmed it.
@@ -42,13 +44,14 @@ class EventPublisher:
         Pass the same ``idempotency_key`` when re-publishing the same business
         event so that handlers (and de-duplicating brokers) can recognise it.
         ``version`` is the schema version ``data`` follows (none: version 1); it
-        travels in the ``ver`` header (docs/events.md).
+        travels in the ``ver`` header (docs/events.md).  Events with the same ``key``
+        are handled in the order published where the broker partitions its topics
+        (Kafka, docs/kafka.md); other brokers ignore it.
         """
         if self.telemetry is not None:
-            return await self.telemetry.publish(
-                self._publish, event, data, source, idempotency_key, version
-            )
-        return await self._publish(event, data, source, idempotency_key, version, None)
+            send = self._publish if key is None else partial(self._publish, partition_key=key)
+            return await self.telemetry.publish(send, event, data, source, idempotency_key, version)
+        return await self._publish(event, data, source, idempotency_key, version, None, key)
 
     async def _publish(
         self,
@@ -58,6 +61,7 @@ class EventPublisher:
         idempotency_key: str | None,
         version: int | None,
         trace_headers: dict[str, str] | None,
+        partition_key: str | None = None,
     ) -> str:
         key = idempotency_key or uuid.uuid4().hex
         codec = self._codec
@@ -69,9 +73,11 @@ class EventPublisher:
         if version is not None:
             headers[VERSION_HEADER] = str(check_version(version))
         frame = Frame(Kind.EVENT, 0, event, codec.encode(data), "", 0, headers, codec.flags)
-        await self._broker.publish_event(
-            event, encode_frame(frame, self._max_frame_size), idempotency_key=key
-        )
+        body = encode_frame(frame, self._max_frame_size)
+        if partition_key is None:
+            await self._broker.publish_event(event, body, idempotency_key=key)
+        else:
+            await self._broker.publish_event(event, body, idempotency_key=key, key=partition_key)
         return key
 
     def bound(self, source: str) -> _Dispatch:
@@ -93,8 +99,14 @@ class _Dispatch:
         *,
         idempotency_key: str | None = None,
         version: int | None = None,
+        key: str | None = None,
     ) -> str:
         """Publish ``data`` as event ``event``; see ``EventPublisher.publish``."""
         return await self._publisher.publish(
-            event, data, source=self._source, idempotency_key=idempotency_key, version=version
+            event,
+            data,
+            source=self._source,
+            idempotency_key=idempotency_key,
+            version=version,
+            key=key,
         )

@@ -128,11 +128,13 @@ class _Client:
         *,
         idempotency_key: str | None = None,
         version: int | None = None,
+        key: str | None = None,
     ) -> str:
         """Publish an event (of schema ``version``, docs/events.md); return its
-        idempotency key once the broker has it."""
+        idempotency key once the broker has it.  Events of one ``key`` are handled in
+        order where the broker partitions (Kafka)."""
         return await self._connection.publisher.publish(
-            event, data, idempotency_key=idempotency_key, version=version
+            event, data, idempotency_key=idempotency_key, version=version, key=key
         )
 
 

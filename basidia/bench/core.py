@@ -56,6 +56,8 @@ _RAW_FLOORS: dict[str, tuple[str, str]] = {
     "tls": ("basidia.bench.raw_nats", "raw nats-py request/reply"),
     "amqp": ("basidia.bench.raw_amqp", "raw aiormq RPC"),
     "amqps": ("basidia.bench.raw_amqp", "raw aiormq RPC"),
+    "kafka": ("basidia.bench.raw_kafka", "raw aiokafka request-reply"),
+    "kafkas": ("basidia.bench.raw_kafka", "raw aiokafka request-reply"),
 }
 
 

@@ -37,6 +37,8 @@ _ADAPTERS: dict[str, tuple[str, str, str]] = {
     "tls": ("basidia.brokers.nats", "NatsBroker", "nats"),
     "redis": ("basidia.brokers.redis", "RedisBroker", "redis"),
     "rediss": ("basidia.brokers.redis", "RedisBroker", "redis"),
+    "kafka": ("basidia.brokers.kafka", "KafkaBroker", "kafka"),
+    "kafkas": ("basidia.brokers.kafka", "KafkaBroker", "kafka"),
 }
 
 

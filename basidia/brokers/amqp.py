@@ -502,7 +502,9 @@ class AmqpBroker(Broker):
 
     # -- events -------------------------------------------------------------------------
 
-    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
+    async def publish_event(
+        self, event: str, body: bytes, *, idempotency_key: str, key: str | None = None
+    ) -> None:
         properties = spec.Basic.Properties(
             delivery_mode=_PERSISTENT, message_id=idempotency_key, content_type=_CONTENT_TYPE
         )

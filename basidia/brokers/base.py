@@ -422,12 +422,16 @@ class Broker(abc.ABC):
         """Send a reply frame to the inbox at ``reply_to``; a vanished inbox is not an error."""
 
     @abc.abstractmethod
-    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
+    async def publish_event(
+        self, event: str, body: bytes, *, idempotency_key: str, key: str | None = None
+    ) -> None:
         """Publish an event frame; return once the broker has taken responsibility
         for it (publisher confirm, JetStream ack) or raise ``BrokerError``.
 
         ``idempotency_key`` is unique per event (also in the frame's ``idem``
-        header); brokers that de-duplicate publishes (JetStream) use it.
+        header); brokers that de-duplicate publishes (JetStream) use it.  ``key``
+        (``dispatch(..., key=...)``) orders events: a broker that partitions its topics
+        (Kafka) keeps the events of one key in order; the others ignore it.
         """
 
     async def register_service(self, info: ServiceInfo) -> None:  # noqa: B027 - optional hook

