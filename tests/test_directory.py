@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from basidia import Dependency, Service, ServiceRunner, ServiceUnavailable, connect, rpc
+from basidia._speedups import env_flag
 from basidia.brokers.base import Broker
 from basidia.directory import Directory, Instance, format_table
 
@@ -349,12 +350,22 @@ def _two_processes_then_one_killed(tmp_path: Path, broker: str, unique: str) -> 
                 process.wait()
 
 
+# The directory is pure Python on both cores, and the contract suite checks it on both: the
+# processes run once, in the compiled-core run.
+ONCE = pytest.mark.skipif(
+    env_flag("BASIDIA_NO_EXTENSIONS"),
+    reason="the directory does not depend on the core: runs once, in the compiled-core run",
+)
+
+
+@ONCE
 @pytest.mark.amqp
 @pytest.mark.slow
 def test_basidia_services_on_rabbitmq(tmp_path: Path, amqp_url: str, unique: str) -> None:
     _two_processes_then_one_killed(tmp_path, amqp_url, unique)
 
 
+@ONCE
 @pytest.mark.nats
 @pytest.mark.slow
 def test_basidia_services_on_nats(tmp_path: Path, nats_url: str, unique: str) -> None:
