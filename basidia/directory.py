@@ -34,6 +34,7 @@ import msgspec
 
 from basidia._speedups import Frame, Kind, decode_frame, encode_frame
 from basidia.brokers.base import Delivery, EventSubscription, Subscription
+from basidia.context import IDEMPOTENCY_HEADER
 from basidia.errors import BasidiaError, FrameError
 from basidia.log import ThrottledLog
 
@@ -148,9 +149,12 @@ class Directory:
     async def _heartbeat(self) -> None:
         while True:
             self._wake.clear()
-            if self._pings is None:
-                await self._listen_for_pings()
-            await self._send_announcement()
+            try:
+                if self._pings is None:
+                    await self._listen_for_pings()
+                await self._send_announcement()
+            except Exception:  # the heartbeat must outlive any one failure
+                logger.exception("the service directory's heartbeat failed; retrying")
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the
             # cancellation that ``close`` sends when the wake-up comes at the same time.
             with contextlib.suppress(TimeoutError):
@@ -161,8 +165,9 @@ class Directory:
         if self._source is None:
             return
         instances = list(self._source())
-        message = _Message(op="announce", process=self.process, ttl=self.expiry)
-        message.instances = instances
+        message = _Message(
+            op="announce", process=self.process, ttl=self.expiry, instances=instances
+        )
         # Our own view needs no round trip through the broker.
         self._remember(message)
         await self._publish(message)
@@ -182,7 +187,7 @@ class Directory:
     async def _publish(self, message: _Message) -> None:
         key = uuid.uuid4().hex
         event = PING_EVENT if message.op == "ping" else DIRECTORY_EVENT
-        frame = Frame(Kind.EVENT, 0, event, _encode(message), "", 0, {"idem": key}, 0)
+        frame = Frame(Kind.EVENT, 0, event, _encode(message), "", 0, {IDEMPOTENCY_HEADER: key}, 0)
         try:
             body = encode_frame(frame, _MAX_FRAME)
             await self._broker.publish_event(event, body, idempotency_key=key)

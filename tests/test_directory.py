@@ -311,7 +311,33 @@ def _start(tmp_path: Path, broker: str, log: str) -> subprocess.Popen[bytes]:
         )
 
 
-def _two_processes_then_one_killed(tmp_path: Path, broker: str, unique: str) -> None:
+def _srv_pings(url: str, name: str) -> int:
+    """How many instances answer ``$SRV.PING.<name>`` on NATS within half a second."""
+
+    async def gather() -> int:
+        import nats
+
+        nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+        try:
+            answers: list[bytes] = []
+            inbox = nc.new_inbox()
+
+            async def collect(msg: Any) -> None:
+                answers.append(msg.data)
+
+            await nc.subscribe(inbox, cb=collect)
+            await nc.publish(f"$SRV.PING.{name}", b"", reply=inbox)
+            await asyncio.sleep(0.5)
+            return len(answers)
+        finally:
+            await nc.close()
+
+    return asyncio.run(gather())
+
+
+def _two_processes_then_one_killed(
+    tmp_path: Path, broker: str, unique: str, *, srv: bool = False
+) -> None:
     name = f"echo_{unique}"
     (tmp_path / "echo_service.py").write_text(SERVICE_MODULE.format(name=name))
     processes = [_start(tmp_path, broker, "first.log"), _start(tmp_path, broker, "second.log")]
@@ -328,6 +354,8 @@ def _two_processes_then_one_killed(tmp_path: Path, broker: str, unique: str) -> 
         assert {i["pid"] for i in listed} == {p.pid for p in processes}, listed
         assert all(i["entrypoints"] == {"rpc": ["echo"]} for i in listed)
         assert all(":guest@" not in i["broker"] for i in listed)  # no password
+        if srv:  # the NATS service API keeps answering beside the directory
+            assert _srv_pings(broker, name) == 2
 
         victim = processes[1]
         victim.send_signal(signal.SIGKILL)
@@ -338,6 +366,8 @@ def _two_processes_then_one_killed(tmp_path: Path, broker: str, unique: str) -> 
             time.sleep(0.2)
         # Dropped once the expiry passed (plus one listing of up to ~2 s on a busy machine).
         assert time.monotonic() - killed <= FAST["directory_expiry"] + 4
+        if srv:
+            assert _srv_pings(broker, name) == 1
     finally:
         for process in processes:
             if process.poll() is None:
@@ -369,7 +399,7 @@ def test_basidia_services_on_rabbitmq(tmp_path: Path, amqp_url: str, unique: str
 @pytest.mark.nats
 @pytest.mark.slow
 def test_basidia_services_on_nats(tmp_path: Path, nats_url: str, unique: str) -> None:
-    _two_processes_then_one_killed(tmp_path, nats_url, unique)
+    _two_processes_then_one_killed(tmp_path, nats_url, unique, srv=True)
 
 
 # -- lifecycle in the directory ------------------------------------------------------------------
