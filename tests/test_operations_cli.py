@@ -150,3 +150,39 @@ def test_basidia_test_runs_pytest_with_the_fixtures_on_the_given_broker(tmp_path
     assert result.returncode == 1, result.stdout + result.stderr  # pytest's exit code
     assert "1 failed, 1 passed" in result.stdout  # test_hello ran on memory://named
     assert "Warning" not in result.stdout
+
+
+FAILING_SERVICES = '''
+from basidia import Dependency, Service, rpc
+
+
+class Missing:
+    """No provider is registered for it: the service cannot start."""
+
+
+class Fine(Service):
+    name = "fine"
+
+    @rpc
+    async def ok(self) -> str:
+        return "ok"
+
+
+class Broken(Service):
+    name = "broken"
+    thing = Dependency(Missing)
+
+    @rpc
+    async def ok(self) -> str:
+        return "ok"
+'''
+
+
+@pytest.mark.timeout(30)
+def test_run_fail_fast_exits_when_one_service_cannot_start(tmp_path: Path) -> None:
+    # Without --fail-fast the others run and the broken one is in ERROR (tests/http/
+    # test_lifecycle.py); with it, the whole run stops with the reason.
+    (tmp_path / "failing_services.py").write_text(FAILING_SERVICES)
+    result = run_cli("run", "failing_services.py", "--fail-fast", "--http", "off", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "error: no provider for" in result.stderr and "Missing" in result.stderr
