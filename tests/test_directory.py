@@ -29,6 +29,13 @@ from .test_cli import basidia_cmd, cli_env, run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
+# What runs as processes of its own (basidia run, services, test) does not depend on the core,
+# and the contract suite checks the directory on both: these run once, in the compiled-core run.
+ONCE = pytest.mark.skipif(
+    env_flag("BASIDIA_NO_EXTENSIONS"),
+    reason="does not depend on the core: runs once, in the compiled-core run",
+)
+
 # Short timers: a heartbeat a second, forgotten after three missed ones.
 FAST = {"directory_heartbeat": 1.0, "directory_expiry": 3.0}
 
@@ -253,6 +260,7 @@ def test_directory_settings_are_checked() -> None:
 # -- the commands ------------------------------------------------------------------------------
 
 
+@ONCE
 @pytest.mark.timeout(30)
 def test_services_on_memory_explains_that_memory_lives_in_one_process() -> None:
     result = run_cli("services", "--wait", "0")
@@ -261,15 +269,16 @@ def test_services_on_memory_explains_that_memory_lives_in_one_process() -> None:
     assert "memory:// lives inside one process" in result.stderr
 
 
+@ONCE
 @pytest.mark.timeout(30)
-def test_shell_without_services_hints_at_memory_and_lists_what_it_hosts() -> None:
-    plain = run_cli("shell", stdin='await rpc.greeting_service.hello("World")\n')
-    assert "memory:// lives inside one process" in plain.stderr  # the banner
-    assert "no instance of service 'greeting_service'" in plain.stderr
-    assert "Hint: memory:// lives inside one process" in plain.stderr
-    hosting = run_cli("shell", "examples/", stdin="await services()\n")
-    assert hosting.returncode == 0, hosting.stderr
-    assert "greeting_service" in hosting.stdout and "RUNNING" in hosting.stdout
+def test_the_shell_hints_that_memory_lives_in_one_process_and_lists_what_it_hosts() -> None:
+    stdin = "await rpc.billing.charge(1)\nawait services()\n"
+    result = run_cli("shell", "examples/", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    # The "other terminal" case: the service runs elsewhere, on a memory:// of its own.
+    assert "no instance of service 'billing' is running on memory://" in result.stderr
+    assert "Hint: memory:// lives inside one process" in result.stderr
+    assert "greeting_service" in result.stdout and "RUNNING" in result.stdout
 
 
 # -- real processes on the shared brokers (done-when 1) -----------------------------------------
@@ -378,14 +387,6 @@ def _two_processes_then_one_killed(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-# The directory is pure Python on both cores, and the contract suite checks it on both: the
-# processes run once, in the compiled-core run.
-ONCE = pytest.mark.skipif(
-    env_flag("BASIDIA_NO_EXTENSIONS"),
-    reason="the directory does not depend on the core: runs once, in the compiled-core run",
-)
 
 
 @ONCE

@@ -13,6 +13,7 @@ import pytest
 from basidia import ServiceUnavailable, connect
 
 from .test_cli import basidia_cmd, cli_env, run_cli
+from .test_directory import ONCE
 
 WORKER_SERVICES = """
 import os
@@ -97,6 +98,7 @@ async def test_worker_runs_events_and_timers_but_no_rpc(
     assert f"rpc_only_{unique} has no event handler or timer; not run" in log
 
 
+@ONCE
 @pytest.mark.timeout(30)
 def test_worker_without_handlers_exits_2_with_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "only_rpc.py").write_text(
@@ -132,6 +134,7 @@ def test_wrong():
 """
 
 
+@ONCE
 @pytest.mark.timeout(60)
 def test_basidia_test_runs_pytest_with_the_fixtures_on_the_given_broker(tmp_path: Path) -> None:
     # Without --broker the fixtures take a private memory:// (tests/test_testing_plugin.py).
@@ -178,6 +181,7 @@ class Broken(Service):
 '''
 
 
+@ONCE
 @pytest.mark.timeout(30)
 def test_run_fail_fast_exits_when_one_service_cannot_start(tmp_path: Path) -> None:
     # Without --fail-fast the others run and the broken one is in ERROR (tests/http/
