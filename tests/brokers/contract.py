@@ -624,7 +624,9 @@ class BrokerContract:
                 (echo.name, second.directory.process, "RUNNING"),
                 (listener.name, second.directory.process, "RUNNING"),
             }
-            assert time.monotonic() - started < 1.0 + 1.0  # within one heartbeat
+            # The ping's answers fill the view within the 1 s wait (a heartbeat here); the
+            # bound leaves room for a busy machine.
+            assert time.monotonic() - started < 1.0 + 2.0
             mine = [i for i in await cluster.services() if i.service == listener.name]
             assert mine[0].entrypoints == {"events": ["on_ping"]}
             assert mine[0].broker == second.broker.safe_url
