@@ -1,4 +1,5 @@
-"""The ``basidia`` command: run, shell, bench, asyncapi, new, sagas, dlq and the rest."""
+"""The ``basidia`` command: ``run``, ``worker``, ``shell``, ``services``, ``test``, ``bench``,
+``asyncapi``, ``new``, ``sagas`` and ``dlq``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import asyncio
 import code
 import concurrent.futures
 import inspect
+import json
+import os
 import platform
+import subprocess
+import sys
 import threading
 import traceback
 import types
@@ -146,6 +151,12 @@ def run(
         "Prefer BASIDIA_HTTP__TOKEN: other users can read command lines.",
     ),
     # -- end HTTP --
+    fail_fast: bool = typer.Option(
+        False,
+        "--fail-fast",
+        help="Stop everything if one service fails to start (default: it stays in ERROR "
+        "and the others run).",
+    ),
 ) -> None:
     """Run services until SIGTERM or Ctrl-C, then stop gracefully."""
     try:
@@ -157,6 +168,7 @@ def run(
             log_format=log_format,
             max_workers=max_workers,
             shutdown_grace=grace,
+            fail_fast=fail_fast or None,
             **{"http.listen": http, "http.management": management, "http.token": management_token},
         )
         settings = settings_config.settings
@@ -262,14 +274,22 @@ def shell(
     banner = (
         f"{version_text()}\nbroker: {cluster.broker.safe_url}; services hosted here: {hosted}\n"
         'Top-level await works: >>> await rpc.greeting_service.hello("World")\n'
-        "Also: dispatch(event, data), runner, await dlq.list() (dead letters)."
+        "Also: dispatch(event, data), await services(), runner, await dlq.list() (dead letters)."
     )
     from basidia.resilience.dlq import DeadLetterTool
+
+    if runner is None and cluster.broker.safe_url.startswith("memory://"):
+        banner += "\n" + MEMORY_HINT
+
+    async def show_services() -> None:
+        """Print the service directory (``basidia services``)."""
+        print(_services_table(await cluster.services(), cluster.broker.safe_url))
 
     namespace = {
         "dlq": DeadLetterTool(cluster.broker),
         "rpc": cluster.rpc,
         "dispatch": cluster.dispatch,
+        "services": show_services,
         "runner": runner,
         "cluster": cluster,
         "asyncio": asyncio,
@@ -437,6 +457,170 @@ def dlq(
         run_async(act())
     except (BasidiaError, ImportError, OSError, NotImplementedError) as exc:
         raise _fail(exc) from None
+
+
+# -- operations (docs/operations.md) ------------------------------------------------------------
+
+MEMORY_HINT = (
+    "note: memory:// lives inside one process: services that another process runs "
+    "(basidia run in another terminal) are not seen here. Host them in this process "
+    "(basidia shell PATH) or give both a network broker (--broker amqp://... or nats://...)."
+)
+
+
+def _services_table(instances: list[Any], broker: str) -> str:
+    from basidia.directory import format_table
+
+    if not instances:
+        return f"no service instances on {broker}"
+    return f"broker: {broker}\n" + format_table(instances)
+
+
+@app.command()
+def services(
+    broker: Optional[str] = BrokerOption,  # noqa: UP045
+    config: Optional[Path] = ConfigOption,  # noqa: UP045
+    as_json: bool = typer.Option(False, "--json", help="Print JSON, one object per instance."),
+    service: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--service", "-s", help="Only the instances of this service."
+    ),
+    wait: float = typer.Option(
+        1.0, help="Seconds the running processes get to answer before the list is printed."
+    ),
+) -> None:
+    """List every service instance on the broker: host, pid, version, state, entrypoints."""
+    try:
+        settings_config = _load_config(config, broker=broker)
+        configure_logging("WARNING")
+        if not 0 <= wait <= 60:
+            raise ConfigError(f"--wait must be 0 to 60 seconds, got {wait}")
+    except (BasidiaError, ImportError) as exc:
+        raise _fail(exc) from None
+
+    async def listing() -> tuple[list[Any], str]:
+        async with connect(config=settings_config) as cluster:
+            found = await cluster.services(wait)
+            return found, cluster.broker.safe_url
+
+    try:
+        instances, url = run_async(listing())
+    except (BasidiaError, ImportError, OSError) as exc:
+        raise _fail(exc) from None
+    if service is not None:
+        instances = [i for i in instances if i.service == service]
+    if as_json:
+        typer.echo(json.dumps([i.to_dict() for i in instances], indent=2))
+    else:
+        typer.echo(_services_table(instances, url))
+    if url.startswith("memory://"):
+        typer.echo(MEMORY_HINT, err=True)
+
+
+@app.command()
+def worker(
+    targets: list[str] = typer.Argument(
+        ..., help="Directories, .py files, modules or module:Class naming the services."
+    ),
+    broker: Optional[str] = BrokerOption,  # noqa: UP045
+    config: Optional[Path] = ConfigOption,  # noqa: UP045
+    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING..."),  # noqa: UP045
+    log_format: Optional[str] = typer.Option(None, help="text or json."),  # noqa: UP045
+    max_workers: Optional[int] = typer.Option(  # noqa: UP045
+        None, help="Events each service handles at once."
+    ),
+    grace: Optional[float] = typer.Option(  # noqa: UP045
+        None, help="Seconds in-flight handlers get to finish on SIGTERM."
+    ),
+    fail_fast: bool = typer.Option(
+        False, "--fail-fast", help="Stop everything if one service fails to start."
+    ),
+) -> None:
+    """Run only the event handlers and timers of the services: no RPC, no HTTP."""
+    try:
+        settings_config = _load_config(
+            config,
+            broker=broker,
+            log_level=log_level,
+            log_format=log_format,
+            max_workers=max_workers,
+            shutdown_grace=grace,
+            fail_fast=fail_fast or None,
+        )
+        settings = settings_config.settings
+        configure_logging(settings.log_level, settings.log_format)
+        loaded = _load(targets)
+        groups = frozenset(WORKER_GROUPS)
+        chosen = [s for s in loaded if any(e.group in groups for e in s.__entrypoints__.values())]
+        if not chosen:
+            raise ConfigError(
+                f"nothing for a worker in {' '.join(targets)}: no @event_handler or @timer"
+            )
+        for skipped in sorted(
+            {s.service_name() for s in loaded} - {s.service_name() for s in chosen}
+        ):
+            typer.echo(f"notice: {skipped} has no event handler or timer; not run", err=True)
+        runner = ServiceRunner(chosen, config=settings_config, groups=groups)
+    except (BasidiaError, ImportError, TypeError, ValueError) as exc:
+        raise _fail(exc) from None
+    try:
+        run_async(runner.run())
+    except (BasidiaError, OSError) as exc:
+        raise _fail(exc) from None
+
+
+#: The entrypoint groups ``basidia worker`` serves.
+WORKER_GROUPS = ("events", "timers")
+
+
+@app.command(
+    "test",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def test_command(
+    ctx: typer.Context,
+    broker: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--broker",
+        "-b",
+        help="Run the fixtures' services on this broker (default: a private memory:// per test).",
+    ),
+) -> None:
+    """Run pytest with Basidia's fixtures (basidia_runner, basidia_rpc...) in asyncio auto
+    mode, on the memory broker unless --broker names one; other arguments go to pytest:
+    basidia test tests/ -k greeting -x."""
+    import importlib.util
+
+    if (
+        importlib.util.find_spec("pytest") is None
+        or importlib.util.find_spec("pytest_asyncio") is None
+    ):
+        raise _fail(ImportError("basidia test needs pytest: pip install 'basidia[testing]'"))
+    from importlib.metadata import entry_points
+
+    args = list(ctx.args)
+    for option, value in (
+        ("asyncio_mode", "auto"),
+        ("asyncio_default_fixture_loop_scope", "function"),
+    ):
+        # async def tests and fixtures run without markers, as in a project from basidia new.
+        if not any(option in arg for arg in args):
+            args = ["-o", f"{option}={value}", *args]
+    if not any(ep.value == "basidia.testing.plugin" for ep in entry_points(group="pytest11")):
+        args = ["-p", "basidia.testing.plugin", *args]  # a checkout without the entry point
+    if broker is not None:
+        from basidia.testing import TEST_BROKER_ENV
+
+        os.environ[TEST_BROKER_ENV] = broker
+    # pytest in a fresh interpreter: in this one Basidia is imported already, and pytest
+    # could not rewrite the assertions of its plugin.
+    command = [sys.executable, "-m", "pytest", *args]
+    if os.name == "posix":
+        sys.stdout.flush()
+        os.execv(sys.executable, command)
+    raise typer.Exit(code=subprocess.call(command))  # pragma: no cover - Windows
+
+
+# -- end operations ------------------------------------------------------------------------------
 
 
 def _register_bench() -> None:

@@ -317,6 +317,15 @@ class Settings:
     event_broker: str = ""
     #: Options passed to the events broker's adapter.
     event_broker_options: dict[str, Any] = field(default_factory=dict)
+    #: Seconds between two announcements of a process's services in the service
+    #: directory (``basidia services``, docs/operations.md).
+    directory_heartbeat: float = 5.0
+    #: Seconds an announcement holds: an instance not heard of for this long (a killed
+    #: process) leaves the directory.  More than ``directory_heartbeat``.
+    directory_expiry: float = 15.0
+    #: A service that fails to start stops every service of the runner and the runner
+    #: raises (``basidia run --fail-fast``); off, it stays in ERROR and the others run.
+    fail_fast: bool = False
 
     def __repr__(self) -> str:
         return (
@@ -371,6 +380,15 @@ class Settings:
         if self.log_level not in _LOG_LEVELS:
             levels = ", ".join(sorted(_LOG_LEVELS))
             raise ConfigError(f"log_level must be one of {levels}, got {self.log_level!r}")
+        if not 0 < self.directory_heartbeat <= 3600:
+            raise ConfigError(
+                f"directory_heartbeat must be in (0, 3600] seconds, got {self.directory_heartbeat}"
+            )
+        if not self.directory_heartbeat < self.directory_expiry <= 24 * 3600:
+            raise ConfigError(
+                "directory_expiry must be more than directory_heartbeat "
+                f"({self.directory_heartbeat} s) and at most 86400 s, got {self.directory_expiry}"
+            )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
 
@@ -452,6 +470,9 @@ _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
     "broker_options": dict,
     "event_broker": str,
     "event_broker_options": dict,
+    "directory_heartbeat": float,
+    "directory_expiry": float,
+    "fail_fast": _boolean,
 }
 _TYPE_NAMES: dict[object, str] = {
     int: "an integer",

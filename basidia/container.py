@@ -38,8 +38,11 @@ logger = logging.getLogger("basidia.container")
 
 
 class State(enum.StrEnum):
-    """Lifecycle of a container: STOPPED → STARTING → RUNNING → STOPPING → STOPPED, or ERROR."""
+    """Lifecycle of a container: INITIALIZED → STARTING → RUNNING → STOPPING → STOPPED, and
+    ERROR (with the reason in ``ServiceContainer.error``) when a start fails; a STOPPED or
+    ERROR service can start again (docs/operations.md)."""
 
+    INITIALIZED = "INITIALIZED"
     STOPPED = "STOPPED"
     STARTING = "STARTING"
     RUNNING = "RUNNING"
@@ -58,6 +61,11 @@ class Runtime:
     settings: Settings
     providers: Mapping[type, ProviderFactory] = field(default_factory=dict)
     middleware: Sequence[Middleware] = ()
+    #: Called with a container whenever its state changes (the service directory).
+    on_state_change: Callable[[ServiceContainer], None] | None = None
+    #: The entrypoint groups containers serve (``Entrypoint.group``); None: all of them.
+    #: ``basidia worker`` serves ``events`` and ``timers`` only.
+    groups: frozenset[str] | None = None
 
 
 @dataclass
@@ -84,14 +92,15 @@ class ServiceContainer:
         self.runtime = runtime
         settings = runtime.settings
         self.max_workers = service_cls.max_workers or settings.max_workers
-        self.state = State.STOPPED
+        self._state = State.INITIALIZED
         self.error: BaseException | None = None
         self.stats = ContainerStats()
         self.started_at = 0.0
         # The entrypoints by kind: each kind attaches itself (``Entrypoint.attach``).
         self._kinds: dict[type[Entrypoint], list[Entrypoint]] = {}
         for entrypoint in service_cls.__entrypoints__.values():
-            self._kinds.setdefault(type(entrypoint), []).append(entrypoint)
+            if runtime.groups is None or entrypoint.group in runtime.groups:
+                self._kinds.setdefault(type(entrypoint), []).append(entrypoint)
         #: Per RPC method: requests, errors, time (``$SRV.STATS``), filled by the RPC kind.
         self.endpoint_stats: dict[str, EndpointStats] = {}
         declarations = declared_dependencies(service_cls)
@@ -117,6 +126,27 @@ class ServiceContainer:
         return f"<ServiceContainer {self.service_name} {self.state.value}>"
 
     @property
+    def state(self) -> State:
+        """Where the service is in its lifecycle."""
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+        notify = self.runtime.on_state_change
+        if notify is not None:
+            notify(self)
+
+    @property
+    def entrypoints(self) -> dict[str, list[str]]:
+        """The names of the entrypoints this container serves, by group."""
+        found: dict[str, list[str]] = {}
+        for group in self._kinds.values():
+            for entrypoint in group:
+                found.setdefault(entrypoint.group, []).append(entrypoint.name)
+        return found
+
+    @property
     def in_flight(self) -> int:
         """Calls being handled right now."""
         return len(self._tasks)
@@ -125,7 +155,7 @@ class ServiceContainer:
 
     async def start(self) -> None:
         """Set up dependencies, then start consuming; ERROR (and re-raise) on failure."""
-        if self.state not in (State.STOPPED, State.ERROR):
+        if self.state not in (State.INITIALIZED, State.STOPPED, State.ERROR):
             raise RuntimeError(f"cannot start {self.service_name}: it is {self.state.value}")
         self.state = State.STARTING
         self.error = None
@@ -151,8 +181,8 @@ class ServiceContainer:
                 self._subscriptions += await kind.attach(self, group)
             await self._announce()
         except BaseException as exc:
-            self.state = State.ERROR
             self.error = exc
+            self.state = State.ERROR
             await self._unsubscribe()
             await self._stop_dependencies()
             raise
@@ -203,7 +233,7 @@ class ServiceContainer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop consuming, let in-flight calls finish within ``grace`` seconds, cancel the
         rest (their events go back to the broker), then stop the dependencies."""
-        if self.state in (State.STOPPED, State.STOPPING, State.ERROR):
+        if self.state in (State.INITIALIZED, State.STOPPED, State.STOPPING, State.ERROR):
             return  # ERROR: the failed start has already released everything
         if grace is None:
             grace = self.runtime.settings.shutdown_grace

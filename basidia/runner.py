@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+from basidia._version import __version__
 from basidia._wire import Codec
 from basidia.brokers import broker_from_url
 from basidia.brokers.base import Broker
@@ -16,6 +17,7 @@ from basidia.brokers.mixed import MixedBroker
 from basidia.config import Config, Settings
 from basidia.container import Runtime, ServiceContainer, State
 from basidia.dependencies import ProviderFactory
+from basidia.directory import Directory, Instance
 from basidia.events import EventPublisher
 from basidia.middleware import Middleware
 from basidia.rpc import ClusterProxy, RpcClient
@@ -84,16 +86,27 @@ class _Connection:
         self.containers: dict[str, ServiceContainer] = {}
         if self.telemetry is not None:
             self.telemetry.attach(self.containers, self.broker)
+        self.directory = Directory(
+            self.broker,
+            heartbeat=self.settings.directory_heartbeat,
+            expiry=self.settings.directory_expiry,
+        )
 
     async def open(self) -> None:
         await self.broker.connect()
         try:
             await self.client.start()
+            self.broker.directory = self.directory
+            if not self.broker.reports_no_responders:
+                # The broker cannot say "no responders": the directory tells instead.
+                await self.directory.watch()
         except BaseException:
+            await self.directory.close(leave=False)
             await self.broker.close()
             raise
 
     async def close(self) -> None:
+        await self.directory.close()
         await self.client.close()
         await self.broker.close()
         if self.telemetry is not None:
@@ -137,14 +150,27 @@ class _Client:
             event, data, idempotency_key=idempotency_key, version=version, key=key
         )
 
+    @property
+    def directory(self) -> Directory:
+        """This process's part in the service directory (docs/operations.md)."""
+        return self._connection.directory
+
+    async def services(self, wait: float = 1.0) -> list[Instance]:
+        """Every service instance on the broker, from the service directory: the first
+        call gives the processes ``wait`` seconds to answer (``basidia services``)."""
+        return await self._connection.directory.snapshot(wait)
+
 
 class ServiceRunner(_Client):
     """Hosts services on one shared broker connection.
 
-    ``broker`` is a URL (``memory://``, ``amqp://...``, ``nats://...``, ``redis://...``)
-    or a ``Broker``; by default it comes from the config (``broker``), else the
-    in-process memory broker.  ``event_broker`` (or the config's ``event_broker``) puts
-    events on another broker than RPC.
+    ``broker`` is a URL (``memory://``, ``amqp://...``, ``nats://...``, ``redis://...``,
+    ``kafka://...``) or a ``Broker``; by default it comes from the config (``broker``),
+    else the in-process memory broker.  ``event_broker`` (or the config's
+    ``event_broker``) puts events on another broker than RPC.  A service that fails to
+    start is left in ERROR while the others run, unless ``fail_fast`` (default: the
+    ``fail_fast`` setting).  ``groups`` limits the entrypoints served to those groups
+    (``basidia worker``: ``{"events", "timers"}``).
     """
 
     def __init__(
@@ -156,6 +182,8 @@ class ServiceRunner(_Client):
         providers: Mapping[type, ProviderFactory] | None = None,
         middleware: Sequence[Middleware] = (),
         event_broker: str | Broker | None = None,
+        fail_fast: bool | None = None,
+        groups: Collection[str] | None = None,
     ) -> None:
         self.config = _config(config)
         services = list(services)
@@ -169,6 +197,7 @@ class ServiceRunner(_Client):
             [_service_name(s) for s in services],
         )
         self.middleware = self._connection.middleware
+        self.fail_fast = self._connection.settings.fail_fast if fail_fast is None else fail_fast
         self.runtime = Runtime(
             broker=self._connection.broker,
             client=self._connection.client,
@@ -177,6 +206,8 @@ class ServiceRunner(_Client):
             settings=self._connection.settings,
             providers=self.providers,
             middleware=self.middleware,
+            on_state_change=self._state_changed,
+            groups=None if groups is None else frozenset(groups),
         )
         self.containers = self._connection.containers
         for service in services:
@@ -197,15 +228,53 @@ class ServiceRunner(_Client):
         container = self.containers[name] = ServiceContainer(service, self.runtime)
         return container
 
+    def _state_changed(self, container: ServiceContainer) -> None:
+        self._connection.directory.changed()
+
+    def _instances(self) -> list[Instance]:
+        """This runner's services as the directory announces them."""
+        directory = self._connection.directory
+        return [
+            Instance(
+                service=name,
+                instance=directory.process,
+                host=directory.host,
+                pid=directory.pid,
+                version=container.service_cls.version or __version__,
+                state=container.state.value,
+                error=_reason(container.error) if container.error is not None else "",
+                entrypoints=container.entrypoints,
+                broker=self.broker.safe_url,
+                started_at=container.started_at,
+            )
+            for name, container in self.containers.items()
+        ]
+
     async def start(self) -> None:
-        """Connect and start every service; if one fails, stop the others and raise."""
+        """Connect and start every service.  One that fails to start stays in ERROR (its
+        reason logged) while the others run; with ``fail_fast``, or when none starts, the
+        others are stopped and the error is raised."""
         if self._started:
             return
         await self._connection.open()
         self._started = True
+        self._connection.directory.announce(self._instances)
+        failed: list[BaseException] = []
         try:
             for container in self.containers.values():
-                await container.start()
+                try:
+                    await container.start()
+                except Exception as exc:
+                    if self.fail_fast:
+                        raise
+                    failed.append(exc)
+                    logger.error(
+                        "%s failed to start and is in ERROR, the other services run: %s",
+                        container.service_name,
+                        _reason(exc),
+                    )
+            if failed and len(failed) == len(self.containers):
+                raise failed[0]
         except BaseException:
             await self.stop()
             raise
@@ -223,6 +292,12 @@ class ServiceRunner(_Client):
     async def stop_service(self, name: str, grace: float | None = None) -> None:
         """Stop one service (its consumers go; in-flight calls finish)."""
         await self.containers[name].stop(grace)
+
+    async def restart_service(self, name: str, grace: float | None = None) -> None:
+        """Stop one service (draining its calls within ``grace``), then start it again;
+        the other services keep serving meanwhile."""
+        await self.containers[name].stop(grace)
+        await self.containers[name].start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop consuming everywhere, drain in-flight calls within ``grace``, disconnect."""
@@ -305,6 +380,11 @@ class Cluster(_Client):
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def connect(

@@ -22,6 +22,7 @@ GUIDE = [
     "http.md",
     "contracts.md",
     "deployment.md",
+    "operations.md",
     "serialization.md",
     "dead-letters.md",
     "resilience.md",

@@ -74,7 +74,7 @@ def fresh_gate() -> None:
 async def test_lifecycle_states(memory_url: str) -> None:
     runner = ServiceRunner([Worker], broker=memory_url)
     container = runner.containers["worker"]
-    assert container.state is State.STOPPED
+    assert container.state is State.INITIALIZED
     await runner.start()
     assert container.state is State.RUNNING
     await runner.stop_service("worker")

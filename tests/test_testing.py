@@ -218,7 +218,7 @@ async def test_entrypoint_hook_errors(memory_url: str) -> None:
         async with entrypoint_hook(container, "goodbye"):
             pass
     async with entrypoint_hook(container, "hello") as hello:
-        with pytest.raises(ServiceUnavailable, match="STOPPED"):
+        with pytest.raises(ServiceUnavailable, match="INITIALIZED"):
             await hello("World")  # the service has not been started
 
 

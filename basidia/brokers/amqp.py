@@ -113,6 +113,8 @@ class AmqpBroker(Broker):
       work too); the server certificate and host name are always verified.
     """
 
+    reports_no_responders = True
+
     def __init__(
         self,
         url: str = "amqp://guest:guest@127.0.0.1:5672/",

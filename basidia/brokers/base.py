@@ -26,10 +26,13 @@ import abc
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from basidia._speedups import HARD_MAX_FRAME_SIZE
 from basidia.errors import ConnectionLost
+
+if TYPE_CHECKING:
+    from basidia.directory import Directory
 
 __all__ = [
     "DEAD_LETTER_HEADERS",
@@ -341,9 +344,24 @@ class Broker(abc.ABC):
 
     #: The URL with any password replaced by ``***``; safe to log.
     safe_url: str
+    #: Whether ``send_request`` learns from the broker itself that a service has no
+    #: instance (memory, RabbitMQ's returned message, NATS "no responders").  Adapters
+    #: without it ask the directory instead (``no_live_instance``); the framework keeps
+    #: the directory watching for them.
+    reports_no_responders: bool = False
+    #: The process's view of the cluster (docs/operations.md), set by the framework once
+    #: the connection is open; None for a bare adapter.
+    directory: Directory | None = None
 
     def __init__(self) -> None:
         self._disconnect_callbacks: list[DisconnectCallback] = []
+
+    def no_live_instance(self, service: str) -> bool:
+        """True when the directory knows for certain that no instance of ``service`` is
+        RUNNING: an adapter that cannot say "no responders" raises ``ServiceUnavailable``
+        from ``send_request`` then, instead of letting the call wait for its deadline."""
+        directory = self.directory
+        return directory is not None and directory.has_live_instance(service) is False
 
     def add_disconnect_callback(self, callback: DisconnectCallback) -> None:
         """Call ``callback`` whenever the connection is lost (pending calls fail fast)."""
@@ -407,7 +425,8 @@ class Broker(abc.ABC):
 
         Raise ``ServiceUnavailable`` when the broker knows at once that the service
         has no consumer; an adapter that learns it later (NATS "no responders")
-        delivers an error frame for ``correlation_id`` to the inbox instead.
+        delivers an error frame for ``correlation_id`` to the inbox instead.  An adapter
+        whose broker cannot tell raises it when ``self.no_live_instance(service)``.
         """
 
     @abc.abstractmethod

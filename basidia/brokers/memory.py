@@ -208,6 +208,8 @@ def _hub_for(name: str) -> _Hub:
 class MemoryBroker(Broker):
     """In-process broker for ``memory://`` or ``memory://name`` URLs."""
 
+    reports_no_responders = True
+
     def __init__(self, url: str = "memory://") -> None:
         super().__init__()
         if not url.startswith("memory://"):
@@ -308,7 +310,13 @@ class MemoryBroker(Broker):
             raise BrokerError(f"{self!r} is not connected")
         queue = hub.requests.get(service)
         if queue is None or not queue.consumers:
-            raise ServiceUnavailable(f"no instance of service {service!r} is running")
+            raise ServiceUnavailable(
+                f"no instance of service {service!r} is running on {self.safe_url}. "
+                "Hint: memory:// lives inside one process, so services that another process "
+                "runs (basidia run in another terminal) are not seen here: host them in this "
+                "process (basidia shell PATH) or give both a network broker "
+                "(--broker amqp://... or nats://...)"
+            )
         queue.put(_RequestDelivery(body))
 
     async def open_inbox(self, handler: InboxHandler) -> str:

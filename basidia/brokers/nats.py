@@ -209,6 +209,8 @@ class NatsBroker(Broker):
       certificate; any of them (or a ``tls://`` URL) requires TLS, always verified.
     """
 
+    reports_no_responders = True
+
     def __init__(
         self,
         url: str = "nats://127.0.0.1:4222",

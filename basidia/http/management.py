@@ -12,6 +12,8 @@ are refused, see ``basidia.http.crosssite``)::
     GET  /sagas/{id}                one saga with its steps (docs/sagas.md)
     GET  /metrics                   Prometheus text, with the Prometheus exporter on
                                     (docs/observability.md)
+    POST /services/{name}/restart   stop (if RUNNING), then start; the others keep serving
+    GET  /cluster                   every instance on the broker (the service directory)
 
 Health (never behind the token, so that Kubernetes probes work; they reveal
 nothing but the verdict)::
@@ -19,6 +21,8 @@ nothing but the verdict)::
     GET  /health/live               200 while the process answers
     GET  /health/ready              200 when the broker is connected and every service
                                     is RUNNING, else 503
+    GET  /health/ready/{name}       200 when the broker is connected and service ``name``
+                                    is RUNNING, else 503 (404 for an unknown name)
 """
 
 from __future__ import annotations
@@ -73,9 +77,19 @@ def health_routes(runner: ServiceRunner) -> list[Route]:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
+    async def service_ready(request: Request) -> Response:
+        # Per service, so that a probe (or a load balancer) can follow the one it needs.
+        container = runner.containers.get(request.path_params["name"])
+        if container is None:
+            return _unknown(request)
+        if runner.broker.connected and container.state is State.RUNNING:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
     return [
         Route("/health/live", live, methods=["GET"], name="health.live"),
         Route("/health/ready", ready, methods=["GET"], name="health.ready"),
+        Route("/health/ready/{name}", service_ready, methods=["GET"], name="health.ready_service"),
     ]
 
 
@@ -124,6 +138,13 @@ class Management:
             Route("/sagas", guard(self.sagas), methods=["GET"], name="management.sagas"),
             Route("/sagas/{id}", guard(self.saga), methods=["GET"], name="management.saga"),
             Route("/metrics", guard(self.metrics), methods=["GET"], name="management.metrics"),
+            Route(
+                "/services/{name}/restart",
+                guard(self.restart),
+                methods=["POST"],
+                name="management.restart",
+            ),
+            Route("/cluster", guard(self.cluster), methods=["GET"], name="management.cluster"),
         ]
 
     def _guarded(self, endpoint: Endpoint) -> Endpoint:
@@ -192,7 +213,7 @@ class Management:
             return _unknown(request)
         if container.state is State.RUNNING:
             return JSONResponse(describe(container))
-        if container.state not in (State.STOPPED, State.ERROR):
+        if container.state not in (State.INITIALIZED, State.STOPPED, State.ERROR):
             return _busy(container)
         logger.info("starting %s (management API)", container.service_name)
         try:
@@ -215,15 +236,10 @@ class Management:
         container = self._container(request)
         if container is None:
             return _unknown(request)
-        grace: float | None = None
-        if "grace" in request.query_params:
-            try:
-                grace = float(request.query_params["grace"])
-            except ValueError:
-                grace = math.nan
-            if not 0 <= grace <= 24 * 3600:  # also refuses NaN
-                return error_response(400, "grace must be a number of seconds, 0 to 86400")
-        if container.state is State.STOPPED:
+        grace = _grace(request)
+        if isinstance(grace, Response):
+            return grace
+        if container.state in (State.STOPPED, State.INITIALIZED):
             return JSONResponse(describe(container))
         if container.state not in (State.RUNNING, State.ERROR):
             return _busy(container)
@@ -271,6 +287,38 @@ class Management:
         body, content_type = found
         return Response(body, media_type=content_type)
 
+    async def restart(self, request: Request) -> Response:
+        """``POST /services/{name}/restart``: stop the service (draining its calls within
+        ``?grace=<seconds>``) if it runs, then start it; its neighbours keep serving.
+
+        STARTING or STOPPING gets 409; a failed start answers 500 with the reason, and
+        the service shows ERROR.
+        """
+        container = self._container(request)
+        if container is None:
+            return _unknown(request)
+        grace = _grace(request)
+        if isinstance(grace, Response):
+            return grace
+        if container.state in (State.STARTING, State.STOPPING):
+            return _busy(container)
+        logger.info("restarting %s (management API)", container.service_name)
+        try:
+            await self.runner.restart_service(container.service_name, grace)
+        except Exception as exc:
+            logger.error("%s failed to restart: %s", container.service_name, _reason(exc))
+            return JSONResponse(
+                {"error": "start_failed", "detail": _reason(exc), "service": describe(container)},
+                status_code=500,
+            )
+        return JSONResponse(describe(container))
+
+    async def cluster(self, request: Request) -> Response:
+        """``GET /cluster``: every service instance the directory knows, on every host
+        (``basidia services``); the first call waits up to a second for their answers."""
+        instances = await self.runner.services()
+        return JSONResponse([instance.to_dict() for instance in instances])
+
     def _container(self, request: Request) -> ServiceContainer | None:
         return self.runner.containers.get(request.path_params["name"])
 
@@ -307,6 +355,19 @@ def describe(container: ServiceContainer) -> dict[str, Any]:
         # Circuit breaker and bulkhead of each RPC dependency, by target (docs/resilience.md).
         "breakers": {target: guard.describe() for target, guard in guards_of(container).items()},
     }
+
+
+def _grace(request: Request) -> float | Response | None:
+    """``?grace=<seconds>``, None when absent, or the 400 answer to a bad value."""
+    if "grace" not in request.query_params:
+        return None
+    try:
+        grace = float(request.query_params["grace"])
+    except ValueError:
+        grace = math.nan
+    if not 0 <= grace <= 24 * 3600:  # also refuses NaN
+        return error_response(400, "grace must be a number of seconds, 0 to 86400")
+    return grace
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ The pytest fixtures (``basidia_runner``, ``basidia_rpc``...) live in
 from __future__ import annotations
 
 import asyncio
+import os
 import unittest
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -40,14 +41,24 @@ __all__ = [
     "entrypoint_hook",
     "entrypoint_waiter",
     "replace_dependencies",
+    "fixture_broker_url",
     "unique_memory_url",
     "worker_factory",
 ]
+
+#: The broker the fixtures and ``ServiceTestCase`` use when set (``basidia test --broker``).
+TEST_BROKER_ENV = "BASIDIA_TEST_BROKER"
 
 
 def unique_memory_url() -> str:
     """A memory broker nobody else uses, so tests cannot see each other's messages."""
     return f"memory://test-{uuid.uuid4().hex[:12]}"
+
+
+def fixture_broker_url() -> str:
+    """The broker of the fixtures: ``BASIDIA_TEST_BROKER`` (``basidia test --broker``) when
+    set, else a private memory broker."""
+    return os.environ.get(TEST_BROKER_ENV) or unique_memory_url()
 
 
 class ServiceTestCase(unittest.IsolatedAsyncioTestCase):
@@ -67,9 +78,10 @@ class ServiceTestCase(unittest.IsolatedAsyncioTestCase):
 
     async def asyncSetUp(self) -> None:
         await super().asyncSetUp()
-        url = self.broker or unique_memory_url()
-        # Remote errors carry their tracebacks in tests unless ``config`` says otherwise.
-        config = {"remote_tracebacks": True, **self.config}
+        url = self.broker or fixture_broker_url()
+        # Remote errors carry their tracebacks in tests, and a service that fails to start
+        # fails the test, unless ``config`` says otherwise.
+        config = {"remote_tracebacks": True, "fail_fast": True, **self.config}
         self.runner = ServiceRunner(self.services, broker=url, config=config)
         await self.runner.start()
         self.addAsyncCleanup(self.runner.stop)

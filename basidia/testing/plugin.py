@@ -7,7 +7,8 @@ broker; ``basidia_rpc`` calls them::
         await basidia_runner([GreetingService])
         assert await basidia_rpc.greeting_service.hello("x") == "Hello, x!"
 
-Override ``basidia_broker_url`` to run the same tests on a real broker.
+Override ``basidia_broker_url``, or run ``basidia test --broker URL``, to run the same
+tests on a real broker.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from basidia.rpc import ClusterProxy
 from basidia.runner import Cluster, ServiceRunner, connect
 from basidia.service import Service
-from basidia.testing import unique_memory_url
+from basidia.testing import fixture_broker_url
 
 try:
     import pytest_asyncio
@@ -35,14 +36,16 @@ if HAVE_PYTEST_ASYNCIO:
 
     @pytest.fixture
     def basidia_broker_url() -> str:
-        """The broker the fixtures use: a private memory broker per test."""
-        return unique_memory_url()
+        """The broker the fixtures use: a private memory broker per test, or the one
+        ``basidia test --broker`` names (``BASIDIA_TEST_BROKER``)."""
+        return fixture_broker_url()
 
     @pytest.fixture
     def basidia_config() -> Mapping[str, Any]:
         """Config for the fixtures' runners and client; override to change it.  Remote
-        errors carry their tracebacks in tests (``remote_tracebacks``)."""
-        return {"remote_tracebacks": True}
+        errors carry their tracebacks in tests (``remote_tracebacks``) and a service that
+        fails to start fails the test (``fail_fast``)."""
+        return {"remote_tracebacks": True, "fail_fast": True}
 
     @pytest_asyncio.fixture
     async def basidia_runner(

@@ -744,3 +744,54 @@ class BrokerContract:
         finally:
             if store == "redis":
                 await delete_redis_keys(f"basidia:dedup:{Once.name}.on_once:*")
+
+    # -- the service directory (docs/operations.md) ------------------------------------------
+
+    async def test_directory_lists_every_instance_and_forgets_a_silent_one(
+        self,
+        broker_url: str,
+        broker_options: dict[str, Any],
+        services: dict[str, type[Service]],
+    ) -> None:
+        # Built on publish_event and broadcast subscriptions alone: an adapter that passes
+        # the event tests above carries the directory (and `basidia services`) too.
+        echo, listener = services["echo"], services["listener"]
+        config = {
+            "directory_heartbeat": 1.0,
+            "directory_expiry": 3.0,
+            "broker_options": broker_options,
+        }
+        first = ServiceRunner([echo], broker=broker_url, config=config)
+        second = ServiceRunner([echo, listener], broker=broker_url, config=config)
+        ours = {echo.name, listener.name}
+
+        async def listed(cluster: Any) -> set[tuple[str, str, str]]:
+            return {
+                (i.service, i.instance, i.state)
+                for i in await cluster.services()
+                if i.service in ours  # the broker may be shared
+            }
+
+        async with first, second, connect(broker_url, config=config) as cluster:
+            started = time.monotonic()
+            assert await listed(cluster) == {
+                (echo.name, first.directory.process, "RUNNING"),
+                (echo.name, second.directory.process, "RUNNING"),
+                (listener.name, second.directory.process, "RUNNING"),
+            }
+            # The ping's answers fill the view within the 1 s wait (a heartbeat here); the
+            # bound leaves room for a busy machine.
+            assert time.monotonic() - started < 1.0 + 2.0
+            mine = [i for i in await cluster.services() if i.service == listener.name]
+            assert mine[0].entrypoints == {"events": ["on_ping"]}
+            assert mine[0].broker == second.broker.safe_url
+            assert cluster.directory.has_live_instance(listener.name) is True
+
+            await second.directory.close(leave=False)  # it stops renewing, as a killed one
+            silent = time.monotonic()
+            while (listener.name, second.directory.process, "RUNNING") in await listed(cluster):
+                assert time.monotonic() - silent < 3.0 + 2.0, "not forgotten after the expiry"
+                await asyncio.sleep(0.1)
+            assert await listed(cluster) == {(echo.name, first.directory.process, "RUNNING")}
+            if cluster.directory.complete:
+                assert cluster.directory.has_live_instance(listener.name) is False
