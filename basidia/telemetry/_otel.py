@@ -470,7 +470,6 @@ class OpenTelemetry(Instrumentation):
         found = self._client_metrics.get(key)
         if found is None:
             found = {
-                "rpc.system.name": "basidia",
                 "rpc.method": f"{call.service}/{call.method}",
                 "rpc.response.status_code": status,
             }
@@ -525,7 +524,7 @@ class OpenTelemetry(Instrumentation):
             if span is not None:
                 span.end()
             if self._meter is not None:
-                metric = {k: v for k, v in attributes.items() if k != "basidia.service"}
+                metric: dict[str, Any] = {"messaging.destination.name": event}
                 if failure is not None:
                     metric["error.type"] = type(failure).__qualname__
                 self._publish_duration.record(time.perf_counter() - start, metric)
@@ -562,7 +561,10 @@ class OpenTelemetry(Instrumentation):
             attempts = 0
             if isinstance(entrypoint, EventHandler) and container is not None:
                 attempts = entrypoint.max_attempts or container.runtime.settings.event_max_attempts
-            metric = {k: v for k, v in attributes.items() if k != "basidia.service"}
+            metric = {
+                "messaging.destination.name": event,
+                "messaging.consumer.group.name": f"{ctx.service}.{ctx.entrypoint}",
+            }
             return _Entrypoint("event", f"process {event}", attributes, metric, attempts)
         if isinstance(entrypoint, HttpEndpoint) or ctx.frame.reply_to == HTTP_ORIGIN:
             route = entrypoint.path if isinstance(entrypoint, HttpEndpoint) else ctx.entrypoint
@@ -577,7 +579,9 @@ class OpenTelemetry(Instrumentation):
             }
             if system:
                 attributes["messaging.system"] = system
-            return _Entrypoint("rpc", method, attributes, dict(attributes))
+            # Metrics carry what tells series apart, and no constants: each attribute of a
+            # measurement costs the SDK time on every call (docs/observability.md).
+            return _Entrypoint("rpc", method, attributes, {"rpc.method": method})
         name = f"{ctx.service}.{ctx.entrypoint}"  # timers and other kinds
         return _Entrypoint("internal", name, {"basidia.service": ctx.service}, {})
 
