@@ -258,3 +258,28 @@ def test_sweep_draws_its_picture(tmp_path: Path, suffix: str, magic: bytes) -> N
 def test_sweep_does_not_gate_and_plot_needs_a_sweep() -> None:
     assert bench("--sweep", "--max-overhead-us", "5").returncode == 2
     assert bench("--plot", "x.png").returncode == 2
+
+
+def test_telemetry_modes_are_measured_beside_the_bare_service_in_one_run() -> None:
+    result = bench("--quick", "--json", *SHORT, "-p", "16", "--telemetry", "metrics,traces")
+
+    assert result.returncode == 0, result.stderr
+    (payload,) = json.loads(result.stdout)["payloads"]
+    assert set(payload["telemetry"]) == {"metrics", "traces"}
+    for measured in payload["telemetry"].values():
+        check_figures({k: v for k, v in measured.items() if not k.startswith("added_")})
+        assert isinstance(measured["added_p50_us"], float)
+        assert isinstance(measured["added_cpu_us"], float)
+    # The closing note says what each mode adds per call.
+    assert "telemetry metrics (16 B):" in result.stderr
+    assert "telemetry traces (16 B):" in result.stderr
+    assert "µs per call at p50" in result.stderr
+
+
+def test_telemetry_modes_are_checked() -> None:
+    from basidia.bench.cli import parse_telemetry
+
+    assert parse_telemetry(["off", "traces,metrics", "traces"]) == ("traces", "metrics")
+    result = bench("--quick", "--telemetry", "logs")
+    assert result.returncode == 2
+    assert "telemetry modes are off" in result.stderr

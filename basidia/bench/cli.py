@@ -10,10 +10,11 @@ from typing import Optional
 import typer
 
 from basidia.bench.core import BenchPlan, BenchReport, run_bench
-from basidia.bench.report import Gate, check_gate, render_table, to_json
+from basidia.bench.report import Gate, check_gate, render_table, telemetry_notes, to_json
+from basidia.bench.telemetry import TELEMETRY_MODES
 from basidia.errors import BasidiaError
 
-__all__ = ["command", "parse_size"]
+__all__ = ["command", "parse_size", "parse_telemetry"]
 
 #: Larger payloads would exceed NATS's default max_payload (1 MiB) once framed and encoded.
 MAX_PAYLOAD = 512 * 1024
@@ -39,6 +40,24 @@ def parse_size(text: str) -> int:
     return size
 
 
+def parse_telemetry(values: list[str]) -> tuple[str, ...]:
+    """``["metrics,traces", "off"]`` → ``("metrics", "traces")``: the modes to measure."""
+    modes: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            mode = part.strip().lower()
+            if mode in ("", "off"):
+                continue
+            if mode not in TELEMETRY_MODES:
+                raise typer.BadParameter(
+                    f"{part!r}: telemetry modes are off, {', '.join(TELEMETRY_MODES)}",
+                    param_hint="'--telemetry'",
+                )
+            if mode not in modes:
+                modes.append(mode)
+    return tuple(modes)
+
+
 def _progress(line: str) -> None:
     typer.echo(line, err=True)
 
@@ -52,6 +71,16 @@ PayloadOption = typer.Option(
 
 PlotOption = typer.Option(
     None, "--plot", help="With --sweep: also draw it to this PNG or SVG file (needs matplotlib)."
+)
+
+
+TelemetryOption = typer.Option(
+    None,
+    "--telemetry",
+    "-t",
+    help="Also measure the echo with telemetry: metrics, traces or all (basidia[otel]); "
+    "repeat or comma-separate for several; off adds nothing. The closing note gives "
+    "the µs each adds per call.",
 )
 
 
@@ -85,6 +114,7 @@ def command(
         help="Exit 1 if p50 overhead over the raw floor exceeds this for any payload "
         "(without a floor: the absolute p50).",
     ),
+    telemetry: Optional[list[str]] = TelemetryOption,  # noqa: UP045
     min_throughput_ratio: Optional[float] = typer.Option(  # noqa: UP045
         None,
         "--min-throughput-ratio",
@@ -119,6 +149,7 @@ def command(
         calls=calls or default_calls,
         duration=duration or default_duration,
         concurrency=concurrency,
+        telemetry=parse_telemetry(telemetry or []),
     )
     gate = Gate(max_overhead_us=max_overhead_us, min_throughput_ratio=min_throughput_ratio)
 
@@ -134,6 +165,8 @@ def command(
     verdict = check_gate(report, gate)
     if json_output:
         typer.echo(json.dumps(to_json(report, gate, verdict), indent=2))
+        for note in telemetry_notes(report):
+            typer.echo(note, err=True)
     else:
         typer.echo(render_table(report))
     for notice in verdict.notices:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from basidia import IMPLEMENTATION, __version__
 from basidia.brokers import redact_url
 from basidia.errors import BasidiaError
-from basidia.runner import ServiceRunner, connect
+from basidia.runner import Cluster, ServiceRunner, connect
 from basidia.service import Service, rpc
 
 __all__ = [
@@ -93,6 +93,8 @@ class BenchPlan:
     #: Throughput alternates between contenders in twice this many windows, so slow
     #: drift hits both alike (latency samples alternate call by call).
     rounds: int = 3
+    #: Telemetry modes measured beside the bare service (``basidia.bench.telemetry``).
+    telemetry: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,17 @@ class PayloadResult:
     size: int
     basidia: Figures
     raw: Figures | None
+    #: The instrumented echo's figures, by telemetry mode (``--telemetry``).
+    telemetry: dict[str, Figures] = field(default_factory=dict)
+
+    def telemetry_cost_us(self, mode: str) -> tuple[float, float]:
+        """Microseconds ``mode`` adds per call: at p50 (1 in flight), and in CPU time at
+        saturation (from calls/s: 1/throughput with it less 1/throughput without)."""
+        measured = self.telemetry[mode]
+        latency = measured.p50_us - self.basidia.p50_us
+        if measured.calls_per_s <= 0 or self.basidia.calls_per_s <= 0:
+            return latency, math.nan
+        return latency, 1e6 / measured.calls_per_s - 1e6 / self.basidia.calls_per_s
 
     @property
     def overhead_p50_us(self) -> float | None:
@@ -397,15 +410,49 @@ async def run_bench(plan: BenchPlan, progress: Progress = lambda line: None) -> 
     measuring.  A raw floor that cannot be opened is reported, not raised.
     """
     report = new_report(plan)
-    async with echo_contenders(plan.broker, plan.concurrency, report, progress) as contenders:
-        for size in plan.payloads:
-            try:
-                measured = await _compare(contenders, size, plan, progress)
-            except BasidiaError:
-                raise
-            except Exception as exc:  # a raw client's own error types
-                raise RuntimeError(
-                    f"a call failed while measuring: {type(exc).__name__}: {exc}"
-                ) from exc
-            report.results.append(PayloadResult(size, measured["basidia"], measured.get("raw")))
+    instrumented = _instrumented(plan, f"basidia_bench_echo_{uuid.uuid4().hex[:12]}")
+    try:
+        async with echo_contenders(plan.broker, plan.concurrency, report, progress) as contenders:
+            for mode, (mode_runner, mode_cluster, mode_name, _) in instrumented.items():
+                await mode_runner.start()
+                await mode_cluster.start()
+                contenders.append((mode, mode_cluster.rpc[mode_name].echo))
+            for size in plan.payloads:
+                try:
+                    measured = await _compare(contenders, size, plan, progress)
+                except BasidiaError:
+                    raise
+                except Exception as exc:  # a raw client's own error types
+                    raise RuntimeError(
+                        f"a call failed while measuring: {type(exc).__name__}: {exc}"
+                    ) from exc
+                modes = {mode: measured[mode] for mode in instrumented}
+                report.results.append(
+                    PayloadResult(size, measured["basidia"], measured.get("raw"), modes)
+                )
+    finally:
+        for mode_runner, mode_cluster, _, providers in instrumented.values():
+            await mode_cluster.close()
+            await mode_runner.stop()
+            for provider in providers:
+                provider.shutdown()
     return report
+
+
+def _instrumented(
+    plan: BenchPlan, name: str
+) -> dict[str, tuple[ServiceRunner, Cluster, str, list[Any]]]:
+    """Per telemetry mode: an instrumented echo service, a client, its name, its providers."""
+    found: dict[str, tuple[ServiceRunner, Cluster, str, list[Any]]] = {}
+    for mode in plan.telemetry:
+        from basidia.bench.telemetry import instrumentation
+
+        middleware, providers = instrumentation(mode)
+        mode_name = f"{name}_{mode}"
+        runner = ServiceRunner(
+            [echo_service(mode_name, plan.concurrency)],
+            broker=plan.broker,
+            middleware=[middleware],
+        )
+        found[mode] = (runner, connect(plan.broker, middleware=[middleware]), mode_name, providers)
+    return found

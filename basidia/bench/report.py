@@ -110,6 +110,14 @@ def to_json(report: BenchReport, gate: Gate, verdict: GateResult) -> dict[str, A
                 "raw": item.raw.as_dict() if item.raw is not None else None,
                 "overhead_p50_us": _round(item.overhead_p50_us, 1),
                 "throughput_ratio": _round(item.throughput_ratio, 3),
+                "telemetry": {
+                    mode: {
+                        **figures.as_dict(),
+                        "added_p50_us": _round(item.telemetry_cost_us(mode)[0], 1),
+                        "added_cpu_us": _round(item.telemetry_cost_us(mode)[1], 1),
+                    }
+                    for mode, figures in item.telemetry.items()
+                },
             }
             for item in report.results
         ],
@@ -186,4 +194,24 @@ def render_table(report: BenchReport) -> str:
                     f"{ratio:.1%} of raw" if ratio is not None else "",
                 )
             )
+        for mode, figures in item.telemetry.items():
+            lines.append(_figures_row("", f"+{mode}", figures))
+    notes = telemetry_notes(report)
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines)
+
+
+def telemetry_notes(report: BenchReport) -> list[str]:
+    """What each ``--telemetry`` mode adds per call (a CLIENT and a SERVER side each)."""
+    notes: list[str] = []
+    for item in report.results:
+        for mode in item.telemetry:
+            latency, cpu = item.telemetry_cost_us(mode)
+            ratio = item.telemetry[mode].calls_per_s / item.basidia.calls_per_s
+            notes.append(
+                f"telemetry {mode} ({size_label(item.size)}): {latency:+.1f} µs per call at "
+                f"p50, {cpu:+.1f} µs of CPU per call at {report.plan.concurrency} in flight "
+                f"({ratio:.1%} of the bare service's calls/s)"
+            )
+    return notes

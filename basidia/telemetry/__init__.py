@@ -203,7 +203,7 @@ def instrumentation_for(
 def prometheus_text() -> tuple[bytes, str] | None:
     """The metrics in Prometheus's text format and its content type, or None when no
     Prometheus exporter is set up (``metrics_exporter`` without ``prometheus``)."""
-    module = sys.modules.get("basidia.telemetry._otel")
+    module = sys.modules.get("basidia.telemetry._sdk")
     if module is None:
         return None
     found: tuple[bytes, str] | None = module.prometheus_text()

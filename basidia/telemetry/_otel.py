@@ -1,4 +1,4 @@
-"""The OpenTelemetry instrumentation (``basidia[otel]``): spans, metrics, trace context.
+"""The OpenTelemetry instrumentation (``basidia[otel]``): spans and metrics of every hop.
 
 Imported only when telemetry is on (``basidia.telemetry.instrumentation_for``).  What
 each span and metric means is in docs/observability.md; the frame headers that carry
@@ -9,29 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import baggage, context, metrics, trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context
+from opentelemetry import context, metrics, trace
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.trace import (
-    NonRecordingSpan,
     Span,
-    SpanContext,
     SpanKind,
     Status,
     StatusCode,
-    TraceFlags,
     TracerProvider,
-    TraceState,
 )
 
 from basidia import __version__, log
@@ -45,52 +35,29 @@ from basidia.errors import (
     ServiceUnavailable,
     ValidationError,
 )
-from basidia.log import ThrottledLog
 from basidia.middleware import CallNext, HandleNext, OutgoingCall
 from basidia.telemetry import Instrumentation, PublishNext, TelemetrySettings
+from basidia.telemetry._context import (
+    BAGGAGE_HEADER,
+    EMPTY,
+    TRACEPARENT_HEADER,
+    TRACESTATE_HEADER,
+    TraceContextReader,
+    current_ids,
+    trace_headers,
+)
+from basidia.telemetry._sdk import providers as sdk_providers
+from basidia.telemetry._sdk import setup_sdk
 
 if TYPE_CHECKING:
     from basidia.brokers.base import Broker
     from basidia.container import ServiceContainer
     from basidia.context import CallContext
 
-__all__ = [
-    "MAX_BAGGAGE_ENTRIES",
-    "MAX_TRACE_CONTEXT",
-    "OpenTelemetry",
-    "TraceContextReader",
-    "process_instrumentation",
-    "prometheus_text",
-]
+__all__ = ["OpenTelemetry", "process_instrumentation"]
 
 logger = logging.getLogger("basidia.telemetry")
 
-#: Frame headers carrying W3C trace context (docs/protocol.md).
-TRACEPARENT_HEADER = "tp"
-TRACESTATE_HEADER = "ts"
-BAGGAGE_HEADER = "bg"
-#: Bytes of untrusted trace context (traceparent, tracestate and baggage together)
-#: and baggage entries read from a frame or an HTTP request; beyond, it is dropped.
-MAX_TRACE_CONTEXT = 8192
-MAX_BAGGAGE_ENTRIES = 180
-#: W3C Trace Context: tracestate has at most 32 members (512 characters is the
-#: length a vendor may rely on being propagated).
-_MAX_TRACESTATE = 512
-
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-# W3C Baggage: key is a token, value baggage-octets or percent-encoded, properties after ';'.
-_BAGGAGE_ENTRY = re.compile(
-    r"\s*[!#$%&'*+\-.^_`|~0-9A-Za-z]+\s*=\s*[!#$%&'()*+\-./0-9:<=>?@A-Z\[\]^_`a-z{|}~]*\s*(;.*)?"
-)
-# W3C Trace Context: a tracestate member is ``key=value``; checked here, so that a
-# malformed one is counted once rather than logged by the SDK for every member.
-_TRACESTATE_MEMBER = re.compile(
-    r"\s*(?:[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
-    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]\s*"
-)
-_MAX_TRACESTATE_MEMBERS = 32
-_BAGGAGE = W3CBaggagePropagator()
-_EMPTY = Context()
 _REQUEST, _EVENT = int(Kind.REQUEST), int(Kind.EVENT)
 HTTP_ORIGIN = "http"  # basidia.http.routing: the reply address of HTTP calls' frames
 
@@ -104,119 +71,6 @@ _MESSAGING_SYSTEMS = {
     "kafka": "kafka",
     "memory": "memory",
 }
-
-
-# -- trace context ------------------------------------------------------------------------------
-
-
-def parse_traceparent(value: str) -> SpanContext | None:
-    """The remote span context a W3C ``traceparent`` names; None when it is malformed."""
-    if len(value) < 55:
-        return None
-    version = value[:2]
-    if version == "00":
-        if len(value) != 55:
-            return None
-    elif version == "ff" or (len(value) > 55 and value[55] != "-"):
-        return None  # a later version may add fields after a dash; ff is never valid
-    head = value[:55]
-    if _TRACEPARENT.fullmatch(head) is None:
-        return None
-    trace_id, span_id = int(head[3:35], 16), int(head[36:52], 16)
-    if not trace_id or not span_id:
-        return None
-    return SpanContext(
-        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(head[53:55], 16) & 0x01)
-    )
-
-
-class TraceContextReader:
-    """Reads untrusted trace context, within bounds; what it drops it counts and logs."""
-
-    def __init__(self) -> None:
-        #: Trace contexts dropped, by reason.
-        self.dropped: dict[str, int] = {}
-        self._log = ThrottledLog(logger)
-
-    def _drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        self._log.log(logging.WARNING, reason, "dropped untrusted trace context: %s", reason)
-
-    def read(
-        self, traceparent: str | None, tracestate: str | None, baggage_: str | None
-    ) -> Context:
-        """The context to continue: the remote parent and baggage, or an empty context."""
-        size = len(traceparent or "") + len(tracestate or "") + len(baggage_ or "")
-        if size > MAX_TRACE_CONTEXT:
-            self._drop("oversized")
-            return _EMPTY
-        ctx = _EMPTY
-        if traceparent is not None:
-            parent = parse_traceparent(traceparent)
-            if parent is None:
-                self._drop("malformed traceparent")
-            else:
-                if tracestate:
-                    parent = self._with_state(parent, tracestate)
-                ctx = trace.set_span_in_context(NonRecordingSpan(parent), ctx)
-        if baggage_:
-            entries = baggage_.split(",")
-            if len(entries) > MAX_BAGGAGE_ENTRIES:
-                self._drop("too many baggage entries")
-            elif not all(_BAGGAGE_ENTRY.fullmatch(entry) for entry in entries):
-                self._drop("malformed baggage")
-            else:
-                ctx = _BAGGAGE.extract({"baggage": baggage_}, ctx)
-        return ctx
-
-    def _with_state(self, parent: SpanContext, tracestate: str) -> SpanContext:
-        members = [member for member in tracestate.split(",") if member.strip()]
-        state = None
-        if (
-            len(tracestate) <= _MAX_TRACESTATE
-            and len(members) <= _MAX_TRACESTATE_MEMBERS
-            and all(_TRACESTATE_MEMBER.fullmatch(member) for member in members)
-        ):
-            state = TraceState.from_header([tracestate])
-        if not state:
-            self._drop("malformed tracestate")
-            return parent
-        return SpanContext(
-            parent.trace_id,
-            parent.span_id,
-            is_remote=True,
-            trace_flags=parent.trace_flags,
-            trace_state=state,
-        )
-
-
-def trace_headers(span: Span, ctx: Context) -> dict[str, str]:
-    """The frame headers that carry ``span`` (and ``ctx``'s baggage) to the next hop."""
-    span_context = span.get_span_context()
-    if not span_context.is_valid:
-        return {}
-    headers = {
-        TRACEPARENT_HEADER: (
-            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
-            f"{int(span_context.trace_flags):02x}"
-        )
-    }
-    if span_context.trace_state:
-        headers[TRACESTATE_HEADER] = span_context.trace_state.to_header()
-    if baggage.get_all(ctx):
-        carrier: dict[str, str] = {}
-        _BAGGAGE.inject(carrier, ctx)
-        if "baggage" in carrier:
-            headers[BAGGAGE_HEADER] = carrier["baggage"]
-    return headers
-
-
-def _current_ids() -> tuple[str, str] | None:
-    """The current span's trace and span ids, for log records (``basidia.log``)."""
-    span_context = trace.get_current_span().get_span_context()
-    if not span_context.is_valid:
-        return None
-    return f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
 
 
 # -- outcomes -----------------------------------------------------------------------------------
@@ -262,6 +116,11 @@ def _fail(span: Span, exc: BaseException) -> None:
 # -- the instrumentation ------------------------------------------------------------------------
 
 
+#: How long a stopping runner waits for the exporters (an unreachable collector must not
+#: hold a shutdown for the SDK's default 30 s).
+_FLUSH_MILLIS = 5000
+
+
 class _Entrypoint:
     """What the spans and metrics of one entrypoint share, worked out once."""
 
@@ -301,7 +160,7 @@ class OpenTelemetry(Instrumentation):
         self._tracer = None
         if tracer_provider is not None:
             self._tracer = tracer_provider.get_tracer("basidia", __version__)
-            log.trace_ids = _current_ids  # log records name the span they were written in
+            log.trace_ids = current_ids  # log records name the span they were written in
         self._messaging_system = messaging_system
         self.reader = TraceContextReader()
         self._runners: list[tuple[Mapping[str, ServiceContainer], Broker]] = []
@@ -417,7 +276,7 @@ class OpenTelemetry(Instrumentation):
 
     def _flush(self) -> None:
         for provider in self._providers:
-            provider.force_flush()
+            provider.force_flush(_FLUSH_MILLIS)
 
     # -- outgoing calls: CLIENT spans
 
@@ -470,7 +329,6 @@ class OpenTelemetry(Instrumentation):
         found = self._client_metrics.get(key)
         if found is None:
             found = {
-                "rpc.system.name": "basidia",
                 "rpc.method": f"{call.service}/{call.method}",
                 "rpc.response.status_code": status,
             }
@@ -525,7 +383,7 @@ class OpenTelemetry(Instrumentation):
             if span is not None:
                 span.end()
             if self._meter is not None:
-                metric = {k: v for k, v in attributes.items() if k != "basidia.service"}
+                metric: dict[str, Any] = {"messaging.destination.name": event}
                 if failure is not None:
                     metric["error.type"] = type(failure).__qualname__
                 self._publish_duration.record(time.perf_counter() - start, metric)
@@ -562,7 +420,10 @@ class OpenTelemetry(Instrumentation):
             attempts = 0
             if isinstance(entrypoint, EventHandler) and container is not None:
                 attempts = entrypoint.max_attempts or container.runtime.settings.event_max_attempts
-            metric = {k: v for k, v in attributes.items() if k != "basidia.service"}
+            metric = {
+                "messaging.destination.name": event,
+                "messaging.consumer.group.name": f"{ctx.service}.{ctx.entrypoint}",
+            }
             return _Entrypoint("event", f"process {event}", attributes, metric, attempts)
         if isinstance(entrypoint, HttpEndpoint) or ctx.frame.reply_to == HTTP_ORIGIN:
             route = entrypoint.path if isinstance(entrypoint, HttpEndpoint) else ctx.entrypoint
@@ -577,7 +438,9 @@ class OpenTelemetry(Instrumentation):
             }
             if system:
                 attributes["messaging.system"] = system
-            return _Entrypoint("rpc", method, attributes, dict(attributes))
+            # Metrics carry what tells series apart, and no constants: each attribute of a
+            # measurement costs the SDK time on every call (docs/observability.md).
+            return _Entrypoint("rpc", method, attributes, {"rpc.method": method})
         name = f"{ctx.service}.{ctx.entrypoint}"  # timers and other kinds
         return _Entrypoint("internal", name, {"basidia.service": ctx.service}, {})
 
@@ -611,7 +474,7 @@ class OpenTelemetry(Instrumentation):
                         headers.get(BAGGAGE_HEADER),
                     )
                     if headers
-                    else _EMPTY
+                    else EMPTY
                 )
                 if info.kind == "event":
                     span = tracer.start_span(
@@ -705,7 +568,6 @@ class OpenTelemetry(Instrumentation):
 
 _lock = threading.Lock()
 _process: OpenTelemetry | None = None
-_prometheus_registry: Any = None
 
 
 def _configured(provider: object, proxies: tuple[type, ...]) -> bool:
@@ -726,7 +588,7 @@ def process_instrumentation(
         from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider
 
         if settings.wants_sdk:
-            _setup_sdk(settings, services)
+            setup_sdk(settings, services)
         tracer_provider = trace.get_tracer_provider()
         meter_provider = metrics.get_meter_provider()
         traced = _configured(tracer_provider, (ProxyTracerProvider, NoOpTracerProvider))
@@ -736,129 +598,5 @@ def process_instrumentation(
         _process = OpenTelemetry(
             tracer_provider if traced else None, meter_provider if measured else None
         )
-        _process._providers = list(_sdk_providers)
+        _process._providers = list(sdk_providers)
         return _process
-
-
-_sdk_providers: list[Any] = []
-
-
-def _resource(settings: TelemetrySettings, services: Sequence[str]) -> Any:
-    from opentelemetry.sdk.resources import Resource
-
-    attributes: dict[str, Any] = {
-        "service.instance.id": f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
-        "service.version": __version__,
-        "telemetry.distro.name": "basidia",
-    }
-    name = settings.service_name or "+".join(services)
-    if name:
-        attributes["service.name"] = name
-    return Resource.create(attributes)
-
-
-def _setup_sdk(settings: TelemetrySettings, services: Sequence[str]) -> None:
-    """Set the global SDK providers with the exporters the settings name."""
-    global _prometheus_registry
-    resource = _resource(settings, services)
-    span_exporters = settings.exporters("traces")
-    if span_exporters and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        tracer_provider = SdkTracerProvider(resource=resource)
-        for name in span_exporters:
-            tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(name, settings)))
-        trace.set_tracer_provider(tracer_provider)
-        _sdk_providers.append(tracer_provider)
-    metric_exporters = settings.exporters("metrics")
-    from opentelemetry.metrics._internal import _ProxyMeterProvider
-
-    if metric_exporters and isinstance(metrics.get_meter_provider(), _ProxyMeterProvider):
-        from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
-
-        readers: list[Any] = []
-        for name in metric_exporters:
-            if name == "prometheus":
-                from opentelemetry.exporter.prometheus import PrometheusMetricReader
-                from prometheus_client import CollectorRegistry
-
-                _prometheus_registry = CollectorRegistry()
-                readers.append(PrometheusMetricReader(registry=_prometheus_registry))
-            else:
-                from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-                readers.append(PeriodicExportingMetricReader(_metric_exporter(name)))
-        meter_provider = SdkMeterProvider(resource=resource, metric_readers=readers)
-        metrics.set_meter_provider(meter_provider)
-        _sdk_providers.append(meter_provider)
-        if settings.system_metrics:
-            _system_metrics(meter_provider)
-
-
-def _span_exporter(name: str, settings: TelemetrySettings) -> Any:
-    if name == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()
-    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-    if name == "console":
-        return ConsoleSpanExporter()
-    # "file": one JSON object a line, appended (docs/observability.md).
-    out = open(settings.traces_file, "a", encoding="utf-8")  # noqa: SIM115 - the exporter's for life
-    return ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
-
-
-def _metric_exporter(name: str) -> Any:
-    if name == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-        return OTLPMetricExporter()
-    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
-
-    return ConsoleMetricExporter()
-
-
-#: The process metrics collected with ``system_metrics`` (what a service monitor shows).
-_PROCESS_METRICS: dict[str, list[str] | None] = {
-    "process.cpu.time": ["user", "system"],
-    "process.cpu.utilization": None,
-    "process.memory.usage": None,
-    "process.memory.virtual": None,
-    "process.open_file_descriptor.count": None,
-    "process.thread.count": None,
-    "process.context_switches": ["involuntary", "voluntary"],
-}
-
-
-def _system_metrics(meter_provider: Any) -> None:
-    from opentelemetry.instrumentation.system_metrics import SystemMetricsInstrumentor
-
-    SystemMetricsInstrumentor(config=_PROCESS_METRICS).instrument(meter_provider=meter_provider)
-    import psutil
-
-    process = psutil.Process()
-
-    def connections(options: CallbackOptions) -> Iterable[Observation]:
-        try:
-            yield Observation(len(process.net_connections(kind="inet")))
-        except psutil.Error:
-            return
-
-    meter = meter_provider.get_meter("basidia", __version__)
-    meter.create_observable_up_down_counter(
-        "process.network.connections",
-        [connections],
-        "{connection}",
-        "TCP and UDP sockets the process has open",
-    )
-
-
-def prometheus_text() -> tuple[bytes, str] | None:
-    """The metrics as Prometheus text, when Basidia set up the Prometheus exporter."""
-    if _prometheus_registry is None:
-        return None
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    return generate_latest(_prometheus_registry), CONTENT_TYPE_LATEST

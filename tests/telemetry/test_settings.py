@@ -79,3 +79,41 @@ async def test_metrics_answers_404_with_a_hint_when_the_prometheus_exporter_is_o
             response = await client.get("/metrics")
     assert response.status_code == 404
     assert "OTEL_METRICS_EXPORTER=prometheus" in response.text
+
+
+APP_PROVIDER = """
+import asyncio, sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from basidia import ServiceRunner, connect
+from basidia.bench.core import echo_service
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)  # the application's own, set before the services start
+
+async def main():
+    config = {"telemetry": {"enabled": sys.argv[1] == "on"}}
+    async with ServiceRunner([echo_service("echo", 4)], config=config), connect(config=config) as c:
+        await c.rpc.echo.echo(b"x")
+
+asyncio.run(main())
+print(sorted(f"{span.kind.name} {span.name}" for span in exporter.get_finished_spans()))
+"""
+
+
+@pytest.mark.parametrize(
+    ("switch", "spans"), [("on", "['CLIENT echo/echo', 'SERVER echo/echo']"), ("off", "[]")]
+)
+def test_an_application_tracer_provider_gets_the_spans_unless_telemetry_is_off(
+    switch: str, spans: str
+) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", APP_PROVIDER, switch], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == spans

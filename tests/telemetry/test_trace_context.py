@@ -19,7 +19,11 @@ from basidia import Middleware, Service, ServiceRunner, connect, current_context
 from basidia.http.server import HttpSettings, build_app
 from basidia.middleware import CallNext, OutgoingCall
 from basidia.telemetry import OpenTelemetry
-from basidia.telemetry._otel import MAX_BAGGAGE_ENTRIES, TraceContextReader, parse_traceparent
+from basidia.telemetry._context import (
+    MAX_BAGGAGE_ENTRIES,
+    TraceContextReader,
+    parse_traceparent,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
