@@ -12,6 +12,7 @@ URLs: ``postgresql://user@host:5432/db`` (or ``postgres://``); ``sqlite:///relat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -229,14 +230,7 @@ class _PostgresDatabase(Database):
     async def connect(self) -> None:
         asyncpg = self._asyncpg
         try:
-            if self.schema:
-                conn = await asyncpg.connect(self._target, timeout=10)
-                try:
-                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-                except asyncpg.UniqueViolationError:
-                    pass  # created by another process at the same moment
-                finally:
-                    await conn.close()
+            # A search_path may name a schema that does not exist yet: it is created next.
             self._pool = await asyncpg.create_pool(
                 self._target,
                 min_size=1,
@@ -245,7 +239,12 @@ class _PostgresDatabase(Database):
                 command_timeout=60,
                 server_settings=self._settings(),
             )
+            if self.schema:
+                # UniqueViolation: another process created it at the same moment.
+                with contextlib.suppress(asyncpg.UniqueViolationError):
+                    await self._pool.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            await self.close()
             raise DatabaseError(f"cannot connect to {self.safe_url}: {exc}") from exc
 
     async def close(self) -> None:

@@ -39,6 +39,7 @@ from basidia.data.db import Connection, Database, Row, open_database, resolve_ur
 from basidia.data.inbox import record_key
 from basidia.data.schema import migrate
 from basidia.dependencies import DependencyProvider
+from basidia.errors import MessageTooLarge
 from basidia.versioning import check_version
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ __all__ = ["Backoff", "Outbox", "OutboxTransaction", "Relay", "RelayStats"]
 logger = logging.getLogger("basidia.data.outbox")
 
 _encode = msgspec.msgpack.Encoder().encode
+# Bytes a frame needs besides the event's data: name, headers (key, source, version).
+_FRAME_HEADROOM = 1024
 _decode = msgspec.msgpack.Decoder().decode
 
 
@@ -84,10 +87,11 @@ class OutboxTransaction(Connection):
     ``duplicate`` is True inside ``Outbox.inbox()`` when the message was handled before.
     """
 
-    def __init__(self, conn: Connection, source: str, channel: str) -> None:
+    def __init__(self, conn: Connection, source: str, channel: str, max_size: int) -> None:
         self.conn = conn
         self.dialect = conn.dialect
         self.source = source
+        self.max_size = max_size
         self.duplicate = False
         self.keys: list[str] = []
         self._channel = channel
@@ -109,6 +113,13 @@ class OutboxTransaction(Connection):
         if version is not None:
             check_version(version)
         payload = _encode(data)
+        if len(payload) > self.max_size:
+            # Refused now, in the handler's transaction: the relay could never publish it,
+            # and it would hold back every event after it.
+            raise MessageTooLarge(
+                f"event {event!r} has {len(payload)} bytes of data, over the "
+                f"{self.max_size} that fit a frame (max_frame_size)"
+            )
         outbox_id = await self.conn.fetchval(
             "INSERT INTO basidia_outbox (event, payload, source, version, created_at) "
             "VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -154,14 +165,19 @@ class Relay:
         poll_interval: float | None = None,
         retention: float = 86400.0,
         backoff: Backoff | None = None,
+        max_in_flight: int = 1,
     ) -> None:
         if not 0 < batch_size <= 10_000:
             raise ValueError("batch_size must be 1 to 10000")
+        if not 0 < max_in_flight <= 1_000:
+            raise ValueError("max_in_flight must be 1 to 1000")
         self.db = db
         self.source = source
         self.batch_size = batch_size
         self.poll_interval = poll_interval or (5.0 if db.dialect == "postgresql" else 0.5)
         self.retention = retention
+        self.max_in_flight = max_in_flight
+        self._failed_id = 0
         self.stats = RelayStats()
         self._publisher = publisher
         self._backoff = backoff or Backoff()
@@ -264,22 +280,40 @@ class Relay:
         return len(sent)
 
     async def _publish(self, rows: list[Row]) -> tuple[list[int], Exception | None]:
+        """Publish ``rows`` in order; the ids confirmed, and the first failure if any.
+
+        With ``max_in_flight`` > 1 up to that many publishes await their confirms at once
+        (they are still sent in id order); a failure then may come after later events
+        were confirmed: those count as sent, and the failed one goes out after them."""
         sent: list[int] = []
-        publish = self._publisher.publish
-        for row in rows:
-            outbox_id = int(row[0])
-            try:
-                await publish(
-                    row[1],
-                    _decode(bytes(row[2])),
-                    source=self.source,
-                    idempotency_key=event_key(self.source, outbox_id),
-                    version=row[3],
-                )
-            except Exception as exc:
-                return sent, exc
-            sent.append(outbox_id)
-        return sent, None
+        failure: Exception | None = None
+        window = self.max_in_flight
+        for start in range(0, len(rows), window):
+            chunk = rows[start : start + window]
+            if window == 1:
+                outcomes: list[BaseException | None] = [await _capture(self._send(chunk[0]))]
+            else:
+                tasks = [asyncio.ensure_future(_capture(self._send(row))) for row in chunk]
+                outcomes = list(await asyncio.gather(*tasks))
+            for row, outcome in zip(chunk, outcomes, strict=True):
+                if outcome is None:
+                    sent.append(int(row[0]))
+                elif failure is None:
+                    failure = outcome if isinstance(outcome, Exception) else RuntimeError(outcome)
+                    self._failed_id = int(row[0])
+            if failure is not None:
+                break
+        return sent, failure
+
+    async def _send(self, row: Row) -> None:
+        outbox_id = int(row[0])
+        await self._publisher.publish(
+            row[1],
+            _decode(bytes(row[2])),
+            source=self.source,
+            idempotency_key=event_key(self.source, outbox_id),
+            version=row[3],
+        )
 
     async def _mark(
         self, conn: Connection, sent: list[int], rows: list[Row], failure: Exception | None
@@ -299,7 +333,7 @@ class Relay:
                     [(now, outbox_id) for outbox_id in sent],
                 )
         if failure is not None:
-            failed_id = int(rows[len(sent)][0])
+            failed_id = self._failed_id
             await conn.execute(
                 "UPDATE basidia_outbox SET attempts = attempts + 1, last_error = $1 WHERE id = $2",
                 f"{type(failure).__name__}: {failure}"[:1000],
@@ -327,6 +361,17 @@ class Relay:
                 self.source,
             )
         return int(count)
+
+
+async def _capture(awaitable: Any) -> BaseException | None:
+    """None when ``awaitable`` succeeds, else its exception (cancellation passes through)."""
+    try:
+        await awaitable
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return exc
+    return None
 
 
 class DatabaseProvider(DependencyProvider):
@@ -370,8 +415,9 @@ class Outbox(DatabaseProvider):
     """A service's database with an outbox: ``transaction()`` and ``inbox()``.
 
     ``relay=False`` leaves publishing to relays elsewhere (another process, or a
-    ``Relay`` you run).  ``batch_size``, ``poll_interval`` and ``retention`` (seconds a
-    sent event is kept) tune the relay.
+    ``Relay`` you run).  ``batch_size``, ``poll_interval``, ``retention`` (seconds a
+    sent event is kept) and ``max_in_flight`` (publishes awaiting their confirms at once;
+    1 keeps the order strict even when a publish fails) tune the relay.
     """
 
     relay: Relay | None
@@ -386,9 +432,11 @@ class Outbox(DatabaseProvider):
         batch_size: int = 100,
         poll_interval: float | None = None,
         retention: float = 86400.0,
+        max_in_flight: int = 1,
     ) -> None:
         super().__init__(url, config_key=config_key, schema=schema)
         self.run_relay = relay
+        self.max_in_flight = max_in_flight
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.retention = retention
@@ -396,6 +444,13 @@ class Outbox(DatabaseProvider):
 
     def __repr__(self) -> str:
         return f"Outbox({self.url or self.config_key!r})"
+
+    @property
+    def max_event_size(self) -> int:
+        """The most bytes of event data that fit a frame, with room for its headers."""
+        runtime = self.container.runtime
+        limit = min(runtime.settings.max_frame_size, runtime.broker.max_body_size)
+        return limit - _FRAME_HEADROOM
 
     async def setup(self) -> None:
         self.db = await self.open()
@@ -407,6 +462,7 @@ class Outbox(DatabaseProvider):
                 batch_size=self.batch_size,
                 poll_interval=self.poll_interval,
                 retention=self.retention,
+                max_in_flight=self.max_in_flight,
             )
             self.relay.start()
 
@@ -439,7 +495,9 @@ class OutboxHandle:
         provider = self._provider
         db = provider.db
         async with db.transaction() as conn:
-            tx = OutboxTransaction(conn, provider.container.service_name, db.notify_channel)
+            tx = OutboxTransaction(
+                conn, provider.container.service_name, db.notify_channel, provider.max_event_size
+            )
             yield tx
         if tx.keys and provider.relay is not None:
             provider.relay.wake()

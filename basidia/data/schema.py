@@ -107,10 +107,8 @@ MIGRATIONS = {1: _migration_1, 2: _migration_2}
 
 async def _read_version(conn: Connection) -> int:
     if conn.dialect == "postgresql":
-        exists = await conn.fetchval(
-            "SELECT count(*) FROM information_schema.tables "
-            "WHERE table_schema = current_schema() AND table_name = 'basidia_schema'"
-        )
+        # to_regclass looks the name up in the search_path, as the statements will.
+        exists = await conn.fetchval("SELECT to_regclass('basidia_schema') IS NOT NULL")
     else:
         exists = await conn.fetchval(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'basidia_schema'"

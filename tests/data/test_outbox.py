@@ -10,17 +10,17 @@ from typing import Any
 import pytest
 
 from basidia import Service, ServiceRunner, current_context, event_handler, rpc
-from basidia.data import Outbox, Relay, SchemaError, migrate, open_database
+from basidia.data import Backoff, Outbox, Relay, SchemaError, migrate, open_database
 from basidia.data.schema import SCHEMA_VERSION, schema_version
-from basidia.errors import ConfigError
+from basidia.errors import ConfigError, MessageTooLarge
 
 from .conftest import Db
 
 
-def producer(db: Db, *, relay: bool = True) -> type[Service]:
+def producer(db: Db, *, relay: bool = True, max_in_flight: int = 1) -> type[Service]:
     class Orders(Service):
         name = "orders"
-        store = Outbox(db.url, schema=db.schema, relay=relay)
+        store = Outbox(db.url, schema=db.schema, relay=relay, max_in_flight=max_in_flight)
 
         @rpc
         async def place(self, order_id: int, fail: bool = False) -> str:
@@ -68,11 +68,13 @@ def consumer(received: Received) -> type[Service]:
     return Shipping
 
 
+@pytest.mark.parametrize("max_in_flight", [1, 16])
 async def test_committed_events_are_published_in_order_with_their_outbox_id_as_key(
-    db: Db, memory_url: str
+    db: Db, memory_url: str, max_in_flight: int
 ) -> None:
     received = Received()
-    async with ServiceRunner([producer(db), consumer(received)], broker=memory_url) as runner:
+    services = [producer(db, max_in_flight=max_in_flight), consumer(received)]
+    async with ServiceRunner(services, broker=memory_url) as runner:
         keys = [await runner.rpc.orders.place(i) for i in range(1, 6)]
         await runner.rpc.orders.place_many(100, 50)
         await received.wait_for(55)
@@ -175,6 +177,49 @@ async def test_schema_migrates_from_version_1_and_refuses_a_newer_one(db: Db) ->
             await migrate(store)
     finally:
         await store.close()
+
+
+async def test_an_event_too_large_for_a_frame_is_refused_in_its_transaction(
+    db: Db, memory_url: str
+) -> None:
+    class Uploads(Service):
+        name = "uploads"
+        store = Outbox(db.url, schema=db.schema)
+
+        @rpc
+        async def upload(self, size: int) -> int:
+            async with self.store.transaction() as tx:
+                await tx.execute("CREATE TABLE IF NOT EXISTS uploads (size INTEGER)")
+                await tx.execute("INSERT INTO uploads (size) VALUES ($1)", size)
+                await tx.dispatch("uploaded", {"blob": b"x" * size})
+            return size
+
+        @rpc
+        async def count(self) -> int:
+            async with self.store.transaction() as tx:
+                return int(await tx.fetchval("SELECT count(*) FROM uploads"))
+
+    config = {"max_frame_size": 64 * 1024}
+    async with ServiceRunner([Uploads], broker=memory_url, config=config) as runner:
+        assert await runner.rpc.uploads.upload(1000) == 1000
+        with pytest.raises(MessageTooLarge, match="over the"):
+            await runner.rpc.uploads.upload(100_000)
+        assert await runner.rpc.uploads.count() == 1  # its rows rolled back with it
+        relay = runner.containers["uploads"].dependencies["store"].relay  # type: ignore[attr-defined]
+        for _ in range(100):
+            if not await relay.pending():
+                break
+            await asyncio.sleep(0.05)
+        assert await relay.pending() == 0
+
+
+def test_the_relay_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:
+    backoff = Backoff(initial=0.1, cap=1.0)
+    delays = [backoff.next() for _ in range(8)]
+    steps = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]
+    assert all(step / 2 <= delay <= step for delay, step in zip(delays, steps, strict=True))
+    backoff.reset()
+    assert 0.05 <= backoff.next() <= 0.1
 
 
 def test_bad_database_urls_get_a_clear_error() -> None:
