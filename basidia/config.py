@@ -38,7 +38,7 @@ _FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 # Settings that are always text, however they look: never read as numbers or booleans
 # from the environment or a whole-value ``${VAR}`` (a token "0" must not turn
 # authentication off, nor "1e3" become 1000.0).  Dotted, lower-case keys.
-TEXT_KEYS = frozenset({"http.token"})
+TEXT_KEYS = frozenset({"http.token", "dedup_store"})
 
 
 def _scalar(text: str) -> Any:
@@ -451,7 +451,7 @@ _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
     "event_retry_multiplier": float,
     "event_retry_max_delay": float,
     "event_retry_jitter": float,
-    "dedup_store": str,
+    "dedup_store": lambda value: "off" if value is False or value is None else str(value),
     "dedup_window": float,
     "dedup_lease": float,
     "rpc_retry_attempts": int,

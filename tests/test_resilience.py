@@ -116,6 +116,10 @@ def test_bad_retry_settings_are_refused_with_a_clear_error() -> None:
         _ = Config({"event_retry_jitter": 1.5}).settings
     with pytest.raises(ConfigError, match="dedup_store"):
         _ = Config({"dedup_store": "postgres://x"}).settings
+    # YAML reads a bare ``off`` as false; the environment's "off" stays text.
+    assert Config({"dedup_store": False}).settings.dedup_store == "off"
+    environ = {"BASIDIA_DEDUP_STORE": "off"}
+    assert Config.load(environ=environ).settings.dedup_store == "off"
 
 
 # -- RPC: breaker, bulkhead, retries --------------------------------------------------------------

@@ -419,17 +419,23 @@ class _EventConsumer(_Consumer):
         loop = asyncio.get_running_loop()
         declared = self._delay_queues.get(name)
         if declared is None or loop.time() - declared > _DELAY_QUEUE_REDECLARE:
-            channel = self.channel
-            if channel is None or channel.is_closed:
-                raise BrokerError(f"the channel of {self.queue} is closed")
+            broker = self.broker
+            connection = broker._connection
+            if connection is None or broker._closed:
+                raise BrokerError(f"not connected to {broker.safe_url}")
             arguments: dict[str, Any] = {
                 "x-message-ttl": millis,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": self.queue,
                 "x-expires": millis + int(_DELAY_QUEUE_SLACK * 1000),
             }
-            declare = channel.queue_declare(name, durable=True, arguments=arguments)
-            await self.broker._deadline(declare, f"declare queue {name!r}")
+            # On a channel of its own: a refused declare closes it, not the consumer's.
+            channel = await broker._channel(connection)
+            try:
+                declare = channel.queue_declare(name, durable=True, arguments=arguments)
+                await broker._deadline(declare, f"declare queue {name!r}")
+            finally:
+                await _close_channel(channel, broker._timeout)
             self._delay_queues[name] = loop.time()
         return name
 

@@ -150,6 +150,7 @@ class JetStreamEvents:
         api_timeout: float,
         ack_wait: float,
         max_deliver: int,
+        max_ack_pending: int,
         pull_expires: float,
         duplicate_window: float,
         stream_max_age: float,
@@ -161,6 +162,8 @@ class JetStreamEvents:
         self.api_timeout = api_timeout
         self.ack_wait = ack_wait
         self.max_deliver = max_deliver
+        # A NAK with delay keeps the message pending: room for many retries waiting.
+        self.max_ack_pending = max_ack_pending
         self.pull_expires = pull_expires
         # Idle heartbeats let a consumer notice a pull request the server dropped.
         self.pull_heartbeat = min(5.0, pull_expires / 4)
@@ -475,6 +478,7 @@ class JetStreamEvents:
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,
+            max_ack_pending=self.max_ack_pending,
             filter_subject=subject,
         )
         name = consumer_name(subscription.group, subject)

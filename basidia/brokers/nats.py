@@ -202,6 +202,8 @@ class NatsBroker(Broker):
     * ``ack_wait``, ``max_deliver``: JetStream redelivers an unsettled event after
       ``ack_wait`` seconds, at most ``max_deliver`` times (keep it above the framework's
       ``event_max_attempts``);
+    * ``max_ack_pending``: events of one group out with its consumers at once, those
+      waiting for a delayed retry included (docs/resilience.md);
     * ``pull_expires``: seconds a pull request waits for events;
     * ``duplicate_window``: seconds JetStream remembers idempotency keys;
     * ``stream_max_age``: seconds events and dead letters are kept at most;
@@ -228,6 +230,7 @@ class NatsBroker(Broker):
         max_pending: int = 65_536,
         ack_wait: float = 30.0,
         max_deliver: int = 20,
+        max_ack_pending: int = 10_000,
         pull_expires: float = 30.0,
         duplicate_window: float = 120.0,
         stream_max_age: float = 7 * 24 * 3600.0,
@@ -275,6 +278,7 @@ class NatsBroker(Broker):
             api_timeout=api_timeout,
             ack_wait=ack_wait,
             max_deliver=max_deliver,
+            max_ack_pending=max_ack_pending,
             pull_expires=pull_expires,
             duplicate_window=duplicate_window,
             stream_max_age=stream_max_age,
