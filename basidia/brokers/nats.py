@@ -17,6 +17,11 @@ nats-py runs the callback of a subscription one message at a time
 callback: ``concurrency`` worker tasks take messages straight from the
 subscription's pending queue, so handlers run concurrently with no extra hop
 and no task per message.
+
+On the request and reply path, Basidia reads the messages of its request and
+inbox subscriptions itself and batches its publishes per loop iteration
+(``_nats_fast``); ``fast_path=False``, or a nats-py without the internals it
+uses, leaves everything to nats-py's public API.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import nats.errors
@@ -38,6 +43,7 @@ from nats.nuid import NUID
 
 from basidia._speedups import DEFAULT_MAX_FRAME_SIZE
 from basidia._wire import no_responders
+from basidia.brokers import _nats_fast
 from basidia.brokers._common import Backoff, Names, Secrets, WorkerPool, parse_url, tls_context
 from basidia.brokers._nats_jetstream import (
     DLQ_STREAM,
@@ -78,6 +84,7 @@ SERVICE_API_PREFIX = "$SRV"
 # messages); beyond either, nats-py drops messages as a slow consumer.
 _MAX_PENDING_BYTES = 64 * 1024 * 1024
 _NO_RESPONDERS = "503"
+_NO_RESPONDERS_HEADER = b"NATS/1.0 503"
 # Names put into subjects: dot-separated tokens without blanks or wildcards.
 _SUBJECT_RE = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 # A reply address Basidia answers to: an inbox subject of printable ASCII, no wildcards.
@@ -130,7 +137,8 @@ class _QueueWorkers(WorkerPool[Msg]):
 
     The subscription has no callback, so nats-py only queues messages (bounded by
     ``max_pending``); the idle workers wait on that queue themselves.  Requests when
-    ``origin`` is None, core events of ``origin`` otherwise.
+    ``origin`` is None, core events of ``origin`` otherwise.  With ``parser`` (the fast
+    path), the request bodies are queued by a sink of the parser instead, as bytes.
     """
 
     def __init__(
@@ -141,6 +149,8 @@ class _QueueWorkers(WorkerPool[Msg]):
         *,
         flush_timeout: float,
         origin: EventOrigin | None = None,
+        parser: _nats_fast.FastParser | None = None,
+        on_slow: Callable[[str], None] | None = None,
     ) -> None:
         queue: asyncio.Queue[Msg] = sub._pending_queue
         where = f"subject {sub.subject}"
@@ -151,7 +161,34 @@ class _QueueWorkers(WorkerPool[Msg]):
         self._handler = handler
         self._origin = origin
         self._cancelled = False
+        self._parser = parser
+        if parser is not None:
+            self._handle = self._serve_request_body
+            parser.sinks[sub._id] = self._sink(sub, on_slow or (lambda subject: None))
         self.start_workers()
+
+    @staticmethod
+    def _sink(sub: NatsSubscription, on_slow: Callable[[str], None]) -> _nats_fast.Sink:
+        """What the fast parser calls with each request: queued within nats-py's bounds."""
+        queue: asyncio.Queue[Any] = sub._pending_queue
+        limit = sub._pending_bytes_limit
+        full, put = queue.full, queue.put_nowait
+
+        def sink(subject: bytes, headers: bytes | None, body: bytes) -> None:
+            sub._pending_size += len(body)
+            if (limit > 0 and sub._pending_size >= limit) or full():
+                sub._pending_size -= len(body)
+                on_slow(sub.subject)
+                return
+            put(body)
+
+        return sink
+
+    def _serve_request_body(self, item: bytes | Msg) -> Awaitable[None]:
+        # A Msg was queued by nats-py before the sink was in place.
+        body = item if isinstance(item, bytes) else item.data
+        self._sub._pending_size -= len(body)
+        return self._handler(_RequestDelivery(body))
 
     def _serve_request(self, msg: Msg) -> Awaitable[None]:
         body = msg.data
@@ -177,6 +214,8 @@ class _QueueWorkers(WorkerPool[Msg]):
         # rather than dropped: busy workers finish what is queued, then stop; idle ones
         # stop now if nothing is.
         await withdraw(self._sub, self._flush_timeout)
+        if self._parser is not None:
+            self._parser.sinks.pop(self._sub._id, None)
         await self._stop()
 
 
@@ -208,7 +247,9 @@ class NatsBroker(Broker):
     * ``duplicate_window``: seconds JetStream remembers idempotency keys;
     * ``stream_max_age``: seconds events and dead letters are kept at most;
     * ``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``: TLS trust and client
-      certificate; any of them (or a ``tls://`` URL) requires TLS, always verified.
+      certificate; any of them (or a ``tls://`` URL) requires TLS, always verified;
+    * ``fast_path``: read requests and replies and write publishes through Basidia's own
+      code (``_nats_fast``); False leaves all of it to nats-py's public API.
     """
 
     reports_no_responders = True
@@ -237,6 +278,7 @@ class NatsBroker(Broker):
         tls_ca_file: str | None = None,
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
         self._user: str | None = None
@@ -272,6 +314,7 @@ class NatsBroker(Broker):
         self._publish_timeout = publish_timeout
         self._api_timeout = api_timeout
         self._max_pending = max_pending
+        self._fast_path = fast_path
         self._events = JetStreamEvents(
             self,
             publish_timeout=publish_timeout,
@@ -288,15 +331,22 @@ class NatsBroker(Broker):
 
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        #: The fast path's parser and publisher, while connected with it.
+        self._parser: _nats_fast.FastParser | None = None
+        self._outbox: _nats_fast.Outbox | None = None
         self._closing = False
         self._up = asyncio.Event()
         self._inbox = ""
+        self._inbox_bytes = b""
         self._inbox_sub: NatsSubscription | None = None
         self._inbox_task: asyncio.Task[None] | None = None
         self._inbox_handlers: dict[str, InboxHandler] = {}
+        self._inbox_sinks: dict[bytes, InboxHandler] = {}
         self._request_subjects = Names(
             lambda service: RPC_PREFIX + _checked_name(service, "service name")
         )
+        # Service -> the request subject and the end of reply subjects, as bytes.
+        self._request_wire: dict[str, tuple[bytes, bytes]] = {}
         self._event_subjects = Names(
             lambda event: EVENT_PREFIX + _checked_name(event, "event name")
         )
@@ -355,6 +405,9 @@ class NatsBroker(Broker):
             return
         self._closing = False
         nc = Client()
+        parser = None
+        if self._fast_path and _nats_fast.supported(nc):
+            parser = nc._ps = _nats_fast.FastParser(nc)
         options: dict[str, Any] = {
             "servers": self._servers,
             "name": self._name,
@@ -397,6 +450,9 @@ class NatsBroker(Broker):
         self._nc = nc
         self._js = nc.jetstream(timeout=self._api_timeout)
         self._inbox = nc.new_inbox()
+        self._inbox_bytes = self._inbox.encode()
+        self._parser = parser
+        self._outbox = _nats_fast.Outbox(nc) if parser is not None else None
         self._up.set()
         if self._services:
             await self._subscribe_service_api()
@@ -522,9 +578,12 @@ class NatsBroker(Broker):
             self._inbox_task = None
         self._inbox_sub = None
         self._inbox_handlers.clear()
+        self._inbox_sinks.clear()
         self._service_api_sub = None
         self._nc = None
         self._js = None
+        self._parser = None
+        self._outbox = None
         await self._close_client(nc)
         logger.info("closed the connection to %s", self.safe_url)
 
@@ -560,15 +619,42 @@ class NatsBroker(Broker):
             pending_msgs_limit=self._max_pending,
             pending_bytes_limit=_MAX_PENDING_BYTES,
         )
-        workers = _QueueWorkers(sub, handler, concurrency, flush_timeout=self._publish_timeout)
+        workers = _QueueWorkers(
+            sub,
+            handler,
+            concurrency,
+            flush_timeout=self._publish_timeout,
+            parser=self._parser,
+            on_slow=self._slow_consumer,
+        )
         self._workers.append(workers)
         return workers
+
+    def _slow_consumer(self, subject: str) -> None:
+        self._throttled_log.log(
+            logging.WARNING,
+            "slow consumer",
+            "a NATS subscription on %s is too slow; messages dropped (raise max_pending "
+            "or concurrency)",
+            subject,
+        )
 
     async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
         nc = self._nc
         if nc is None or not nc.is_connected:
             # Fail fast instead of buffering a call that would wait for its deadline.
             raise ConnectionLost(f"not connected to {self.safe_url}")
+        outbox = self._outbox
+        if outbox is not None:
+            wire = self._request_wire.get(service)
+            if wire is None:
+                wire = self._request_wire[service] = (
+                    self._request_subjects[service].encode(),
+                    service.encode(),
+                )
+            reply = b"%b.%d.%b" % (self._inbox_bytes, correlation_id, wire[1])
+            if outbox.publish(wire[0], reply, body):
+                return
         subject = self._request_subjects[service]
         try:
             await nc.publish(subject, body, reply=f"{self._inbox}.{correlation_id}.{service}")
@@ -587,10 +673,22 @@ class NatsBroker(Broker):
                 pending_msgs_limit=self._max_pending,
                 pending_bytes_limit=_MAX_PENDING_BYTES,
             )
-            self._inbox_task = asyncio.ensure_future(self._read_inbox(self._inbox_sub))
+            if self._parser is not None:
+                self._parser.sinks[self._inbox_sub._id] = self._on_inbox_message
+            else:
+                self._inbox_task = asyncio.ensure_future(self._read_inbox(self._inbox_sub))
         address = f"{self._inbox}.r{len(self._inbox_handlers) or ''}"
         self._inbox_handlers[address] = handler
+        self._inbox_sinks[address.encode()] = handler
         return address
+
+    def _on_inbox_message(self, subject: bytes, headers: bytes | None, body: bytes) -> None:
+        # The fast path's sink for the inbox: replies are routed in the read loop.
+        handler = self._inbox_sinks.get(subject)
+        if handler is not None:
+            handler(body)
+        elif headers is not None and headers.startswith(_NO_RESPONDERS_HEADER):
+            self._route_no_responders(subject.decode())
 
     async def _read_inbox(self, sub: NatsSubscription) -> None:
         # Replies are routed synchronously: a plain loop on the queue beats a callback.
@@ -624,6 +722,9 @@ class NatsBroker(Broker):
         # keeps a caller of this method from publishing anywhere but into an inbox.
         if not reply_to.startswith(INBOX_PREFIX) or "*" in reply_to or ">" in reply_to:
             logger.debug("dropped a reply to a non-inbox subject")
+            return
+        outbox = self._outbox
+        if outbox is not None and outbox.publish(reply_to.encode(), b"", body):
             return
         nc = self._client()
         try:

@@ -48,6 +48,15 @@ class TestNatsBroker(BrokerContract):
         await delete_nats_consumers(nats_url, name)
 
 
+class TestNatsBrokerPublicApi(TestNatsBroker):
+    """The contract again with ``fast_path=False``: requests, replies and publishes through
+    nats-py's public API alone (basidia/brokers/_nats_fast.py is not used)."""
+
+    @pytest.fixture
+    def broker_options(self) -> dict[str, Any]:
+        return {"fast_path": False}
+
+
 # -- helpers for the NATS-only tests ------------------------------------------------------------
 
 
@@ -105,6 +114,77 @@ async def test_handlers_run_concurrently_although_nats_py_callbacks_do_not(
     assert running == 20  # the rest wait in the subscription's bounded queue
     release.set()
     await eventually(lambda: running == 30)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_bodies_up_to_max_payload_arrive_intact_in_any_mix(
+    make_broker: Callable[..., Awaitable[NatsBroker]], unique: str, fast_path: bool
+) -> None:
+    """Requests and replies of 0 bytes to the server's limit, many in flight at once: each
+    arrives whole and to its caller, however the reads split and the writes batch them."""
+    server = await make_broker(fast_path=fast_path)
+    client = await make_broker(fast_path=fast_path)
+    limit = client.max_body_size
+    sizes = [0, 1, 16, 1000, 4095, 4096, 32767, 32768, 65536, 300_000, limit // 2, limit]
+    replies: dict[int, bytes] = {}
+    done = asyncio.Event()
+
+    async def echo(delivery: Delivery) -> None:
+        await server.send_reply(delivery.body[:40].decode().strip(), delivery.body)
+
+    await server.serve_requests(f"echo_{unique}", echo, concurrency=8)
+    address = await client.open_inbox(lambda body: None)
+
+    def on_reply(body: bytes) -> None:
+        replies[int(body[40:60])] = body
+        if len(replies) == 3 * len(sizes):
+            done.set()
+
+    address = await client.open_inbox(on_reply)
+    for round_ in range(3):
+        for index, size in enumerate(sizes):
+            key = round_ * len(sizes) + index
+            head = address.ljust(40).encode() + str(key).rjust(20).encode()
+            body = (head + bytes([key]) * size)[: max(size, len(head))]
+            await client.send_request(f"echo_{unique}", body, correlation_id=key + 1)
+    await asyncio.wait_for(done.wait(), 30)
+    for round_ in range(3):
+        for index, size in enumerate(sizes):
+            key = round_ * len(sizes) + index
+            body = replies[key]
+            assert len(body) == max(size, 60)
+            assert body[60:] == bytes([key]) * (len(body) - 60)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_requests_over_max_pending_are_dropped_and_logged(
+    make_broker: Callable[..., Awaitable[NatsBroker]],
+    unique: str,
+    fast_path: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Flow control: a service queues at most ``max_pending`` requests for its workers;
+    beyond that NATS's slow-consumer rule drops them, with a warning."""
+    server = await make_broker(max_pending=5, fast_path=fast_path)
+    client = await make_broker(fast_path=fast_path)
+    release = asyncio.Event()
+    seen: list[bytes] = []
+
+    async def slow(delivery: Delivery) -> None:
+        seen.append(delivery.body)
+        await release.wait()
+
+    await server.serve_requests(f"slow_{unique}", slow, concurrency=1)
+    await client.open_inbox(lambda body: None)
+    with caplog.at_level(logging.WARNING, logger="basidia.brokers.nats"):
+        for index in range(20):
+            await client.send_request(f"slow_{unique}", b"%d" % index, correlation_id=index + 1)
+        await eventually(lambda: "too slow" in caplog.text)
+    release.set()
+    await eventually(lambda: len(seen) >= 5)
+    await asyncio.sleep(0.2)
+    assert 5 <= len(seen) <= 6  # at most max_pending queued (and one handled); the rest dropped
+    assert seen == sorted(seen, key=int)
 
 
 async def test_replies_only_ever_go_to_an_inbox(
