@@ -126,6 +126,7 @@ class Directory:
         self._watching_since = 0.0
         self._beat: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closing = False
         self._failures = ThrottledLog(logger)
 
     def __repr__(self) -> str:
@@ -137,6 +138,7 @@ class Directory:
         """Announce the instances ``source()`` returns now, on every ``changed()`` and every
         heartbeat, until ``close``."""
         self._source = source
+        self._closing = False
         if self._beat is None:
             self._beat = asyncio.get_running_loop().create_task(
                 self._heartbeat(), name="basidia-directory-heartbeat"
@@ -147,7 +149,9 @@ class Directory:
         self._wake.set()
 
     async def _heartbeat(self) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: a client library that
+        # swallows a CancelledError (redis-py's can, mid-command) must not keep it going.
+        while not self._closing:
             self._wake.clear()
             try:
                 if self._pings is None:
@@ -290,6 +294,8 @@ class Directory:
         """Stop the heartbeat (and say goodbye when ``leave``) and stop watching."""
         beat, self._beat = self._beat, None
         if beat is not None:
+            self._closing = True
+            self._wake.set()
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
             if leave and self._broker.connected:
