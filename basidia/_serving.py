@@ -416,9 +416,11 @@ class _EventServer:
         return False
 
     async def _complete(self, key: str) -> None:
-        assert self.dedup is not None
+        dedup = self.dedup
+        if dedup is None:  # closed while the handler ran (shutdown): the ack settles it
+            return
         try:
-            await self.dedup.complete(self._group, key)
+            await dedup.complete(self._group, key)
         except BrokerError as exc:
             logger.warning("%s: could not remember a handled event: %s", self._group, exc)
 

@@ -397,7 +397,7 @@ def test_secrets_from_files_and_environment_stay_hidden(tmp_path: Path) -> None:
 
 def test_unsupported_broker_error_hides_the_password() -> None:
     with pytest.raises(ConfigError) as caught:
-        broker_from_url(f"kafka://app:{SENTINEL}@kafka:9092")
+        broker_from_url(f"mqtt://app:{SENTINEL}@mosquitto:1883")
     assert SENTINEL not in str(caught.value)
     assert "memory://" in str(caught.value)  # says what would work
 
