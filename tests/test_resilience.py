@@ -30,7 +30,8 @@ from basidia.http import HttpServer
 from basidia.resilience import Breaker, Bulkhead, RpcRetry
 from basidia.resilience.edge import ApiKeyAuth, BearerAuth
 
-from .brokers.contract import dead_letters_of, eventually
+from .brokers.contract import REDIS_URL, dead_letters_of, delete_redis_keys, eventually
+from .conftest import require_broker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -239,6 +240,11 @@ async def test_the_bulkhead_bounds_calls_in_flight_then_refuses(memory_url: str)
     async with ServiceRunner([Downstream, upstream(bulkhead=bulkhead)], broker=memory_url) as r:
         down = proxy_of(r)
         calls = [asyncio.ensure_future(down.slow(0.5)) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        from basidia.http.management import describe
+
+        shown = describe(r.containers["upstream"])["breakers"]["downstream"]
+        assert (shown["in_flight"], shown["max_calls"]) == (2, 2)
         done = await asyncio.gather(*calls, return_exceptions=True)
         assert sorted(type(outcome).__name__ for outcome in done) == [
             "BulkheadFull",
@@ -375,3 +381,55 @@ async def test_a_circuit_open_behind_an_endpoint_answers_503(memory_url: str) ->
                 services = (await client.get("/services")).json()
     front = next(service for service in services if service["name"] == "front")
     assert front["breakers"]["downstream"]["state"] == "open"
+
+
+async def test_a_broadcast_reaches_every_instance_with_a_shared_dedup_store(
+    memory_url: str,
+) -> None:
+    # One Redis store for both instances: the rule is once per key per instance for a
+    # broadcast handler, not once for all of them.
+    require_broker("redis", "127.0.0.1", 6379)
+    seen: list[str] = []
+
+    class Cache(Service):
+        name = "dedup_cache"
+
+        @event_handler("dedup_cache.flush", broadcast=True)
+        async def on_flush(self, data: str) -> None:
+            seen.append(data)
+
+    config = {"dedup_store": REDIS_URL}
+    try:
+        async with (
+            ServiceRunner([Cache], broker=memory_url, config=config),
+            ServiceRunner([Cache], broker=memory_url, config=config) as second,
+        ):
+            await second.dispatch("dedup_cache.flush", "all", idempotency_key=memory_url)
+            await eventually(lambda: len(seen) == 2)
+    finally:
+        await delete_redis_keys("basidia:dedup:dedup_cache.on_flush:*")
+
+
+async def test_a_handler_in_flight_at_stop_finishes_and_is_remembered(
+    memory_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    started, done = asyncio.Event(), asyncio.Event()
+
+    class Slow(Service):
+        name = "dedup_slow"
+
+        @event_handler("dedup_slow.job")
+        async def on_job(self, job: int) -> None:
+            started.set()
+            await asyncio.sleep(0.3)
+            done.set()
+
+    runner = ServiceRunner([Slow], broker=memory_url)
+    await runner.start()
+    try:
+        await runner.dispatch("dedup_slow.job", 1)
+        await asyncio.wait_for(started.wait(), 5)
+    finally:
+        await runner.stop()  # stops consuming, then drains the handler in flight
+    assert done.is_set()
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
