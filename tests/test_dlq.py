@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from basidia import NonRetryable, Service, ServiceRunner, connect, current_context, event_handler
 from basidia.cli import app
+from basidia.errors import BrokerError
 from basidia.resilience.dlq import DeadLetterTool
 
 from .brokers.cleanup import delete_amqp, delete_nats_consumers
@@ -114,3 +115,41 @@ async def test_the_shell_dlq_replays_memory_dead_letters(memory_url: str) -> Non
         assert await dlq.replay(service="shell_picky") == 1
         await eventually(lambda: handled == [(7, 1, "seven")])
         assert await dlq.list() == [] and lines[-1] == "no dead letters"
+
+
+@pytest.mark.parametrize("broker", ["memory", "amqp"])
+async def test_a_broadcast_group_dead_letter_is_replayed_to_its_instances_or_kept(
+    request: pytest.FixtureRequest, broker: str, unique: str
+) -> None:
+    # Memory finds the instances' queues; RabbitMQ cannot name them (their queues are the
+    # instances' own), so it refuses, and the letter stays where it was.
+    url = str(request.getfixturevalue(f"{broker}_url"))
+    name = f"dlq_cast_{unique}"
+    handled: list[tuple[int, int, str]] = []
+    state = {"fixed": False}
+
+    class Cast(Service):
+        @event_handler(f"{name}.flush", broadcast=True)
+        async def on_flush(self, data: int) -> None:
+            if not state["fixed"]:
+                raise NonRetryable("not yet")
+            handled.append((data, 1, ""))
+
+    Cast.name = name
+    group = f"{name}.on_flush"
+    try:
+        async with ServiceRunner([Cast], broker=url) as runner:
+            await runner.dispatch(f"{name}.flush", 3)
+            await dead_letters_of(runner.broker, group, 1)
+            state["fixed"] = True
+            if broker == "memory":
+                assert await runner.broker.replay_dead_letters(group) == 1
+                await eventually(lambda: handled == [(3, 1, "")])
+            else:
+                with pytest.raises(BrokerError, match="broadcast group"):
+                    await runner.broker.replay_dead_letters(group)
+                assert len(await runner.broker.dead_letters(group)) == 1
+                assert await runner.broker.purge_dead_letters(group) == 1
+    finally:
+        if broker == "amqp":
+            await delete_amqp(url, [f"basidia.events.{group}.dlq"])
