@@ -9,6 +9,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -32,6 +33,7 @@ from basidia.resilience.edge import ApiKeyAuth, BearerAuth
 
 from .brokers.contract import REDIS_URL, dead_letters_of, delete_redis_keys, eventually
 from .conftest import require_broker
+from .faults.proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -433,3 +435,30 @@ async def test_a_handler_in_flight_at_stop_finishes_and_is_remembered(
         await runner.stop()  # stops consuming, then drains the handler in flight
     assert done.is_set()
     assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+async def test_a_call_made_while_the_link_is_down_goes_once_it_is_back(amqp_url: str) -> None:
+    # RabbitMQ fails a request at once while its connection is down (RequestNotSent): the
+    # request never left, so the Dependency sends it again once the link is back.
+    Downstream.failing, Downstream.calls = False, 0
+    parts = urlsplit(amqp_url)
+    assert parts.hostname and parts.port
+    async with FaultProxy(parts.hostname, parts.port) as proxy:
+        credentials, at, _ = parts.netloc.rpartition("@")
+        via = urlunsplit(parts._replace(netloc=f"{credentials}{at}127.0.0.1:{proxy.port}"))
+        config = {"broker_options": {"reconnect_wait": 0.05, "reconnect_wait_max": 0.3}}
+        retry = RpcRetry(attempts=100, delay=0.05)
+        async with (
+            ServiceRunner([Downstream], broker=amqp_url),
+            ServiceRunner([upstream(retry=retry)], broker=via, config=config) as runner,
+        ):
+            down = proxy_of(runner)
+            assert await down.work(1) == 1
+            proxy.down()
+            await eventually(lambda: not runner.broker.connected)
+            call = asyncio.ensure_future(down.work.with_timeout(20)(2))
+            await asyncio.sleep(0.5)
+            assert not call.done()  # retrying: not failed, not sent
+            proxy.pass_through()
+            assert await asyncio.wait_for(call, 20) == 2
+    assert Downstream.calls == 2  # each call ran once

@@ -43,6 +43,10 @@ __all__ = ["Breaker", "BreakerState", "Bulkhead", "CallGuard", "CircuitBreaker",
 FAILURES: tuple[type[BaseException], ...] = (RpcTimeout, BrokerError, RemoteError)
 
 
+#: The longest pause between two attempts of an RPC call, in seconds.
+MAX_RETRY_PAUSE = 1.0
+
+
 class BreakerState(enum.StrEnum):
     CLOSED = "closed"
     OPEN = "open"
@@ -74,7 +78,8 @@ class Bulkhead:
 @dataclass(frozen=True, slots=True)
 class RpcRetry:
     """A ``Dependency``'s retries: ``attempts`` in all (1: none), the first wait ``delay``
-    seconds, doubled each time; ``None`` takes ``rpc_retry_attempts``/``rpc_retry_delay``."""
+    seconds, doubled each time up to a second; ``None`` takes ``rpc_retry_attempts`` and
+    ``rpc_retry_delay``."""
 
     attempts: int | None = None
     delay: float | None = None
@@ -274,7 +279,7 @@ class CallGuard:
             except Exception as exc:
                 if attempt >= self.attempts or not self._safe(exc, method):
                     raise
-                pause = self.retry_delay * 2 ** (attempt - 1)
+                pause = min(self.retry_delay * 2 ** (attempt - 1), MAX_RETRY_PAUSE)
                 if loop.time() + pause >= deadline:
                     raise
                 attempt += 1
