@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from basidia.resilience.dlq import DeadLetterTool
 
 from .brokers.cleanup import delete_amqp, delete_nats_consumers
 from .brokers.contract import dead_letters_of, eventually
+from .test_cli import run_cli
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -153,3 +155,50 @@ async def test_a_broadcast_group_dead_letter_is_replayed_to_its_instances_or_kep
     finally:
         if broker == "amqp":
             await delete_amqp(url, [f"basidia.events.{group}.dlq"])
+
+
+SHOP = """
+from basidia import NonRetryable, Service, event_handler, rpc
+
+STATE = {"fixed": False, "handled": []}
+
+
+class ShellShop(Service):
+    name = "shell_shop"
+
+    @event_handler("shell_shop.order")
+    async def on_order(self, order: dict) -> None:
+        if not STATE["fixed"]:
+            raise NonRetryable(f"order {order['n']} cannot be booked yet")
+        STATE["handled"].append(order["n"])
+
+    @rpc
+    async def fix(self) -> None:
+        STATE["fixed"] = True
+
+    @rpc
+    async def handled(self) -> list:
+        return STATE["handled"]
+"""
+
+
+@pytest.mark.timeout(60)
+def test_basidia_shell_lists_and_replays_memory_dead_letters(tmp_path: Path) -> None:
+    (tmp_path / "shell_shop.py").write_text(SHOP)
+    lines = [
+        'await dispatch("shell_shop.order", {"n": 1})',
+        "await asyncio.sleep(0.5)",
+        "letters = await dlq.list()",
+        "await rpc.shell_shop.fix()",
+        "await dlq.replay()",
+        "await asyncio.sleep(0.5)",
+        'print("handled:", await rpc.shell_shop.handled())',
+        "letters = await dlq.list()",
+    ]
+    result = run_cli("shell", str(tmp_path / "shell_shop.py"), stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "shell_shop.on_order" in out and "order 1 cannot be booked yet" in out
+    assert "replayed 1 in all" in out
+    assert "handled: [1]" in out
+    assert out.rstrip(" >\n").endswith("no dead letters"), out  # the last list is empty
