@@ -462,3 +462,23 @@ async def test_a_call_made_while_the_link_is_down_goes_once_it_is_back(amqp_url:
             proxy.pass_through()
             assert await asyncio.wait_for(call, 20) == 2
     assert Downstream.calls == 2  # each call ran once
+
+
+async def test_the_openapi_document_says_what_authentication_and_limits_answer(
+    gateway: httpx.AsyncClient,
+) -> None:
+    from openapi_spec_validator import validate
+
+    document = (await gateway.get("/openapi.json")).json()
+    validate(document)
+    assert document["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKey.X-API-Key": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    orders = document["paths"]["/orders"]["get"]
+    assert orders["security"] == [{"bearer": []}, {"apiKey.X-API-Key": []}]
+    assert {"401", "403"} <= set(orders["responses"]) and "429" not in orders["responses"]
+    search = document["paths"]["/search"]["get"]
+    assert {"401", "429"} <= set(search["responses"]) and "403" not in search["responses"]
+    ping = document["paths"]["/ping"]["get"]
+    assert "security" not in ping and "401" not in ping["responses"]
