@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import traceback
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -296,6 +297,8 @@ class _EventServer:
         self._decode = handler.decoder.decode
         self.policy = (handler.retry or Retry()).resolve(settings, handler.max_attempts)
         self._group = f"{container.service_name}.{handler.name}"
+        # A broadcast handler runs in every instance: each keeps its own keys.
+        self._scope = f"{self._group}:{uuid.uuid4().hex[:12]}" if handler.broadcast else self._group
         self._broker = container.runtime.broker
         self._dedup_spec = settings.dedup_store if handler.dedup is not False else "off"
         if handler.dedup and self._dedup_spec.strip().lower() in ("", "off", "none"):
@@ -304,8 +307,17 @@ class _EventServer:
             self._broker, self._dedup_spec, window=settings.dedup_window, lease=settings.dedup_lease
         )
 
+        self._in_flight = 0
+        self._closing = False
+
     async def close(self) -> None:
-        """Let go of the deduplication store."""
+        """Let go of the deduplication store, once the handlers still running (a stop
+        drains them after cancelling the subscription) have finished."""
+        self._closing = True
+        if not self._in_flight:
+            await self._release_store()
+
+    async def _release_store(self) -> None:
         if self.dedup is not None:
             self.dedup = None
             await release_store(self._broker, self._dedup_spec)
@@ -313,10 +325,16 @@ class _EventServer:
     async def on_event(self, delivery: Delivery) -> None:
         container = self.container
         task = container.track()
+        self._in_flight += 1
         try:
             await self._serve(delivery, task)
         finally:
-            container.untrack(task)
+            self._in_flight -= 1
+            try:
+                if self._closing and not self._in_flight:
+                    await self._release_store()
+            finally:
+                container.untrack(task)  # a stop waits for this, the store's release included
 
     async def _serve(self, delivery: Delivery, task: asyncio.Task[Any]) -> None:
         container, handler = self.container, self.handler
@@ -399,7 +417,7 @@ class _EventServer:
         here (a duplicate: acked if done, retried later if another handler holds it)."""
         assert self.dedup is not None
         try:
-            claim = await self.dedup.claim(self._group, key)
+            claim = await self.dedup.claim(self._scope, key)
         except BrokerError as exc:
             # No store, no promise: retry later rather than risk running twice.
             logger.warning("%s: %s; the event comes back later", self._group, exc)
@@ -420,14 +438,14 @@ class _EventServer:
         if dedup is None:  # closed while the handler ran (shutdown): the ack settles it
             return
         try:
-            await dedup.complete(self._group, key)
+            await dedup.complete(self._scope, key)
         except BrokerError as exc:
             logger.warning("%s: could not remember a handled event: %s", self._group, exc)
 
     async def _release(self, key: str) -> None:
         if key and self.dedup is not None:
             try:
-                await self.dedup.release(self._group, key)
+                await self.dedup.release(self._scope, key)
             except BrokerError as exc:  # the claim lapses after dedup_lease
                 logger.warning("%s: %s", self._group, exc)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +14,12 @@ from typer.testing import CliRunner
 
 from basidia import NonRetryable, Service, ServiceRunner, connect, current_context, event_handler
 from basidia.cli import app
+from basidia.errors import BrokerError
 from basidia.resilience.dlq import DeadLetterTool
 
 from .brokers.cleanup import delete_amqp, delete_nats_consumers
 from .brokers.contract import dead_letters_of, eventually
+from .test_cli import run_cli
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -114,3 +117,88 @@ async def test_the_shell_dlq_replays_memory_dead_letters(memory_url: str) -> Non
         assert await dlq.replay(service="shell_picky") == 1
         await eventually(lambda: handled == [(7, 1, "seven")])
         assert await dlq.list() == [] and lines[-1] == "no dead letters"
+
+
+@pytest.mark.parametrize("broker", ["memory", "amqp"])
+async def test_a_broadcast_group_dead_letter_is_replayed_to_its_instances_or_kept(
+    request: pytest.FixtureRequest, broker: str, unique: str
+) -> None:
+    # Memory finds the instances' queues; RabbitMQ cannot name them (their queues are the
+    # instances' own), so it refuses, and the letter stays where it was.
+    url = str(request.getfixturevalue(f"{broker}_url"))
+    name = f"dlq_cast_{unique}"
+    handled: list[tuple[int, int, str]] = []
+    state = {"fixed": False}
+
+    class Cast(Service):
+        @event_handler(f"{name}.flush", broadcast=True)
+        async def on_flush(self, data: int) -> None:
+            if not state["fixed"]:
+                raise NonRetryable("not yet")
+            handled.append((data, 1, ""))
+
+    Cast.name = name
+    group = f"{name}.on_flush"
+    try:
+        async with ServiceRunner([Cast], broker=url) as runner:
+            await runner.dispatch(f"{name}.flush", 3)
+            await dead_letters_of(runner.broker, group, 1)
+            state["fixed"] = True
+            if broker == "memory":
+                assert await runner.broker.replay_dead_letters(group) == 1
+                await eventually(lambda: handled == [(3, 1, "")])
+            else:
+                with pytest.raises(BrokerError, match="broadcast group"):
+                    await runner.broker.replay_dead_letters(group)
+                assert len(await runner.broker.dead_letters(group)) == 1
+                assert await runner.broker.purge_dead_letters(group) == 1
+    finally:
+        if broker == "amqp":
+            await delete_amqp(url, [f"basidia.events.{group}.dlq"])
+
+
+SHOP = """
+from basidia import NonRetryable, Service, event_handler, rpc
+
+STATE = {"fixed": False, "handled": []}
+
+
+class ShellShop(Service):
+    name = "shell_shop"
+
+    @event_handler("shell_shop.order")
+    async def on_order(self, order: dict) -> None:
+        if not STATE["fixed"]:
+            raise NonRetryable(f"order {order['n']} cannot be booked yet")
+        STATE["handled"].append(order["n"])
+
+    @rpc
+    async def fix(self) -> None:
+        STATE["fixed"] = True
+
+    @rpc
+    async def handled(self) -> list:
+        return STATE["handled"]
+"""
+
+
+@pytest.mark.timeout(60)
+def test_basidia_shell_lists_and_replays_memory_dead_letters(tmp_path: Path) -> None:
+    (tmp_path / "shell_shop.py").write_text(SHOP)
+    lines = [
+        'await dispatch("shell_shop.order", {"n": 1})',
+        "await asyncio.sleep(0.5)",
+        "letters = await dlq.list()",
+        "await rpc.shell_shop.fix()",
+        "await dlq.replay()",
+        "await asyncio.sleep(0.5)",
+        'print("handled:", await rpc.shell_shop.handled())',
+        "letters = await dlq.list()",
+    ]
+    result = run_cli("shell", str(tmp_path / "shell_shop.py"), stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "shell_shop.on_order" in out and "order 1 cannot be booked yet" in out
+    assert "replayed 1 in all" in out
+    assert "handled: [1]" in out
+    assert out.rstrip(" >\n").endswith("no dead letters"), out  # the last list is empty

@@ -9,6 +9,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -30,7 +31,9 @@ from basidia.http import HttpServer
 from basidia.resilience import Breaker, Bulkhead, RpcRetry
 from basidia.resilience.edge import ApiKeyAuth, BearerAuth
 
-from .brokers.contract import dead_letters_of, eventually
+from .brokers.contract import REDIS_URL, dead_letters_of, delete_redis_keys, eventually
+from .conftest import require_broker
+from .faults.proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -239,6 +242,11 @@ async def test_the_bulkhead_bounds_calls_in_flight_then_refuses(memory_url: str)
     async with ServiceRunner([Downstream, upstream(bulkhead=bulkhead)], broker=memory_url) as r:
         down = proxy_of(r)
         calls = [asyncio.ensure_future(down.slow(0.5)) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        from basidia.http.management import describe
+
+        shown = describe(r.containers["upstream"])["breakers"]["downstream"]
+        assert (shown["in_flight"], shown["max_calls"]) == (2, 2)
         done = await asyncio.gather(*calls, return_exceptions=True)
         assert sorted(type(outcome).__name__ for outcome in done) == [
             "BulkheadFull",
@@ -375,3 +383,102 @@ async def test_a_circuit_open_behind_an_endpoint_answers_503(memory_url: str) ->
                 services = (await client.get("/services")).json()
     front = next(service for service in services if service["name"] == "front")
     assert front["breakers"]["downstream"]["state"] == "open"
+
+
+async def test_a_broadcast_reaches_every_instance_with_a_shared_dedup_store(
+    memory_url: str,
+) -> None:
+    # One Redis store for both instances: the rule is once per key per instance for a
+    # broadcast handler, not once for all of them.
+    require_broker("redis", "127.0.0.1", 6379)
+    seen: list[str] = []
+
+    class Cache(Service):
+        name = "dedup_cache"
+
+        @event_handler("dedup_cache.flush", broadcast=True)
+        async def on_flush(self, data: str) -> None:
+            seen.append(data)
+
+    config = {"dedup_store": REDIS_URL}
+    try:
+        async with (
+            ServiceRunner([Cache], broker=memory_url, config=config),
+            ServiceRunner([Cache], broker=memory_url, config=config) as second,
+        ):
+            await second.dispatch("dedup_cache.flush", "all", idempotency_key=memory_url)
+            await eventually(lambda: len(seen) == 2)
+    finally:
+        await delete_redis_keys("basidia:dedup:dedup_cache.on_flush:*")
+
+
+async def test_a_handler_in_flight_at_stop_finishes_and_is_remembered(
+    memory_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    started, done = asyncio.Event(), asyncio.Event()
+
+    class Slow(Service):
+        name = "dedup_slow"
+
+        @event_handler("dedup_slow.job")
+        async def on_job(self, job: int) -> None:
+            started.set()
+            await asyncio.sleep(0.3)
+            done.set()
+
+    runner = ServiceRunner([Slow], broker=memory_url)
+    await runner.start()
+    try:
+        await runner.dispatch("dedup_slow.job", 1)
+        await asyncio.wait_for(started.wait(), 5)
+    finally:
+        await runner.stop()  # stops consuming, then drains the handler in flight
+    assert done.is_set()
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+async def test_a_call_made_while_the_link_is_down_goes_once_it_is_back(amqp_url: str) -> None:
+    # RabbitMQ fails a request at once while its connection is down (RequestNotSent): the
+    # request never left, so the Dependency sends it again once the link is back.
+    Downstream.failing, Downstream.calls = False, 0
+    parts = urlsplit(amqp_url)
+    assert parts.hostname and parts.port
+    async with FaultProxy(parts.hostname, parts.port) as proxy:
+        credentials, at, _ = parts.netloc.rpartition("@")
+        via = urlunsplit(parts._replace(netloc=f"{credentials}{at}127.0.0.1:{proxy.port}"))
+        config = {"broker_options": {"reconnect_wait": 0.05, "reconnect_wait_max": 0.3}}
+        retry = RpcRetry(attempts=100, delay=0.05)
+        async with (
+            ServiceRunner([Downstream], broker=amqp_url),
+            ServiceRunner([upstream(retry=retry)], broker=via, config=config) as runner,
+        ):
+            down = proxy_of(runner)
+            assert await down.work(1) == 1
+            proxy.down()
+            await eventually(lambda: not runner.broker.connected)
+            call = asyncio.ensure_future(down.work.with_timeout(20)(2))
+            await asyncio.sleep(0.5)
+            assert not call.done()  # retrying: not failed, not sent
+            proxy.pass_through()
+            assert await asyncio.wait_for(call, 20) == 2
+    assert Downstream.calls == 2  # each call ran once
+
+
+async def test_the_openapi_document_says_what_authentication_and_limits_answer(
+    gateway: httpx.AsyncClient,
+) -> None:
+    from openapi_spec_validator import validate
+
+    document = (await gateway.get("/openapi.json")).json()
+    validate(document)
+    assert document["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKey.X-API-Key": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    orders = document["paths"]["/orders"]["get"]
+    assert orders["security"] == [{"bearer": []}, {"apiKey.X-API-Key": []}]
+    assert {"401", "403"} <= set(orders["responses"]) and "429" not in orders["responses"]
+    search = document["paths"]["/search"]["get"]
+    assert {"401", "429"} <= set(search["responses"]) and "403" not in search["responses"]
+    ping = document["paths"]["/ping"]["get"]
+    assert "security" not in ping and "401" not in ping["responses"]

@@ -599,6 +599,7 @@ class AmqpBroker(Broker):
         dead-letter headers, so each is a first attempt again, then ack them; the others go
         back where they were."""
         target = _check_name(f"{self._prefix}.events.{group}", "queue name")
+        await self._check_queue(target, f"{group!r} has no queue to replay to")
         wanted = None if ids is None else set(ids)
         replayed = 0
         async with self._dead_letter_reader(group) as read:
@@ -629,6 +630,24 @@ class AmqpBroker(Broker):
                 )
                 replayed += 1
         return replayed
+
+    async def _check_queue(self, queue: str, problem: str) -> None:
+        """Raise ``BrokerError`` with ``problem`` unless ``queue`` exists (a publish to a
+        missing queue through the default exchange is dropped without a word)."""
+        connection = self._connection
+        if connection is None or self._closed:
+            raise ConnectionLost(f"not connected to {self.safe_url}")
+        channel = await self._channel(connection)
+        try:
+            declare = channel.queue_declare(queue, passive=True)
+            await self._deadline(declare, f"find queue {queue!r}")
+        except BrokerError:
+            raise BrokerError(
+                f"{problem} (a broadcast group's instances have queues of their own; "
+                "replay it while they run, or publish the event again)"
+            ) from None
+        finally:
+            await _close_channel(channel, self._timeout)
 
     async def purge_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
         if ids is None:

@@ -254,12 +254,13 @@ class MemoryBroker(Broker):
         hub = self._connected_hub()
         letters = self._take(group, ids)
         for letter in letters:
-            queue = hub.groups.get(letter.event, {}).get(group)
-            if queue is None:  # the group's queue is gone (a broadcast instance): recreate
-                queue = hub.groups.setdefault(letter.event, {})[group] = _Queue(
-                    hub, group, letter.event, group
-                )
-            queue.put(_EventDelivery(letter.frame, queue))
+            queues = hub.groups.setdefault(letter.event, {})
+            # The group's queue, or each instance's queue of a broadcast group.
+            targets = [queue for queue in queues.values() if queue.group == group]
+            if not targets:
+                targets = [queues.setdefault(group, _Queue(hub, group, letter.event, group))]
+            for queue in targets:
+                queue.put(_EventDelivery(letter.frame, queue))
         return len(letters)
 
     async def purge_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:

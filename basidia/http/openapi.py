@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from basidia import __version__
 from basidia.container import ServiceContainer
+from basidia.resilience.edge import ApiKeyAuth, BearerAuth
 from basidia.schemas import SchemaSet
 from basidia.service import HttpEndpoint
 
@@ -56,8 +57,11 @@ def openapi_document(
     paths: dict[str, dict[str, Any]] = {}
     tags: list[dict[str, str]] = []
     schemas = SchemaSet()
+    security_schemes: dict[str, Any] = {}
     for container in containers:
         service = container.service_name
+        # The service's authentication dependencies (docs/resilience.md), as schemes.
+        auths = security_of(container, security_schemes)
         endpoints = [
             (key, entrypoint)
             for key, entrypoint in container.service_cls.__entrypoints__.items()
@@ -74,15 +78,18 @@ def openapi_document(
             path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", endpoint.path)
             for method in endpoint.methods:
                 operation = _operation(service, key, endpoint, schemas)
+                _guarded(operation, endpoint, auths)
                 if len(endpoint.methods) > 1:  # operation ids are unique per document
                     operation["operationId"] += f".{method.lower()}"
                 paths.setdefault(path, {})[method.lower()] = operation
+    components: dict[str, Any] = {"securitySchemes": security_schemes} if security_schemes else {}
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": __version__},
         "tags": tags,
         "paths": paths,
         "components": {
+            **components,
             "schemas": {
                 **dict(sorted(schemas.components.items())),
                 "Error": {
@@ -93,9 +100,39 @@ def openapi_document(
                         "detail": {"type": "string", "description": "What went wrong"},
                     },
                 },
-            }
+            },
         },
     }
+
+
+def security_of(container: ServiceContainer, schemes: dict[str, Any]) -> list[str]:
+    """The names of ``container``'s authentication schemes, added to ``schemes``."""
+    names = []
+    for provider in container.dependencies.values():
+        if isinstance(provider, ApiKeyAuth):
+            name = f"apiKey.{provider.header}"
+            schemes[name] = {"type": "apiKey", "in": "header", "name": provider.header}
+        elif isinstance(provider, BearerAuth):
+            name = "bearer"
+            schemes[name] = {"type": "http", "scheme": "bearer"}
+        else:
+            continue
+        names.append(name)
+    return names
+
+
+def _guarded(operation: dict[str, Any], endpoint: HttpEndpoint, auths: list[str]) -> None:
+    """What authentication and a rate limit add to an operation: its security
+    requirements (any one scheme) and the answers 401, 403 and 429."""
+    responses = operation["responses"]
+    if auths and not endpoint.public:
+        operation["security"] = [{name: []} for name in auths]
+        responses["401"] = {"description": "Missing or unknown credentials", **_ERROR_REF}
+        if endpoint.allow is not None:
+            responses["403"] = {"description": "A principal not allowed here", **_ERROR_REF}
+    if endpoint.rate_limit is not None:
+        responses["429"] = {"description": "Over the rate limit (see Retry-After)", **_ERROR_REF}
+    operation["responses"] = dict(sorted(responses.items()))
 
 
 def _operation(

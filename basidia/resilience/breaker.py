@@ -43,6 +43,10 @@ __all__ = ["Breaker", "BreakerState", "Bulkhead", "CallGuard", "CircuitBreaker",
 FAILURES: tuple[type[BaseException], ...] = (RpcTimeout, BrokerError, RemoteError)
 
 
+#: The longest pause between two attempts of an RPC call, in seconds.
+MAX_RETRY_PAUSE = 1.0
+
+
 class BreakerState(enum.StrEnum):
     CLOSED = "closed"
     OPEN = "open"
@@ -74,7 +78,8 @@ class Bulkhead:
 @dataclass(frozen=True, slots=True)
 class RpcRetry:
     """A ``Dependency``'s retries: ``attempts`` in all (1: none), the first wait ``delay``
-    seconds, doubled each time; ``None`` takes ``rpc_retry_attempts``/``rpc_retry_delay``."""
+    seconds, doubled each time up to a second; ``None`` takes ``rpc_retry_attempts`` and
+    ``rpc_retry_delay``."""
 
     attempts: int | None = None
     delay: float | None = None
@@ -221,13 +226,15 @@ class CallGuard:
                 self.breaker = None
         self._limit: asyncio.Semaphore | None = None
         self.max_wait = 0.0
+        self.max_calls = 0
+        #: Calls through the bulkhead right now.
+        self.in_flight = 0
         if bulkhead is not False:
             spec_b = bulkhead if isinstance(bulkhead, Bulkhead) else Bulkhead()
-            max_calls = _pick(spec_b.max_calls, settings.bulkhead_max_calls)
+            self.max_calls = _pick(spec_b.max_calls, settings.bulkhead_max_calls)
             self.max_wait = _pick(spec_b.max_wait, settings.bulkhead_max_wait)
-            if max_calls:
-                self._limit = asyncio.Semaphore(max_calls)
-        self.max_calls = 0 if self._limit is None else self._limit._value
+            if self.max_calls:
+                self._limit = asyncio.Semaphore(self.max_calls)
         spec_r = retry if isinstance(retry, RpcRetry) else RpcRetry()
         self.attempts = 1 if retry is False else _pick(spec_r.attempts, settings.rpc_retry_attempts)
         self.retry_delay = _pick(spec_r.delay, settings.rpc_retry_delay)
@@ -239,7 +246,7 @@ class CallGuard:
             self.breaker.describe() if self.breaker is not None else {"state": "disabled"}
         )
         if self._limit is not None:
-            described["in_flight"] = self.max_calls - self._limit._value
+            described["in_flight"] = self.in_flight
             described["max_calls"] = self.max_calls
         return described
 
@@ -272,7 +279,7 @@ class CallGuard:
             except Exception as exc:
                 if attempt >= self.attempts or not self._safe(exc, method):
                     raise
-                pause = self.retry_delay * 2 ** (attempt - 1)
+                pause = min(self.retry_delay * 2 ** (attempt - 1), MAX_RETRY_PAUSE)
                 if loop.time() + pause >= deadline:
                     raise
                 attempt += 1
@@ -302,12 +309,14 @@ class CallGuard:
                         ) from None
                 else:
                     await limit.acquire()
+            self.in_flight += 1
             try:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise RpcTimeout(f"{self.target}.{method}: the caller's deadline has passed")
                 result = await send(remaining)
             finally:
+                self.in_flight -= 1
                 if limit is not None:
                     limit.release()
         except FAILURES:
