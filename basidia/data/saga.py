@@ -279,10 +279,14 @@ class Sagas(DatabaseProvider):
             try:
                 now = time.time()
                 async with self.db.transaction() as conn:
-                    if self._running:
+                    # Only the sagas running here: one whose task ended on an error (a
+                    # database outage, say) lets its lease run out and is resumed.
+                    for saga_id in list(self._running):
                         await conn.execute(
-                            "UPDATE basidia_sagas SET lease_until = $1 WHERE owner = $2",
+                            "UPDATE basidia_sagas SET lease_until = $1 "
+                            "WHERE id = $2 AND owner = $3",
                             now + self.lease,
+                            saga_id,
                             self.owner,
                         )
                     orphans = await conn.fetch(
