@@ -36,11 +36,21 @@ async def seen(conn: Connection, consumer: str, key: str) -> bool:
     return found is not None
 
 
-async def prune_inbox(conn: Connection, older_than: float) -> int:
-    """Forget keys handled more than ``older_than`` seconds ago; return how many.
+async def prune_inbox(conn: Connection, older_than: float, service: str | None = None) -> int:
+    """Forget keys handled more than ``older_than`` seconds ago (by ``service``'s handlers,
+    or by anyone); return how many.
 
-    A redelivery later than that would be handled again: keep it well beyond the
-    broker's redelivery horizon."""
+    A redelivery later than that would be handled again: keep keys well beyond the
+    broker's redelivery horizon and the longest a saga may repeat a call."""
+    cutoff = time.time() - older_than
+    if service is None:
+        return await conn.execute("DELETE FROM basidia_inbox WHERE handled_at < $1", cutoff)
+    prefix = service + "."
     return await conn.execute(
-        "DELETE FROM basidia_inbox WHERE handled_at < $1", time.time() - older_than
+        "DELETE FROM basidia_inbox WHERE handled_at < $1 "
+        "AND (consumer = $2 OR substr(consumer, 1, $3) = $4)",
+        cutoff,
+        service,
+        len(prefix),
+        prefix,
     )

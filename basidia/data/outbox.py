@@ -36,7 +36,7 @@ import msgspec
 
 from basidia.context import current_context
 from basidia.data.db import Connection, Database, Row, open_database, resolve_url
-from basidia.data.inbox import record_key
+from basidia.data.inbox import prune_inbox, record_key
 from basidia.data.schema import migrate
 from basidia.dependencies import DependencyProvider
 from basidia.errors import MessageTooLarge
@@ -120,18 +120,24 @@ class OutboxTransaction(Connection):
                 f"event {event!r} has {len(payload)} bytes of data, over the "
                 f"{self.max_size} that fit a frame (max_frame_size)"
             )
-        outbox_id = await self.conn.fetchval(
-            "INSERT INTO basidia_outbox (event, payload, source, version, created_at) "
-            "VALUES ($1, $2, $3, $4, $5) RETURNING id",
-            event,
-            payload,
-            self.source,
-            version,
-            time.time(),
-        )
-        if not self.keys and self.dialect == "postgresql":
-            # Delivered at commit only, and folded into one per transaction and channel.
-            await self.conn.execute("SELECT pg_notify($1, '')", self._channel)
+        args = (event, payload, self.source, version, time.time())
+        if self.dialect == "postgresql":
+            # NOTIFY in the same round trip; delivered at commit only, and folded into one
+            # per transaction and channel however many events it writes.
+            outbox_id = await self.conn.fetchval(
+                "WITH inserted AS (INSERT INTO basidia_outbox "
+                "(event, payload, source, version, created_at) "
+                "VALUES ($1, $2, $3, $4, $5) RETURNING id) "
+                "SELECT id, pg_notify($6, '') FROM inserted",
+                *args,
+                self._channel,
+            )
+        else:
+            outbox_id = await self.conn.fetchval(
+                "INSERT INTO basidia_outbox (event, payload, source, version, created_at) "
+                "VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                *args,
+            )
         key = event_key(self.source, int(outbox_id))
         self.keys.append(key)
         return key
@@ -166,6 +172,7 @@ class Relay:
         retention: float = 86400.0,
         backoff: Backoff | None = None,
         max_in_flight: int = 1,
+        inbox_retention: float = 7 * 86400.0,
     ) -> None:
         if not 0 < batch_size <= 10_000:
             raise ValueError("batch_size must be 1 to 10000")
@@ -176,6 +183,7 @@ class Relay:
         self.batch_size = batch_size
         self.poll_interval = poll_interval or (5.0 if db.dialect == "postgresql" else 0.5)
         self.retention = retention
+        self.inbox_retention = inbox_retention
         self.max_in_flight = max_in_flight
         self._failed_id = 0
         self.stats = RelayStats()
@@ -341,7 +349,8 @@ class Relay:
             )
 
     async def _prune(self) -> None:
-        """Delete sent events older than ``retention`` (at most once a minute)."""
+        """Delete sent events older than ``retention`` and inbox keys older than
+        ``inbox_retention`` (at most once a minute)."""
         now = time.time()
         if now - self._last_prune < 60:
             return
@@ -352,6 +361,7 @@ class Relay:
                 now - self.retention,
                 self.source,
             )
+            await prune_inbox(conn, self.inbox_retention, self.source)
 
     async def pending(self) -> int:
         """How many events wait to be published."""
@@ -416,8 +426,9 @@ class Outbox(DatabaseProvider):
 
     ``relay=False`` leaves publishing to relays elsewhere (another process, or a
     ``Relay`` you run).  ``batch_size``, ``poll_interval``, ``retention`` (seconds a
-    sent event is kept) and ``max_in_flight`` (publishes awaiting their confirms at once;
-    1 keeps the order strict even when a publish fails) tune the relay.
+    sent event is kept), ``max_in_flight`` (publishes awaiting their confirms at once;
+    1 keeps the order strict even when a publish fails) and ``inbox_retention`` (seconds
+    the keys this service's handlers recorded are kept) tune the relay.
     """
 
     relay: Relay | None
@@ -433,8 +444,10 @@ class Outbox(DatabaseProvider):
         poll_interval: float | None = None,
         retention: float = 86400.0,
         max_in_flight: int = 1,
+        inbox_retention: float = 7 * 86400.0,
     ) -> None:
         super().__init__(url, config_key=config_key, schema=schema)
+        self.inbox_retention = inbox_retention
         self.run_relay = relay
         self.max_in_flight = max_in_flight
         self.batch_size = batch_size
@@ -463,6 +476,7 @@ class Outbox(DatabaseProvider):
                 poll_interval=self.poll_interval,
                 retention=self.retention,
                 max_in_flight=self.max_in_flight,
+                inbox_retention=self.inbox_retention,
             )
             self.relay.start()
 

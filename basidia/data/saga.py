@@ -43,15 +43,22 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
+from basidia.container import State
 from basidia.data.db import Connection, Database, DatabaseError
 from basidia.data.outbox import Backoff, DatabaseProvider
-from basidia.errors import BrokerError, ConfigError, RpcTimeout, ServiceUnavailable
+from basidia.errors import (
+    BasidiaError,
+    BrokerError,
+    ConfigError,
+    RpcTimeout,
+    ServiceUnavailable,
+)
 
 if TYPE_CHECKING:
     from basidia.container import ServiceContainer
     from basidia.context import CallContext
 
-__all__ = ["STATUSES", "Saga", "Sagas", "get_saga", "list_sagas", "step"]
+__all__ = ["STATUSES", "Saga", "SagaNotFound", "Sagas", "get_saga", "list_sagas", "step"]
 
 logger = logging.getLogger("basidia.data.saga")
 
@@ -68,6 +75,10 @@ TRANSIENT = (ServiceUnavailable, RpcTimeout, BrokerError, DatabaseError, Timeout
 
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
+
+
+class SagaNotFound(BasidiaError, LookupError):
+    """No saga has that id in the database."""
 
 
 class _NotOwner(Exception):
@@ -240,7 +251,9 @@ class Sagas(DatabaseProvider):
         self._waiters.setdefault(saga_id, []).append(future)
         try:
             record = await get_saga(self.db, saga_id)
-            if record is not None and record["status"] not in UNFINISHED:
+            if record is None:
+                raise SagaNotFound(f"no saga {saga_id!r} in {self.db.safe_url}")
+            if record["status"] not in UNFINISHED:
                 return record
             async with asyncio.timeout(timeout):
                 return await future
@@ -258,15 +271,22 @@ class Sagas(DatabaseProvider):
 
     async def _maintain(self) -> None:
         """Renew the leases of the sagas run here; claim orphans whose lease ran out."""
+        # Resumed sagas need the service's other dependencies: wait until it runs.
+        while self.container.state is not State.RUNNING:  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(0.02)
         interval = self.lease / 3
         while True:
             try:
                 now = time.time()
                 async with self.db.transaction() as conn:
-                    if self._running:
+                    # Only the sagas running here: one whose task ended on an error (a
+                    # database outage, say) lets its lease run out and is resumed.
+                    for saga_id in list(self._running):
                         await conn.execute(
-                            "UPDATE basidia_sagas SET lease_until = $1 WHERE owner = $2",
+                            "UPDATE basidia_sagas SET lease_until = $1 "
+                            "WHERE id = $2 AND owner = $3",
                             now + self.lease,
+                            saga_id,
                             self.owner,
                         )
                     orphans = await conn.fetch(

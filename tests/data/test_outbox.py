@@ -11,6 +11,7 @@ import pytest
 
 from basidia import Service, ServiceRunner, current_context, event_handler, rpc
 from basidia.data import Backoff, Outbox, Relay, SchemaError, migrate, open_database
+from basidia.data.inbox import prune_inbox, record_key, seen
 from basidia.data.schema import SCHEMA_VERSION, schema_version
 from basidia.errors import ConfigError, MessageTooLarge
 
@@ -211,6 +212,23 @@ async def test_an_event_too_large_for_a_frame_is_refused_in_its_transaction(
                 break
             await asyncio.sleep(0.05)
         assert await relay.pending() == 0
+
+
+async def test_old_inbox_keys_of_a_service_are_pruned(db: Db) -> None:
+    store = open_database(db.url, schema=db.schema)
+    await store.connect()
+    try:
+        await migrate(store)
+        async with store.transaction() as conn:
+            for consumer, key in [("a.on_x", "1"), ("a.on_x", "2"), ("a", "3"), ("ab.on_x", "4")]:
+                assert await record_key(conn, consumer, key)
+            assert not await record_key(conn, "a.on_x", "1")
+            assert await prune_inbox(conn, 3600, "a") == 0  # all recent
+            assert await prune_inbox(conn, -1, "a") == 3  # "ab" is another service
+            assert await seen(conn, "ab.on_x", "4")
+            assert not await seen(conn, "a.on_x", "1")
+    finally:
+        await store.close()
 
 
 def test_the_relay_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:

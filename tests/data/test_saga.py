@@ -4,6 +4,7 @@ order, timeouts, retries with one idempotency key, resumption, and what operator
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,13 @@ def test_basidia_sagas_lists_and_shows_them_from_the_database(sqlite: Db, memory
     assert "saga m-1: transfer of transfers, compensated" in shown.output
     assert "notify refused" in shown.output
     assert '"amount": 1' in shown.output
+    as_json = cli.invoke(
+        app, ["sagas", "list", "-d", sqlite.url, "--status", "compensated", "--json"]
+    )
+    assert as_json.exit_code == 0, as_json.output
+    assert [saga["id"] for saga in json.loads(as_json.output)] == ["m-1"]
+    wrong = cli.invoke(app, ["sagas", "show", "-d", sqlite.url])
+    assert wrong.exit_code == 2 and "basidia sagas show SAGA_ID" in wrong.output
     missing = cli.invoke(app, ["sagas", "show", "zzz", "-d", sqlite.url])
     assert missing.exit_code == 2 and "no saga 'zzz'" in missing.output
     nofile = cli.invoke(app, ["sagas", "list", "-d", "sqlite:////nonexistent/x.db"])

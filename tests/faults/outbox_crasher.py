@@ -34,7 +34,7 @@ from basidia import Service, ServiceRunner
 from basidia.data import Outbox, Relay
 
 ROLLED_BACK_EVERY = 5  # item ids divisible by this belong to rolled-back transactions
-WORKERS = 4
+WORKERS = 2
 
 
 class Rollback(Exception):

@@ -1,5 +1,5 @@
 """A saga's service process to kill: ``python -m tests.faults.saga_crasher`` starts (or, after
-a crash, resumes) one saga of three RPC steps and exits 0 once it has finished.
+a crash, resumes) sagas of three RPC steps, and prints their ends once they have finished.
 
 Its steps call ``do(operation, key)`` on the participant service the test runs; the test
 SIGKILLs this process from inside the participant's handler at the step it is testing.
@@ -51,15 +51,17 @@ async def run(args: argparse.Namespace) -> None:
 
     async with ServiceRunner([Coordinator], broker=args.broker) as runner:
         sagas: Any = runner.containers[args.service].dependencies["sagas"]
-        await sagas.start(Chain, {}, saga_id=args.saga_id)
-        saga = await sagas.wait(args.saga_id, 100)
-        print(saga["status"])
+        for saga_id in args.saga_ids:
+            await sagas.start(Chain, {}, saga_id=saga_id)  # nothing new if it exists
+        for saga_id in args.saga_ids:
+            print((await sagas.wait(saga_id, 100))["status"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for option in ("--db", "--schema", "--broker", "--service", "--participant", "--saga-id"):
+    for option in ("--db", "--schema", "--broker", "--service", "--participant"):
         parser.add_argument(option, default="")
+    parser.add_argument("--saga-ids", nargs="+", default=[])
     logging.basicConfig(level=logging.ERROR)
     asyncio.run(run(parser.parse_args()))
 
