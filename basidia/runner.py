@@ -70,6 +70,8 @@ class _Connection:
         self.rpc = ClusterProxy(self.client)
         #: The services hosted on this connection (a runner's), by name.
         self.containers: dict[str, ServiceContainer] = {}
+        if self.telemetry is not None:
+            self.telemetry.attach(self.containers, self.broker)
 
     async def open(self) -> None:
         await self.broker.connect()
@@ -78,8 +80,6 @@ class _Connection:
         except BaseException:
             await self.broker.close()
             raise
-        if self.telemetry is not None:
-            self.telemetry.attach(self.containers, self.broker)
 
     async def close(self) -> None:
         await self.client.close()

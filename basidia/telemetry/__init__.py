@@ -56,7 +56,7 @@ class Instrumentation(Middleware):
     """
 
     def attach(self, containers: Mapping[str, ServiceContainer], broker: Broker) -> None:
-        """Observe the services of a connection that opens (their counters become metrics)."""
+        """Observe the services of a runner or client (their counters become metrics)."""
 
     async def publish(
         self,
