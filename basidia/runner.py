@@ -110,7 +110,7 @@ class _Connection:
         await self.client.close()
         await self.broker.close()
         if self.telemetry is not None:
-            await self.telemetry.flush()
+            await self.telemetry.detach(self.containers)
 
 
 def _service_name(service: Any) -> str:

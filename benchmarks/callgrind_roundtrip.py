@@ -1,6 +1,8 @@
 """Instructions per in-process RPC round trip, compiled core and pure Python, under callgrind.
 
     python benchmarks/callgrind_roundtrip.py          # needs valgrind; about a minute per core
+    python benchmarks/callgrind_roundtrip.py --telemetry traces   # metrics, traces, all, off
+    python benchmarks/callgrind_roundtrip.py --without-otel       # OpenTelemetry unimportable
 
 An echo call on the memory broker, on asyncio's loop.  Each core runs twice under
 ``valgrind --tool=callgrind``, for N = 1,280 and 3,840: N sequential calls, then N
@@ -9,6 +11,11 @@ more from 64 concurrent workers.  The difference of the two counts, divided by t
 shutdown both runs share.  An instruction count does not move with the machine's
 load, and repeats to within about 1% (hash seeds, addresses): the figure to compare
 when a change is worth a few percent of a round trip.
+
+``--telemetry MODE`` instruments the echo and its client as ``basidia bench
+--telemetry`` does (docs/observability.md); ``--without-otel`` makes OpenTelemetry
+unimportable, as in an environment without ``basidia[otel]``: telemetry off and no
+extra should count the same.
 """
 
 from __future__ import annotations
@@ -30,10 +37,17 @@ async def _round_trips(count: int) -> None:
 
     print(IMPLEMENTATION)
 
+    middleware = []
+    mode = os.environ.get("BASIDIA_CALLGRIND_TELEMETRY", "off")
+    if mode != "off":
+        from basidia.bench.telemetry import instrumentation
+
+        middleware.append(instrumentation(mode)[0])
     name = "basidia_callgrind_echo"
     payload = b"x" * 16
-    async with ServiceRunner([echo_service(name, WORKERS)], broker="memory://callgrind"):
-        async with connect("memory://callgrind") as cluster:
+    broker = "memory://callgrind"
+    async with ServiceRunner([echo_service(name, WORKERS)], broker=broker, middleware=middleware):
+        async with connect(broker, middleware=middleware) as cluster:
             echo = cluster.rpc[name].echo
             for _ in range(count):
                 await echo(payload)
@@ -45,9 +59,9 @@ async def _round_trips(count: int) -> None:
             await asyncio.gather(*(worker(count // WORKERS) for _ in range(WORKERS)))
 
 
-def instructions(count: int, core: str) -> int:
+def instructions(count: int, core: str, extra: dict[str, str] | None = None) -> int:
     """Instructions callgrind counts for a whole process making ``count`` x 2 round trips."""
-    env = {**os.environ, "BASIDIA_NO_EXTENSIONS": "1" if core == "py" else ""}
+    env = {**os.environ, "BASIDIA_NO_EXTENSIONS": "1" if core == "py" else "", **(extra or {})}
     valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     done = subprocess.run(
         [*valgrind, sys.executable, __file__, "--run", str(count)],
@@ -64,16 +78,28 @@ def instructions(count: int, core: str) -> int:
     return int(match.group(1))
 
 
-def main() -> None:
+def main(args: list[str]) -> None:
+    extra: dict[str, str] = {}
+    what = ""
+    if args[:1] == ["--telemetry"] and len(args) == 2:
+        extra["BASIDIA_CALLGRIND_TELEMETRY"] = args[1]
+        what = f", telemetry {args[1]}"
+    elif args == ["--without-otel"]:
+        extra["BASIDIA_CALLGRIND_WITHOUT_OTEL"] = "1"
+        what = ", without OpenTelemetry"
+    elif args:
+        sys.exit("usage: callgrind_roundtrip.py [--telemetry MODE | --without-otel]")
     for core in ("c", "py"):
-        small = instructions(SMALL, core)
-        large = instructions(LARGE, core)
+        small = instructions(SMALL, core, extra)
+        large = instructions(LARGE, core, extra)
         per_call = (large - small) / (2 * (LARGE - SMALL))
-        print(f"{core}: {per_call:,.0f} instructions per round trip")
+        print(f"{core}{what}: {per_call:,.0f} instructions per round trip")
 
 
 if __name__ == "__main__":
+    if os.environ.get("BASIDIA_CALLGRIND_WITHOUT_OTEL"):
+        sys.modules["opentelemetry"] = None  # type: ignore[assignment]
     if sys.argv[1:2] == ["--run"]:
         asyncio.run(_round_trips(int(sys.argv[2])))
     else:
-        main()
+        main(sys.argv[1:])

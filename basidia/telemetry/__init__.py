@@ -56,7 +56,7 @@ class Instrumentation(Middleware):
     """
 
     def attach(self, containers: Mapping[str, ServiceContainer], broker: Broker) -> None:
-        """Observe the services of a runner (their counters become metrics)."""
+        """Observe the services of a runner or client (their counters become metrics)."""
 
     async def publish(
         self,
@@ -70,8 +70,9 @@ class Instrumentation(Middleware):
         """Publish an event through ``send``, traced."""
         return await send(event, data, source, idempotency_key, version, None)
 
-    async def flush(self) -> None:
-        """Export what is buffered (spans, metrics) of the providers Basidia set up."""
+    async def detach(self, containers: Mapping[str, ServiceContainer]) -> None:
+        """Stop observing a connection that closed; export what is buffered (spans,
+        metrics) of the providers Basidia set up."""
 
 
 def _flag(value: Any) -> bool:

@@ -270,7 +270,11 @@ class OpenTelemetry(Instrumentation):
             scheme = broker.safe_url.partition("://")[0].lower()
             self._messaging_system = _MESSAGING_SYSTEMS.get(scheme, scheme)
 
-    async def flush(self) -> None:
+    async def detach(self, containers: Mapping[str, ServiceContainer]) -> None:
+        self._runners = [item for item in self._runners if item[0] is not containers]
+        # A service of the same name may come back with other entrypoints (tests do).
+        names = set(containers)
+        self._entrypoints = {k: v for k, v in self._entrypoints.items() if k[0] not in names}
         if self._providers:
             await asyncio.to_thread(self._flush)
 

@@ -18,7 +18,8 @@ from tests.http.test_cli import free_port
 from tests.telemetry.processes import Process, start, wait_for_log
 from tests.telemetry.spans import TRACEPARENT, assert_chain, read_spans
 
-pytestmark = pytest.mark.timeout(90)
+# Two processes per test: once, in the compiled-core run (conftest.py).
+pytestmark = [pytest.mark.timeout(90), pytest.mark.long_fault]
 
 MODULE = "tests.telemetry.chain"
 

@@ -23,7 +23,8 @@ from tests.brokers.cleanup import delete_nats_consumers
 from tests.http.test_cli import free_port
 from tests.telemetry.processes import Process, start, wait_for_log
 
-pytestmark = pytest.mark.timeout(120)
+# Prometheus and a basidia run process: once, in the compiled-core run (conftest.py).
+pytestmark = [pytest.mark.timeout(120), pytest.mark.long_fault]
 
 
 @pytest.fixture

@@ -146,7 +146,7 @@ printable = st.text(st.characters(codec="ascii"), max_size=120)
 hexish = st.text(alphabet="0123456789abcdefABCDEF-xz", min_size=50, max_size=60)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     tp=st.none() | printable | hexish,
     ts=st.none() | printable,
