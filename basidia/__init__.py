@@ -29,6 +29,7 @@ from basidia.errors import (
     register_error,
 )
 from basidia.middleware import Middleware, OutgoingCall
+from basidia.resilience import NonRetryable, Retry
 from basidia.runner import Cluster, ServiceRunner, connect
 from basidia.service import Service, event_handler, http_endpoint, rpc
 from basidia.timers import timer
@@ -50,8 +51,10 @@ __all__ = [
     "MessageTooLarge",
     "MethodNotFound",
     "Middleware",
+    "NonRetryable",
     "OutgoingCall",
     "RemoteError",
+    "Retry",
     "RpcError",
     "RpcTimeout",
     "Service",

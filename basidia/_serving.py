@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -27,17 +27,21 @@ from basidia.brokers.base import (
     Failure,
     Subscription,
 )
-from basidia.context import CallContext
+from basidia.context import CALL_STACK_HEADER, IDEMPOTENCY_HEADER, CallContext
 from basidia.errors import (
     BrokerError,
     FrameError,
     MessageTooLarge,
     MethodNotFound,
+    RateLimited,
     RemoteError,
     RpcError,
     ValidationError,
 )
 from basidia.log import shorten
+from basidia.resilience.dedup import Claim, acquire, release_store
+from basidia.resilience.ratelimit import RateLimiter
+from basidia.resilience.retry import Retry
 from basidia.versioning import EventVersionError
 
 if TYPE_CHECKING:
@@ -53,7 +57,7 @@ _REQUEST, _EVENT = int(Kind.REQUEST), int(Kind.EVENT)
 # Reply addresses already checked with the broker (callers' inboxes repeat); bounded.
 _MAX_KNOWN_REPLY_ADDRESSES = 1024
 
-_Route = tuple[Callable[..., Any], Callable[[Frame], Any], EndpointStats]
+_Route = tuple[Callable[..., Any], Callable[[Frame], Any], EndpointStats, RateLimiter | None]
 
 
 def _kind(frame: Frame) -> str:
@@ -69,6 +73,15 @@ def _reject(container: ServiceContainer, kind: str, detail: str) -> None:
     container.bad_input.log(
         logging.ERROR, kind, "%s: rejected %s: %s", container.service_name, kind, shorten(detail)
     )
+
+
+def _caller(frame: Frame) -> str:
+    """Who makes a call, for per-client rate limits: the calling service, or the process
+    (its reply inbox) for a call from outside any service."""
+    stack = frame.headers.get(CALL_STACK_HEADER)
+    if stack:
+        return stack.rpartition(" ")[2].partition(".")[0]
+    return frame.reply_to
 
 
 class RequestServer:
@@ -90,7 +103,8 @@ class RequestServer:
         self._routes: dict[str, _Route] = {}
         for method in methods:
             stats = container.endpoint_stats.setdefault(method.name, EndpointStats())
-            self._routes[method.name] = (method.func, method.spec.decode, stats)
+            limiter = None if method.rate_limit is None else RateLimiter(method.rate_limit)
+            self._routes[method.name] = (method.func, method.spec.decode, stats, limiter)
 
     async def start(self) -> Subscription:
         """Consume the service's request queue."""
@@ -184,7 +198,14 @@ class RequestServer:
             return self._error_body(
                 frame, MethodNotFound(f"{self._name} has no RPC method {method!r}")
             )
-        func, decode_args, stats = route
+        func, decode_args, stats, limiter = route
+        if limiter is not None:
+            wait = limiter.take(_caller(frame))
+            if wait:
+                stats.num_requests += 1
+                stats.num_errors += 1
+                limited = RateLimited(f"{self._name}.{method}: rate limit reached", wait)
+                return self._error_body(frame, limited)
         try:
             args = decode_args(frame)
         except ValidationError as exc:
@@ -239,9 +260,29 @@ async def serve_events(container: ServiceContainer, handler: EventHandler) -> Su
         durable=handler.durable,
     )
     server = _EventServer(container, handler)
-    return await container.runtime.broker.subscribe_events(
-        subscription, server.on_event, concurrency=container.max_workers
-    )
+    try:
+        subscribed = await container.runtime.broker.subscribe_events(
+            subscription, server.on_event, concurrency=container.max_workers
+        )
+    except BaseException:
+        await server.close()
+        raise
+    return _Closing(subscribed, server.close)
+
+
+class _Closing(Subscription):
+    """A subscription that releases what its handler holds (a deduplication store) once
+    cancelled."""
+
+    def __init__(self, subscription: Subscription, close: Callable[[], Awaitable[None]]) -> None:
+        self._subscription = subscription
+        self._close = close
+
+    async def cancel(self) -> None:
+        try:
+            await self._subscription.cancel()
+        finally:
+            await self._close()
 
 
 class _EventServer:
@@ -250,8 +291,24 @@ class _EventServer:
     def __init__(self, container: ServiceContainer, handler: EventHandler) -> None:
         self.container = container
         self.handler = handler
-        self._max_frame_size = container.runtime.settings.max_frame_size
+        settings = container.runtime.settings
+        self._max_frame_size = settings.max_frame_size
         self._decode = handler.decoder.decode
+        self.policy = (handler.retry or Retry()).resolve(settings, handler.max_attempts)
+        self._group = f"{container.service_name}.{handler.name}"
+        self._broker = container.runtime.broker
+        self._dedup_spec = settings.dedup_store if handler.dedup is not False else "off"
+        if handler.dedup and self._dedup_spec.strip().lower() in ("", "off", "none"):
+            self._dedup_spec = "memory"  # asked for by the handler, off in config
+        self.dedup = acquire(
+            self._broker, self._dedup_spec, window=settings.dedup_window, lease=settings.dedup_lease
+        )
+
+    async def close(self) -> None:
+        """Let go of the deduplication store."""
+        if self.dedup is not None:
+            self.dedup = None
+            await release_store(self._broker, self._dedup_spec)
 
     async def on_event(self, delivery: Delivery) -> None:
         container = self.container
@@ -282,7 +339,8 @@ class _EventServer:
             _reject(container, f"invalid event data for {handler.name}", str(exc))
             await self._dead_letter(delivery, f"invalid event data: {exc}", "")
             return
-        attempts = handler.max_attempts or container.runtime.settings.event_max_attempts
+        policy = self.policy
+        attempts = policy.max_attempts
         if delivery.attempt > attempts:
             # Redelivered past its attempts without a verdict: the process handling it
             # died each time.  Stop the crash loop here.
@@ -296,35 +354,80 @@ class _EventServer:
                 delivery, f"delivered {delivery.attempt} times without completing", ""
             )
             return
+        key = frame.headers.get(IDEMPOTENCY_HEADER, "") if self.dedup is not None else ""
+        if key and not await self._claim(delivery, key):
+            return
         ctx = CallContext(name, handler.name, frame, 0.0, delivery.attempt)
         try:
             await container.handle(ctx, handler.func, (data,), task)
         except asyncio.CancelledError:
+            await self._release(key)
             await delivery.nack(requeue=True)  # shutdown: another instance takes it
             raise
         except Exception as exc:
+            await self._release(key)
             reason = f"{type(exc).__name__}: {exc}"
-            if delivery.attempt < attempts:
+            retryable = policy.retryable(exc)
+            if delivery.attempt < attempts and retryable:
+                delay = policy.delay_after(delivery.attempt)
                 logger.warning(
-                    "%s.%s failed (attempt %d of %d), will retry: %s",
+                    "%s.%s failed (attempt %d of %d), will retry in %.3g s: %s",
                     name,
                     handler.name,
                     delivery.attempt,
                     attempts,
+                    delay,
                     shorten(reason),
                 )
-                await delivery.nack(requeue=True)
+                await delivery.nack(requeue=True, delay=delay)
             else:
                 logger.error(
-                    "%s.%s failed %d times; dead-lettering the event: %s",
+                    "%s.%s failed %s; dead-lettering the event: %s",
                     name,
                     handler.name,
-                    delivery.attempt,
+                    f"{delivery.attempt} times" if retryable else "and cannot be retried",
                     shorten(reason),
                 )
                 await self._dead_letter(delivery, reason, type(exc).__name__)
         else:
+            if key:
+                await self._complete(key)
             await delivery.ack()
+
+    async def _claim(self, delivery: Delivery, key: str) -> bool:
+        """Claim ``key`` in the deduplication store; False when the delivery was settled
+        here (a duplicate: acked if done, retried later if another handler holds it)."""
+        assert self.dedup is not None
+        try:
+            claim = await self.dedup.claim(self._group, key)
+        except BrokerError as exc:
+            # No store, no promise: retry later rather than risk running twice.
+            logger.warning("%s: %s; the event comes back later", self._group, exc)
+            await delivery.nack(requeue=True, delay=self.policy.delay_after(1))
+            return False
+        if claim is Claim.NEW:
+            return True
+        self.container.stats.duplicates += 1
+        if claim is Claim.DONE:
+            logger.debug("%s: dropped a duplicate of event %s", self._group, shorten(key, 100))
+            await delivery.ack()
+        else:  # another delivery of the same event is being handled right now
+            await delivery.nack(requeue=True, delay=self.policy.delay_after(1))
+        return False
+
+    async def _complete(self, key: str) -> None:
+        assert self.dedup is not None
+        try:
+            await self.dedup.complete(self._group, key)
+        except BrokerError as exc:
+            logger.warning("%s: could not remember a handled event: %s", self._group, exc)
+
+    async def _release(self, key: str) -> None:
+        if key and self.dedup is not None:
+            try:
+                await self.dedup.release(self._group, key)
+            except BrokerError as exc:  # the claim lapses after dedup_lease
+                logger.warning("%s: %s", self._group, exc)
 
     async def _dead_letter(self, delivery: Delivery, reason: str, exception: str) -> None:
         """Park the event; ``exception`` is the handler's exception type, "" when the

@@ -261,8 +261,46 @@ class Settings:
     serializer: str = "msgpack"
     #: Seconds the calls in flight get to finish on SIGTERM (``basidia run --grace``).
     shutdown_grace: float = 20.0
-    #: Attempts an event handler gets before the event is dead-lettered.
-    event_max_attempts: int = 3
+    #: Attempts an event handler gets before the event is dead-lettered
+    #: (``@event_handler(..., max_attempts=N)`` or ``retry=Retry(...)`` per handler).
+    event_max_attempts: int = 5
+    #: Seconds before the first retry of a failed event; each later wait is
+    #: ``event_retry_multiplier`` times longer, up to ``event_retry_max_delay``.
+    event_retry_delay: float = 1.0
+    #: Growth of the wait between an event's attempts (exponential backoff).
+    event_retry_multiplier: float = 2.0
+    #: Longest wait between two attempts of an event, in seconds.
+    event_retry_max_delay: float = 60.0
+    #: Random spread of each wait, a fraction (0.2: ±20 %), so retries do not come in waves.
+    event_retry_jitter: float = 0.2
+    #: Where event handlers remember the idempotency keys they handled, to run once per key:
+    #: ``memory`` (this process), a ``redis://`` URL (every process), or ``off``.
+    dedup_store: str = "memory"
+    #: Seconds a handled idempotency key is remembered by the deduplication store.
+    dedup_window: float = 600.0
+    #: Seconds a handler's claim on a key lasts while it runs (a crashed one lapses).
+    dedup_lease: float = 300.0
+    #: Attempts of an RPC call through a ``Dependency`` where retrying is safe (the request
+    #: never reached a handler, or the method is declared idempotent); 1: no retries.
+    rpc_retry_attempts: int = 3
+    #: Seconds before the first retry of an RPC call, doubled for each later one.
+    rpc_retry_delay: float = 0.05
+    #: Consecutive failed calls that open a ``Dependency``'s circuit breaker (0: never on
+    #: consecutive failures).
+    breaker_failures: int = 5
+    #: Failure rate (0 to 1) over ``breaker_window`` that opens the breaker, once the window
+    #: holds ``breaker_min_calls`` calls (0: never on the rate).
+    breaker_failure_rate: float = 0.5
+    #: Seconds of calls the breaker's failure rate is measured over.
+    breaker_window: float = 30.0
+    #: Calls in the window before the failure rate counts.
+    breaker_min_calls: int = 20
+    #: Seconds an open breaker fails calls at once before letting one probe through.
+    breaker_reset: float = 5.0
+    #: Calls in flight at once through one ``Dependency`` (its bulkhead; 0: unbounded).
+    bulkhead_max_calls: int = 100
+    #: Seconds a call waits for a free place in the bulkhead before ``BulkheadFull``.
+    bulkhead_max_wait: float = 1.0
     #: Largest frame sent or accepted, in bytes (1024 to 16 MiB).
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     #: Send a failing handler's traceback to its callers (``RemoteError.traceback``):
@@ -274,6 +312,11 @@ class Settings:
     log_format: str = "text"
     #: Options passed to the broker adapter (docs/rabbitmq.md, docs/nats.md).
     broker_options: dict[str, Any] = field(default_factory=dict)
+    #: Broker URL for events, when they go to another broker than RPC (docs/brokers.md);
+    #: empty: ``broker`` carries both.
+    event_broker: str = ""
+    #: Options passed to the events broker's adapter.
+    event_broker_options: dict[str, Any] = field(default_factory=dict)
     #: Seconds between two announcements of a process's services in the service
     #: directory (``basidia services``, docs/operations.md).
     directory_heartbeat: float = 5.0
@@ -329,6 +372,7 @@ class Settings:
             raise ConfigError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
         if self.event_max_attempts < 1:
             raise ConfigError("event_max_attempts must be at least 1")
+        self._check_resilience()
         if not 1024 <= self.max_frame_size <= HARD_MAX_FRAME_SIZE:
             raise ConfigError(
                 f"max_frame_size must be between 1024 and {HARD_MAX_FRAME_SIZE} bytes"
@@ -347,6 +391,42 @@ class Settings:
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+
+    def _check_resilience(self) -> None:
+        at_least = {
+            "event_retry_delay": 0.0,
+            "event_retry_max_delay": 0.0,
+            "event_retry_multiplier": 1.0,
+            "dedup_window": 0.0,
+            "dedup_lease": 0.001,
+            "rpc_retry_attempts": 1,
+            "rpc_retry_delay": 0.0,
+            "breaker_failures": 0,
+            "breaker_failure_rate": 0.0,
+            "breaker_window": 0.001,
+            "breaker_min_calls": 1,
+            "breaker_reset": 0.0,
+            "bulkhead_max_calls": 0,
+            "bulkhead_max_wait": 0.0,
+        }
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low:g}, got {getattr(self, name)}")
+        if not 0 <= self.event_retry_jitter < 1:
+            raise ConfigError(
+                f"event_retry_jitter must be in [0, 1), got {self.event_retry_jitter}"
+            )
+        if self.breaker_failure_rate > 1:
+            raise ConfigError(
+                f"breaker_failure_rate must be in [0, 1], got {self.breaker_failure_rate}"
+            )
+        spec = self.dedup_store.strip().lower()
+        if spec not in ("", "off", "none", "memory") and not spec.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"dedup_store must be 'memory', 'off' or a redis:// URL, got {self.dedup_store!r}"
+            )
 
 
 def _boolean(value: Any) -> bool:
@@ -367,11 +447,29 @@ _SETTING_TYPES: dict[str, Callable[[Any], Any]] = {
     "serializer": str,
     "shutdown_grace": float,
     "event_max_attempts": int,
+    "event_retry_delay": float,
+    "event_retry_multiplier": float,
+    "event_retry_max_delay": float,
+    "event_retry_jitter": float,
+    "dedup_store": str,
+    "dedup_window": float,
+    "dedup_lease": float,
+    "rpc_retry_attempts": int,
+    "rpc_retry_delay": float,
+    "breaker_failures": int,
+    "breaker_failure_rate": float,
+    "breaker_window": float,
+    "breaker_min_calls": int,
+    "breaker_reset": float,
+    "bulkhead_max_calls": int,
+    "bulkhead_max_wait": float,
     "max_frame_size": int,
     "remote_tracebacks": _boolean,
     "log_level": str,
     "log_format": str,
     "broker_options": dict,
+    "event_broker": str,
+    "event_broker_options": dict,
     "directory_heartbeat": float,
     "directory_expiry": float,
     "fail_fast": _boolean,

@@ -77,6 +77,8 @@ class ContainerStats:
     expired: int = 0
     malformed: int = 0
     dead_lettered: int = 0
+    #: Events acknowledged without running the handler: their idempotency key was handled.
+    duplicates: int = 0
     last_error: str = ""
     processing_time: float = 0.0
 

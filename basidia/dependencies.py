@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from basidia.errors import ConfigError
+from basidia.resilience.breaker import Breaker, Bulkhead, GuardedProxy, RpcRetry, guard_for
 
 if TYPE_CHECKING:
     from basidia.container import ServiceContainer
@@ -111,14 +112,33 @@ class Dependency(DependencyProvider):
     """``Dependency("service_name")``: an RPC proxy; ``Dependency(SomeType)``: a provided value.
 
     An RPC proxy's calls inherit the deadline of the call being handled; ``timeout``
-    caps each call (default: config ``rpc_timeout``).
+    caps each call (default: config ``rpc_timeout``).  They go through a circuit breaker,
+    a bulkhead and safe retries, one set per (calling service, target service), set by
+    the ``breaker_*``, ``bulkhead_*`` and ``rpc_retry_*`` config keys or here (``False``
+    turns one off); ``idempotent`` (True, or the names of methods) allows retrying calls
+    that may have reached the target (docs/resilience.md).
     """
 
-    def __init__(self, target: str | type, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str | type,
+        *,
+        timeout: float | None = None,
+        breaker: Breaker | bool | None = None,
+        bulkhead: Bulkhead | bool | None = None,
+        retry: RpcRetry | bool | None = None,
+        idempotent: bool | Collection[str] = False,
+    ) -> None:
         if not isinstance(target, (str, type)):
             raise TypeError("Dependency takes a service name or a type")
         self.target = target
         self.timeout = timeout
+        self.guard_options: dict[str, Any] = {
+            "breaker": breaker,
+            "bulkhead": bulkhead,
+            "retry": retry,
+            "idempotent": idempotent if isinstance(idempotent, bool) else frozenset(idempotent),
+        }
         self._value: Any = None
         self._manager: AbstractAsyncContextManager[Any] | None = None
 
@@ -129,7 +149,15 @@ class Dependency(DependencyProvider):
     async def setup(self) -> None:
         container = self.container
         if isinstance(self.target, str):
-            self._value = container.runtime.client.proxy(self.target, timeout=self.timeout)
+            runtime = container.runtime
+            guard = guard_for(
+                container,
+                container.service_name,
+                self.target,
+                runtime.settings,
+                **self.guard_options,
+            )
+            self._value = GuardedProxy(runtime.client, self.target, self.timeout, guard)
             return
         factory = container.runtime.providers.get(self.target) or _FACTORIES.get(self.target)
         if factory is None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 __all__ = [
     "BasidiaError",
     "BrokerError",
+    "BulkheadFull",
+    "CircuitOpen",
     "ConfigError",
     "ConnectionLost",
     "FrameError",
     "MessageTooLarge",
     "MethodNotFound",
+    "RateLimited",
     "RemoteError",
+    "RequestNotSent",
     "RpcError",
     "RpcTimeout",
     "ServiceUnavailable",
@@ -37,6 +41,11 @@ class BrokerError(BasidiaError):
 
 class ConnectionLost(BrokerError):
     """The broker connection dropped while the operation was pending."""
+
+
+class RequestNotSent(ConnectionLost):
+    """The request never left this process (the link was lost, or the broker refused it):
+    no handler can have run it, so it is safe to send again."""
 
 
 class RpcError(BasidiaError):
@@ -101,6 +110,33 @@ class RemoteError(RpcError):
         return f"{self.exc_type}: {self.message}"
 
 
+class CircuitOpen(RpcError):
+    """The caller's circuit breaker for the target service is open: calls fail at once,
+    without reaching the broker, until it lets a probe through (docs/resilience.md)."""
+
+    code = "circuit_open"
+
+
+class BulkheadFull(RpcError):
+    """As many calls to the target as the caller's bulkhead allows are in flight, and no
+    place came free within its wait (docs/resilience.md)."""
+
+    code = "bulkhead_full"
+
+
+class RateLimited(RpcError):
+    """The method's rate limit is used up; try again after ``retry_after`` seconds (also
+    at the end of the message)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str = "", retry_after: float = 0.0) -> None:
+        if retry_after:
+            message = f"{message} (retry after {retry_after:.3g} s)"
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 # Error codes and the classes raised for them on the caller.  Custom errors are
 # registered by users with ``register_error`` and travel under their own code.
 ERROR_TYPES: dict[str, type[RpcError]] = {
@@ -112,6 +148,9 @@ ERROR_TYPES: dict[str, type[RpcError]] = {
         RpcTimeout,
         ValidationError,
         MessageTooLarge,
+        CircuitOpen,
+        BulkheadFull,
+        RateLimited,
     )
 }
 

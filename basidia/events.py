@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from basidia._speedups import Frame, Kind, encode_frame
 from basidia._wire import Codec
 from basidia.brokers.base import Broker
 from basidia.context import IDEMPOTENCY_HEADER, SOURCE_HEADER
 from basidia.versioning import VERSION_HEADER, check_version
+
+if TYPE_CHECKING:
+    from basidia.telemetry import Instrumentation
 
 __all__ = ["EventPublisher"]
 
@@ -21,6 +24,8 @@ class EventPublisher:
         self._broker = broker
         self._codec = codec
         self._max_frame_size = max_frame_size
+        #: PRODUCER spans and trace context, when telemetry is on (docs/observability.md).
+        self.telemetry: Instrumentation | None = None
 
     async def publish(
         self,
@@ -39,9 +44,26 @@ class EventPublisher:
         ``version`` is the schema version ``data`` follows (none: version 1); it
         travels in the ``ver`` header (docs/events.md).
         """
+        if self.telemetry is not None:
+            return await self.telemetry.publish(
+                self._publish, event, data, source, idempotency_key, version
+            )
+        return await self._publish(event, data, source, idempotency_key, version, None)
+
+    async def _publish(
+        self,
+        event: str,
+        data: Any,
+        source: str,
+        idempotency_key: str | None,
+        version: int | None,
+        trace_headers: dict[str, str] | None,
+    ) -> str:
         key = idempotency_key or uuid.uuid4().hex
         codec = self._codec
         headers = {IDEMPOTENCY_HEADER: key, **codec.headers}
+        if trace_headers:
+            headers.update(trace_headers)
         if source:
             headers[SOURCE_HEADER] = source
         if version is not None:

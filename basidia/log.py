@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -17,6 +18,10 @@ TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(call_id)s] %(message)s"
 
 #: Characters of untrusted text (an exception message, a reason) kept in a log line.
 MAX_LOGGED_CHARS = 2048
+
+#: The current span's (trace id, span id) in hex, or None outside a span: set by
+#: ``basidia.telemetry`` when tracing is on (docs/observability.md).
+trace_ids: Callable[[], tuple[str, str] | None] | None = None
 
 
 def shorten(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
@@ -69,7 +74,9 @@ class ThrottledLog:
 
 
 class CallContextFilter(logging.Filter):
-    """Adds ``call_id``, ``service`` and ``entrypoint`` to records (``-`` outside a call).
+    """Adds ``call_id``, ``root_call_id`` (the outermost call of the chain), ``service``,
+    ``entrypoint``, and with tracing on ``trace_id`` and ``span_id``, to records (``-``
+    outside a call or a span).
 
     Attach it to your own handlers to get the same fields when embedding Basidia.
     """
@@ -77,11 +84,14 @@ class CallContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         ctx = current_call.get()
         if ctx is None:
-            record.call_id = record.service = record.entrypoint = "-"
+            record.call_id = record.root_call_id = record.service = record.entrypoint = "-"
         else:
             record.call_id = ctx.call_id
+            record.root_call_id = ctx.call_id_stack[0]
             record.service = ctx.service
             record.entrypoint = ctx.entrypoint
+        ids = trace_ids() if trace_ids is not None else None
+        record.trace_id, record.span_id = ids or ("-", "-")
         return True
 
 
@@ -98,9 +108,14 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "call_id": getattr(record, "call_id", "-"),
+            "root_call_id": getattr(record, "root_call_id", "-"),
             "service": getattr(record, "service", "-"),
             "entrypoint": getattr(record, "entrypoint", "-"),
         }
+        trace_id = getattr(record, "trace_id", "-")
+        if trace_id != "-":
+            entry["trace_id"] = trace_id
+            entry["span_id"] = getattr(record, "span_id", "-")
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return self._encode(entry).decode()

@@ -15,10 +15,12 @@ from basidia._wire import Codec, decode_over_limit, decode_result, error_from_fr
 from basidia.brokers.base import Broker
 from basidia.context import CALL_STACK_HEADER, current_call
 from basidia.errors import (
+    BrokerError,
     ConnectionLost,
     FrameError,
     MessageTooLarge,
     RemoteError,
+    RequestNotSent,
     RpcTimeout,
     ValidationError,
 )
@@ -172,7 +174,10 @@ class RpcClient:
                 ),
                 self._max_frame_size,
             )
-            await self._broker.send_request(service, body, correlation_id=correlation_id)
+            try:
+                await self._broker.send_request(service, body, correlation_id=correlation_id)
+            except BrokerError as exc:  # never sent: safe to retry (basidia/resilience)
+                raise RequestNotSent(str(exc)) from None
             reply: Frame = await future
         except RpcTimeout:
             raise RpcTimeout(f"{service}.{method}: no reply within {timeout:.3g} s") from None

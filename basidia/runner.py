@@ -13,6 +13,7 @@ from basidia._version import __version__
 from basidia._wire import Codec
 from basidia.brokers import broker_from_url
 from basidia.brokers.base import Broker
+from basidia.brokers.mixed import MixedBroker
 from basidia.config import Config, Settings
 from basidia.container import Runtime, ServiceContainer, State
 from basidia.dependencies import ProviderFactory
@@ -21,6 +22,7 @@ from basidia.events import EventPublisher
 from basidia.middleware import Middleware
 from basidia.rpc import ClusterProxy, RpcClient
 from basidia.service import Service
+from basidia.telemetry import instrumentation_for
 
 __all__ = ["Cluster", "ServiceRunner", "connect"]
 
@@ -42,9 +44,16 @@ class _Connection:
         config: Config,
         timeout: float | None,
         middleware: Sequence[Middleware],
+        event_broker: str | Broker | None = None,
+        services: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.settings: Settings = config.settings
+        # Traces and metrics, when telemetry is on: outermost middleware (docs/observability.md).
+        self.telemetry = instrumentation_for(config, middleware, services)
+        if self.telemetry is not None and self.telemetry not in middleware:
+            middleware = [self.telemetry, *middleware]
+        self.middleware = list(middleware)
         if broker is None:
             broker = self.settings.broker
         self.broker = (
@@ -52,6 +61,16 @@ class _Connection:
             if isinstance(broker, str)
             else broker
         )
+        if event_broker is None:
+            event_broker = self.settings.event_broker or None
+        if event_broker is not None and event_broker != broker:
+            # RPC on one broker, events on another (docs/brokers.md).
+            events = (
+                broker_from_url(event_broker, self.settings.event_broker_options)
+                if isinstance(event_broker, str)
+                else event_broker
+            )
+            self.broker = MixedBroker(self.broker, events)
         codec = Codec(self.settings.serializer)
         self.client = RpcClient(
             self.broker,
@@ -61,9 +80,17 @@ class _Connection:
             middleware=middleware,
         )
         self.publisher = EventPublisher(self.broker, codec, self.settings.max_frame_size)
+        self.publisher.telemetry = self.telemetry
         self.rpc = ClusterProxy(self.client)
+        #: The services hosted on this connection (a runner's), by name.
+        self.containers: dict[str, ServiceContainer] = {}
+        if self.telemetry is not None:
+            self.telemetry.attach(self.containers, self.broker)
+        # The service directory travels on the RPC broker, as the NATS service API does:
+        # it tells who answers calls (docs/operations.md).
+        self._rpc_broker = self.broker.rpc if isinstance(self.broker, MixedBroker) else self.broker
         self.directory = Directory(
-            self.broker,
+            self._rpc_broker,
             heartbeat=self.settings.directory_heartbeat,
             expiry=self.settings.directory_expiry,
         )
@@ -72,8 +99,8 @@ class _Connection:
         await self.broker.connect()
         try:
             await self.client.start()
-            self.broker.directory = self.directory
-            if not self.broker.reports_no_responders:
+            self.broker.directory = self._rpc_broker.directory = self.directory
+            if not self._rpc_broker.reports_no_responders:
                 # The broker cannot say "no responders": the directory tells instead.
                 await self.directory.watch()
         except BaseException:
@@ -85,6 +112,14 @@ class _Connection:
         await self.directory.close()
         await self.client.close()
         await self.broker.close()
+        if self.telemetry is not None:
+            await self.telemetry.flush()
+
+
+def _service_name(service: Any) -> str:
+    return (
+        service.service_name() if isinstance(service, type) and issubclass(service, Service) else ""
+    )
 
 
 class _Client:
@@ -130,10 +165,11 @@ class _Client:
 class ServiceRunner(_Client):
     """Hosts services on one shared broker connection.
 
-    ``broker`` is a URL (``memory://``, ``amqp://...``, ``nats://...``) or a
-    ``Broker``; by default it comes from the config (``broker``), else the
-    in-process memory broker.  A service that fails to start is left in ERROR while
-    the others run, unless ``fail_fast`` (default: the ``fail_fast`` setting).
+    ``broker`` is a URL (``memory://``, ``amqp://...``, ``nats://...``, ``redis://...``)
+    or a ``Broker``; by default it comes from the config (``broker``), else the
+    in-process memory broker.  ``event_broker`` (or the config's ``event_broker``) puts
+    events on another broker than RPC.  A service that fails to start is left in ERROR
+    while the others run, unless ``fail_fast`` (default: the ``fail_fast`` setting).
     ``groups`` limits the entrypoints served to those groups (``basidia worker``:
     ``{"events", "timers"}``).
     """
@@ -146,13 +182,22 @@ class ServiceRunner(_Client):
         config: Config | Mapping[str, Any] | None = None,
         providers: Mapping[type, ProviderFactory] | None = None,
         middleware: Sequence[Middleware] = (),
+        event_broker: str | Broker | None = None,
         fail_fast: bool | None = None,
         groups: Collection[str] | None = None,
     ) -> None:
         self.config = _config(config)
-        self.middleware = list(middleware)
+        services = list(services)
         self.providers = dict(providers or {})
-        self._connection = _Connection(broker, self.config, None, self.middleware)
+        self._connection = _Connection(
+            broker,
+            self.config,
+            None,
+            middleware,
+            event_broker,
+            [_service_name(s) for s in services],
+        )
+        self.middleware = self._connection.middleware
         self.fail_fast = self._connection.settings.fail_fast if fail_fast is None else fail_fast
         self.runtime = Runtime(
             broker=self._connection.broker,
@@ -165,7 +210,7 @@ class ServiceRunner(_Client):
             on_state_change=self._state_changed,
             groups=None if groups is None else frozenset(groups),
         )
-        self.containers: dict[str, ServiceContainer] = {}
+        self.containers = self._connection.containers
         for service in services:
             self.add_service(service)
         self._started = False
@@ -311,8 +356,11 @@ class Cluster(_Client):
         config: Config | Mapping[str, Any] | None = None,
         timeout: float | None = None,
         middleware: Sequence[Middleware] = (),
+        event_broker: str | Broker | None = None,
     ) -> None:
-        self._connection = _Connection(broker, _config(config), timeout, list(middleware))
+        self._connection = _Connection(
+            broker, _config(config), timeout, list(middleware), event_broker
+        )
 
     async def start(self) -> Cluster:
         """Connect (``async with`` does this for you)."""
@@ -346,6 +394,10 @@ def connect(
     config: Config | Mapping[str, Any] | None = None,
     timeout: float | None = None,
     middleware: Sequence[Middleware] = (),
+    event_broker: str | Broker | None = None,
 ) -> Cluster:
-    """A client for the services on ``broker``; use it with ``async with``."""
-    return Cluster(broker, config=config, timeout=timeout, middleware=middleware)
+    """A client for the services on ``broker``; use it with ``async with``.
+    ``event_broker`` publishes events to another broker than RPC's."""
+    return Cluster(
+        broker, config=config, timeout=timeout, middleware=middleware, event_broker=event_broker
+    )

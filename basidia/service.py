@@ -5,10 +5,12 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from basidia._wire import ArgumentSpec, TypedDecoder
+from basidia.resilience.ratelimit import RateLimit
+from basidia.resilience.retry import Retry
 from basidia.versioning import Upcaster, VersionedDecoder, check_versions
 
 if TYPE_CHECKING:
@@ -91,6 +93,13 @@ class Rpc(Entrypoint):
     group = "rpc"
     _spec: ArgumentSpec | None = None
 
+    def __init__(
+        self, func: Callable[..., Awaitable[Any]], rate_limit: RateLimit | None = None
+    ) -> None:
+        super().__init__(func)
+        #: Calls per second it takes, per calling service (None: unlimited).
+        self.rate_limit = rate_limit
+
     @classmethod
     def sources(cls, entrypoints: Sequence[Self]) -> int:
         return 1 if entrypoints else 0  # one request queue for all the methods
@@ -126,6 +135,8 @@ class EventHandler(Entrypoint):
         max_attempts: int | None,
         versions: Sequence[int] | None = None,
         upcasters: Mapping[int, Upcaster] | None = None,
+        retry: Retry | None = None,
+        dedup: bool | None = None,
     ) -> None:
         super().__init__(func)
         if not _EVENT.match(event):
@@ -139,6 +150,10 @@ class EventHandler(Entrypoint):
         self.broadcast = broadcast
         self.durable = durable
         self.max_attempts = max_attempts
+        #: The retry policy (None: the configured defaults; docs/resilience.md).
+        self.retry = retry
+        #: Run once per idempotency key (None: as config ``dedup_store`` says).
+        self.dedup = dedup
         #: The schema versions accepted (None: any, unchecked) and the upcasters that lift
         #: an older version's data one version up (basidia/versioning.py).
         self.versions, self.upcasters = check_versions(func.__qualname__, versions, upcasters)
@@ -185,12 +200,27 @@ class HttpEndpoint(Entrypoint):
 
     group = "http"
 
-    def __init__(self, func: Callable[..., Awaitable[Any]], method: str, path: str) -> None:
+    def __init__(
+        self,
+        func: Callable[..., Awaitable[Any]],
+        method: str,
+        path: str,
+        *,
+        rate_limit: RateLimit | None = None,
+        allow: frozenset[str] | None = None,
+        public: bool = False,
+    ) -> None:
         super().__init__(func)
         if not path.startswith("/"):
             raise ValueError(f"{func.__qualname__}: HTTP paths start with '/', got {path!r}")
         self.methods = [part.strip().upper() for part in method.split(",") if part.strip()]
         self.path = path
+        #: Requests per second it takes, per client (None: unlimited); 429 past it.
+        self.rate_limit = rate_limit
+        #: The principals allowed (None: any authenticated one); 403 for the others.
+        self.allow = allow
+        #: Served without the service's authentication (``HttpAuth``).
+        self.public = public
 
     def describe(self) -> Any:
         return {"name": self.name, "methods": self.methods, "path": self.path}
@@ -228,9 +258,26 @@ def mark(func: F, entrypoint: Entrypoint) -> F:
     return func
 
 
-def rpc(func: F) -> F:
-    """Expose an ``async def`` method to RPC callers: ``await proxy.<service>.<method>(...)``."""
-    return mark(func, Rpc(func))
+@typing.overload
+def rpc(func: F, /) -> F: ...
+
+
+@typing.overload
+def rpc(*, rate_limit: str | float | RateLimit | None = None) -> Callable[[F], F]: ...
+
+
+def rpc(
+    func: F | None = None, /, *, rate_limit: str | float | RateLimit | None = None
+) -> F | Callable[[F], F]:
+    """Expose an ``async def`` method to RPC callers: ``await proxy.<service>.<method>(...)``.
+
+    ``@rpc(rate_limit="100/s")`` bounds the calls it takes per calling service (a token
+    bucket); a caller past it gets ``RateLimited`` (docs/resilience.md).
+    """
+    limit = None if rate_limit is None else RateLimit.parse(rate_limit)
+    if func is None:
+        return lambda inner: mark(inner, Rpc(inner, limit))
+    return mark(func, Rpc(func, limit))
 
 
 def event_handler(
@@ -241,6 +288,8 @@ def event_handler(
     max_attempts: int | None = None,
     versions: Sequence[int] | None = None,
     upcasters: Mapping[int, Upcaster] | None = None,
+    retry: Retry | None = None,
+    dedup: bool | None = None,
 ) -> Callable[[F], F]:
     """Handle every event named ``event``.
 
@@ -249,7 +298,11 @@ def event_handler(
     into at-most-once delivery where the broker distinguishes (events published
     while no instance runs are lost).  A handler that raises is retried until
     ``max_attempts`` (default from config ``event_max_attempts``), then the event
-    is dead-lettered with the error as the reason.
+    is dead-lettered with the error as the reason.  Attempts are spaced by exponential
+    backoff with jitter; ``retry=Retry(...)`` overrides the configured policy, and
+    ``NonRetryable`` (or ``Retry(give_up_on=...)``) dead-letters at once.  ``dedup``
+    turns the once-per-idempotency-key rule on or off for this handler (default: config
+    ``dedup_store``); docs/resilience.md.
 
     ``versions`` are the event schema versions the handler accepts (default: any,
     unchecked); an event of another version is dead-lettered with the reason.
@@ -268,17 +321,35 @@ def event_handler(
                 max_attempts=max_attempts,
                 versions=versions,
                 upcasters=upcasters,
+                retry=retry,
+                dedup=dedup,
             ),
         )
 
     return decorate
 
 
-def http_endpoint(method: str, path: str) -> Callable[[F], F]:
-    """Serve ``method`` (or ``"GET,POST"``) requests to ``path`` (Starlette syntax)."""
+def http_endpoint(
+    method: str,
+    path: str,
+    *,
+    rate_limit: str | float | RateLimit | None = None,
+    allow: Collection[str] | None = None,
+    public: bool = False,
+) -> Callable[[F], F]:
+    """Serve ``method`` (or ``"GET,POST"``) requests to ``path`` (Starlette syntax).
+
+    ``rate_limit`` (``"10/s"``) answers 429 with ``Retry-After`` past it, per client.  When
+    the service declares an ``HttpAuth`` dependency the endpoint needs credentials (401),
+    from one of the ``allow`` principals if given (403), unless ``public``
+    (docs/resilience.md).
+    """
+    limit = None if rate_limit is None else RateLimit.parse(rate_limit)
+    allowed = None if allow is None else frozenset(allow)
 
     def decorate(func: F) -> F:
-        return mark(func, HttpEndpoint(func, method, path))
+        endpoint = HttpEndpoint(func, method, path, rate_limit=limit, allow=allowed, public=public)
+        return mark(func, endpoint)
 
     return decorate
 

@@ -25,6 +25,10 @@ GUIDE = [
     "operations.md",
     "serialization.md",
     "dead-letters.md",
+    "resilience.md",
+
+
+    "observability.md",
     "reliability.md",
     "security.md",
 ]
@@ -160,9 +164,11 @@ def config_keys() -> list[tuple[str, str, Any, str]]:
     """``(key, type, default, description)`` of every setting Basidia reads."""
     from basidia.config import Settings
     from basidia.http.server import HttpSettings
+    from basidia.telemetry import TelemetrySettings
 
     keys: list[tuple[str, str, Any, str]] = []
-    for cls, prefix in ((Settings, ""), (HttpSettings, "http.")):
+    sections = ((Settings, ""), (HttpSettings, "http."), (TelemetrySettings, "telemetry."))
+    for cls, prefix in sections:
         comments = field_comments(cls)
         for field in dataclasses.fields(cls):
             if field.default is not dataclasses.MISSING:
@@ -193,7 +199,8 @@ def config_reference() -> str:
     lines = [
         "# Configuration",
         "",
-        "Generated from `basidia/config.py` and `basidia/http/server.py` "
+        "Generated from `basidia/config.py`, `basidia/http/server.py` and "
+        "`basidia/telemetry/__init__.py` "
         "(`scripts/mkdocs_hooks.py`). Values come from CLI options, then `BASIDIA_*` "
         "environment variables (`.` becomes `__`: `http.token` is `BASIDIA_HTTP__TOKEN`), "
         "then the config file (`--config`, YAML or TOML, with `${VAR:default}` "

@@ -15,6 +15,7 @@ REQUIRE_BROKERS = env_flag("BASIDIA_REQUIRE_BROKERS")
 
 AMQP_URL = os.environ.get("BASIDIA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 NATS_URL = os.environ.get("BASIDIA_TEST_NATS_URL", "nats://127.0.0.1:4222")
+REDIS_URL = os.environ.get("BASIDIA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -47,6 +48,13 @@ def nats_url() -> str:
     """URL of a running NATS server with JetStream (127.0.0.1:4222 by default)."""
     require_broker("nats", "127.0.0.1", 4222)
     return NATS_URL
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """URL of a running Redis server, 7.0 or later (127.0.0.1:6379 by default)."""
+    require_broker("redis", "127.0.0.1", 6379)
+    return REDIS_URL
 
 
 @pytest.fixture

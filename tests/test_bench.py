@@ -199,3 +199,62 @@ def test_bad_payload_sizes_are_refused(text: str) -> None:
 
     with pytest.raises(typer.BadParameter):
         parse_size(text)
+
+
+# --sweep: payloads 16 B to 1 MiB, 1 to 1,024 in flight; every point in the JSON.
+SWEEP_SHORT = ("--sweep", "--quick", "--json", "--duration", "0.05", "--calls", "10")
+
+
+def check_sweep(data: dict[str, Any]) -> None:
+    assert data["kind"] == "sweep"
+    payloads = data["payload_axis"]["points"]
+    in_flight = data["concurrency_axis"]["points"]
+    assert [point["bytes"] for point in payloads] == [16, 1024, 16384, 262144, 1048576]
+    assert [point["in_flight"] for point in in_flight] == [1, 4, 16, 64, 256, 1024]
+    for point in payloads + in_flight:
+        basidia = point["basidia"]
+        if basidia is None:  # refused by the broker's own limit, and said why
+            assert point["errors"]["basidia"]
+            continue
+        assert basidia["calls_per_s"] > 0
+        assert ("p50_us" if "bytes" in point else "mean_latency_us") in basidia
+
+
+def test_sweep_on_memory_holds_every_point_of_both_axes() -> None:
+    result = bench(*SWEEP_SHORT)
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    check_sweep(data)
+    assert data["raw_floor"]["name"] is None
+    # In process there is no broker limit: even 1 MiB goes through.
+    assert all(point["errors"] == {} for point in data["payload_axis"]["points"])
+
+
+@pytest.mark.nats
+def test_sweep_on_nats_sets_each_point_beside_the_raw_floor(nats_url: str) -> None:
+    result = bench("--broker", nats_url, *SWEEP_SHORT)
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    check_sweep(data)
+    small = data["payload_axis"]["points"][0]
+    assert small["raw"]["calls_per_s"] > 0 and small["throughput_ratio"] > 0
+    # 1 MiB framed is over the server's default max_payload, for Basidia and raw nats-py alike.
+    assert set(data["payload_axis"]["points"][-1]["errors"]) == {"basidia", "raw"}
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml")])
+def test_sweep_draws_its_picture(tmp_path: Path, suffix: str, magic: bytes) -> None:
+    pytest.importorskip("matplotlib", reason="the picture needs basidia[plot]")
+    picture = tmp_path / f"sweep{suffix}"
+
+    result = bench(*SWEEP_SHORT, "--plot", str(picture))
+
+    assert result.returncode == 0, result.stderr
+    assert picture.read_bytes().startswith(magic)
+
+
+def test_sweep_does_not_gate_and_plot_needs_a_sweep() -> None:
+    assert bench("--sweep", "--max-overhead-us", "5").returncode == 2
+    assert bench("--plot", "x.png").returncode == 2

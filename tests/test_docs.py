@@ -13,6 +13,7 @@ import typer.main
 from basidia.cli import app
 from basidia.config import Settings
 from basidia.http.server import HttpSettings
+from basidia.telemetry import TelemetrySettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,7 @@ def test_every_config_key_is_in_the_configuration_reference() -> None:
     keys = [field.name for field in dataclasses.fields(Settings)]
     keys += [f"http.{field.name}" for field in dataclasses.fields(HttpSettings)]
     keys.append("http.listen")
+    keys += [f"telemetry.{field.name}" for field in dataclasses.fields(TelemetrySettings)]
     for key in keys:
         env = "BASIDIA_" + key.upper().replace(".", "__")
         row = next((line for line in text.splitlines() if line.startswith(f"| `{key}` |")), "")

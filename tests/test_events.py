@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from basidia import EventDispatcher, Service, ServiceRunner, current_context, event_handler, rpc
+from basidia import (
+    EventDispatcher,
+    Retry,
+    Service,
+    ServiceRunner,
+    current_context,
+    event_handler,
+    rpc,
+)
 from basidia.brokers.memory import MemoryBroker
 
 from .brokers.contract import dead_letters_of, eventually
@@ -47,7 +55,7 @@ class Audit(Service):
 class Flaky(Service):
     name = "flaky"
 
-    @event_handler("payment.due", max_attempts=3)
+    @event_handler("payment.due", max_attempts=3, retry=Retry(delay=0.01))
     async def on_payment(self, payment: dict[str, int]) -> None:
         attempts[str(payment["id"])] += 1
         if attempts[str(payment["id"])] < payment["succeed_on"]:
@@ -165,7 +173,7 @@ async def test_handlers_see_the_attempt_number(memory_url: str) -> None:
     class Counting(Service):
         name = "counting"
 
-        @event_handler("tick", max_attempts=2)
+        @event_handler("tick", max_attempts=2, retry=Retry(delay=0.01))
         async def on_tick(self, data: int) -> None:
             ctx = current_context()
             assert ctx is not None

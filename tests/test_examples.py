@@ -19,8 +19,12 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture
-def examples() -> Iterator[dict[str, type[Service]]]:
-    """The services in examples/, freshly imported (their class-level state is new)."""
+def examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, type[Service]]]:
+    """The services in examples/, freshly imported (their class-level state is new).
+
+    In a temporary working directory: the order saga's services keep their SQLite files
+    there."""
+    monkeypatch.chdir(tmp_path)
     path, modules = list(sys.path), set(sys.modules)
     try:
         yield {service.service_name(): service for service in load_services([str(EXAMPLES)])}
@@ -159,3 +163,30 @@ async def test_api_service_answers_over_rpc(
         response = await get_user(request)
     assert response.status_code == 200
     assert json.loads(response.body) == {"message": "Hello, User 3!"}
+
+
+async def test_order_saga_completes_and_confirms_the_order(
+    running: tuple[ServiceRunner, Cluster],
+) -> None:
+    _, cluster = running
+    result = await cluster.rpc.orders.place_order(1, 25.0, "1 Main Street")
+    assert result["status"] == "completed"
+    assert result["data"]["tracking"] == "track-1"
+    assert await cluster.rpc.orders.order_status(1) == "confirmed"
+    assert await cluster.rpc.payments.balance(1) == 25.0
+    # The same order again runs no second saga and charges nothing more.
+    assert (await cluster.rpc.orders.place_order(1, 25.0, "1 Main Street"))["status"] == (
+        "completed"
+    )
+    assert await cluster.rpc.payments.balance(1) == 25.0
+
+
+async def test_order_saga_refunds_and_cancels_when_shipping_fails(
+    running: tuple[ServiceRunner, Cluster],
+) -> None:
+    _, cluster = running
+    result = await cluster.rpc.orders.place_order(2, 25.0, "")
+    assert result["status"] == "compensated"
+    assert "step ship failed" in result["error"] and "no address" in result["error"]
+    assert await cluster.rpc.orders.order_status(2) == "cancelled"
+    assert await cluster.rpc.payments.balance(2) == 0.0

@@ -518,10 +518,11 @@ def test_tests_workflow_covers_every_python_both_cores_and_both_brokers() -> Non
     assert "matrix.no-extensions" in job["env"]["BASIDIA_REQUIRE_EXTENSIONS"]
     assert job["env"]["BASIDIA_REQUIRE_BROKERS"] == "1"
     assert job["services"]["rabbitmq"]["ports"] == ["5672:5672"]
+    assert job["services"]["redis"]["ports"] == ["6379:6379"]
     (nats,) = [script for script in run_scripts(workflow) if "4222:4222" in script]
     assert " -js " in nats  # JetStream
     # The install is the README's, as .ci/run does it.
-    assert "python -m pip install -e '.[all,test]'" in run_lines(workflow)
+    assert "python -m pip install -e '.[all,test,docs]'" in run_lines(workflow)
 
 
 def test_wheels_workflow_builds_from_the_sdist_and_publishes_on_tags() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -49,6 +50,10 @@ PayloadOption = typer.Option(
     help="Payload size (16, 1KiB, 4k); repeat for several. Default: 16 B and 1 KiB.",
 )
 
+PlotOption = typer.Option(
+    None, "--plot", help="With --sweep: also draw it to this PNG or SVG file (needs matplotlib)."
+)
+
 
 def command(
     broker: str = typer.Option(
@@ -83,12 +88,26 @@ def command(
         min=0,
         help="Exit 1 if calls/s fall below this fraction of the raw floor's (0.8 = 80%).",
     ),
+    sweep: bool = typer.Option(
+        False,
+        "--sweep",
+        help="Scaling run: payloads 16 B to 1 MiB at --concurrency in flight, then 1 to 1,024 "
+        "in flight at the first --payload (default 16 B); each point beside the raw floor.",
+    ),
+    plot: Optional[Path] = PlotOption,  # noqa: UP045
 ) -> None:
     """Measure echo RPC: p50/p90/p99 latency at 1 in flight, calls/s at N in flight.
 
     On nats:// and amqp:// the raw client floor is measured in the same run, and
     Basidia's overhead over it is printed.  Progress goes to stderr.
     """
+    if sweep:
+        if max_overhead_us is not None or min_throughput_ratio is not None:
+            raise typer.BadParameter("--sweep measures, it does not gate", param_hint="'--sweep'")
+        _sweep(broker, concurrency, payload, calls, duration, quick, json_output, plot)
+        return
+    if plot is not None:
+        raise typer.BadParameter("--plot draws a sweep: add --sweep", param_hint="'--plot'")
     default_calls, default_duration = _QUICK if quick else _FULL
     sizes = tuple(dict.fromkeys(parse_size(text) for text in payload)) if payload else (16, 1024)
     plan = BenchPlan(
@@ -120,3 +139,46 @@ def command(
         typer.echo(f"gate failed: {failure}", err=True)
     if not verdict.passed:
         raise typer.Exit(code=1)
+
+
+# Seconds per point and contender, and sequential calls per payload, without and with --quick.
+_SWEEP_FULL = (1.0, 500)
+_SWEEP_QUICK = (0.1, 30)
+
+
+def _sweep(
+    broker: str,
+    concurrency: int,
+    payload: list[str] | None,
+    calls: int | None,
+    duration: float | None,
+    quick: bool,
+    json_output: bool,
+    plot: Path | None,
+) -> None:
+    from basidia.bench.sweep import SweepPlan, plot_sweep, render_sweep, run_sweep, sweep_json
+    from basidia.cli import run_async
+    from basidia.log import configure_logging
+
+    default_duration, default_calls = _SWEEP_QUICK if quick else _SWEEP_FULL
+    plan = SweepPlan(
+        broker=broker,
+        concurrency=concurrency,
+        payload=parse_size(payload[0]) if payload else 16,
+        duration=duration or default_duration,
+        calls=calls or default_calls,
+    )
+    configure_logging("WARNING")
+    try:
+        report = run_async(run_sweep(plan, _progress))
+    except (BasidiaError, ImportError, OSError, RuntimeError, TimeoutError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(json.dumps(sweep_json(report), indent=2) if json_output else render_sweep(report))
+    if plot is not None:
+        try:
+            plot_sweep(report, plot)
+        except ImportError as exc:
+            typer.echo(f"notice: no picture: {exc}", err=True)
+        else:
+            typer.echo(f"wrote {plot}", err=True)

@@ -18,7 +18,8 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,10 +35,12 @@ __all__ = [
     "Call",
     "Figures",
     "PayloadResult",
+    "echo_contenders",
     "echo_service",
     "figures",
     "measure_latency",
     "measure_throughput",
+    "new_report",
     "run_bench",
     "size_label",
 ]
@@ -334,6 +337,56 @@ def _uvloop_in_use() -> str | None:
     return importlib.metadata.version("uvloop")
 
 
+@asynccontextmanager
+async def echo_contenders(
+    broker: str,
+    max_workers: int,
+    report: BenchReport,
+    progress: Progress,
+    config: dict[str, Any] | None = None,
+) -> AsyncIterator[list[tuple[str, Call]]]:
+    """Host an echo service on ``broker``; yield ``[("basidia", call), ("raw", call)?]``.
+
+    ``config`` goes to the service's runner and to the client.  Fills
+    ``report.raw_floor`` and ``report.raw_unavailable``; the raw floor's client
+    is closed and the service stopped on the way out.
+    """
+    name = f"basidia_bench_echo_{uuid.uuid4().hex[:12]}"
+    runner = ServiceRunner([echo_service(name, max_workers)], broker=broker, config=config)
+    report.broker = runner.broker.safe_url
+    progress(f"starting the echo service {name} on {report.broker} ...")
+    await runner.start()
+    raw: RawEcho | None = None
+    try:
+        async with connect(broker, config=config) as cluster:
+            echo: Call = cluster.rpc[name].echo
+            probe = os.urandom(32)
+            if await echo(probe) != probe:
+                raise RuntimeError("the echo service returned a different payload")
+            report.raw_floor, report.raw_unavailable, raw = await _open_raw(broker, probe)
+            contenders: list[tuple[str, Call]] = [("basidia", echo)]
+            if raw is not None:
+                contenders.append(("raw", raw.call))
+            elif report.raw_unavailable is not None:
+                progress(f"raw floor unavailable: {report.raw_unavailable}")
+            yield contenders
+    finally:
+        if raw is not None:
+            await raw.close()
+        await runner.stop()
+
+
+def new_report(plan: BenchPlan) -> BenchReport:
+    """An empty report for a run of ``plan``; ``echo_contenders`` names its broker."""
+    return BenchReport(
+        plan=plan,
+        broker=redact_url(plan.broker),
+        raw_floor=None,
+        raw_unavailable=None,
+        uvloop=_uvloop_in_use(),
+    )
+
+
 async def run_bench(plan: BenchPlan, progress: Progress = lambda line: None) -> BenchReport:
     """Host an echo service on ``plan.broker``, call it through ``connect``, measure.
 
@@ -341,42 +394,16 @@ async def run_bench(plan: BenchPlan, progress: Progress = lambda line: None) -> 
     and ``RuntimeError`` when an echo answers wrongly or a raw client fails while
     measuring.  A raw floor that cannot be opened is reported, not raised.
     """
-    name = f"basidia_bench_echo_{uuid.uuid4().hex[:12]}"
-    runner = ServiceRunner([echo_service(name, plan.concurrency)], broker=plan.broker)
-    report = BenchReport(
-        plan=plan,
-        broker=runner.broker.safe_url,
-        raw_floor=None,
-        raw_unavailable=None,
-        uvloop=_uvloop_in_use(),
-    )
-    progress(f"starting the echo service {name} on {report.broker} ...")
-    await runner.start()
-    raw: RawEcho | None = None
-    try:
-        async with connect(plan.broker) as cluster:
-            echo: Call = cluster.rpc[name].echo
-            probe = os.urandom(32)
-            if await echo(probe) != probe:
-                raise RuntimeError("the echo service returned a different payload")
-            report.raw_floor, report.raw_unavailable, raw = await _open_raw(plan.broker, probe)
-            contenders: list[tuple[str, Call]] = [("basidia", echo)]
-            if raw is not None:
-                contenders.append(("raw", raw.call))
-            elif report.raw_unavailable is not None:
-                progress(f"raw floor unavailable: {report.raw_unavailable}")
-            for size in plan.payloads:
-                try:
-                    measured = await _compare(contenders, size, plan, progress)
-                except BasidiaError:
-                    raise
-                except Exception as exc:  # a raw client's own error types
-                    raise RuntimeError(
-                        f"a call failed while measuring: {type(exc).__name__}: {exc}"
-                    ) from exc
-                report.results.append(PayloadResult(size, measured["basidia"], measured.get("raw")))
-    finally:
-        if raw is not None:
-            await raw.close()
-        await runner.stop()
+    report = new_report(plan)
+    async with echo_contenders(plan.broker, plan.concurrency, report, progress) as contenders:
+        for size in plan.payloads:
+            try:
+                measured = await _compare(contenders, size, plan, progress)
+            except BasidiaError:
+                raise
+            except Exception as exc:  # a raw client's own error types
+                raise RuntimeError(
+                    f"a call failed while measuring: {type(exc).__name__}: {exc}"
+                ) from exc
+            report.results.append(PayloadResult(size, measured["basidia"], measured.get("raw")))
     return report

@@ -35,6 +35,8 @@ _ADAPTERS: dict[str, tuple[str, str, str]] = {
     "amqps": ("basidia.brokers.amqp", "AmqpBroker", "amqp"),
     "nats": ("basidia.brokers.nats", "NatsBroker", "nats"),
     "tls": ("basidia.brokers.nats", "NatsBroker", "nats"),
+    "redis": ("basidia.brokers.redis", "RedisBroker", "redis"),
+    "rediss": ("basidia.brokers.redis", "RedisBroker", "redis"),
 }
 
 

@@ -74,6 +74,19 @@ HEADERS_DROPPED_HEADER = "basidia-headers-dropped"
 # Headers of ours on a message are never copied onto its retry or dead letter: they are
 # written afresh.  The names of earlier releases (``x-basidia-*``) go too.
 _OUR_HEADERS = ("basidia-", "x-basidia-")
+# RabbitMQ's own dead-lettering records (a retry that waited in a delay queue has them):
+# not carried over onto a copy either.
+_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+#: A dead letter's own handle on RabbitMQ (``DeadLetter.id``), to show, replay or purge it.
+DEAD_LETTER_ID_HEADER = "basidia-dead-letter-id"
+#: The durable queue that names the groups with dead letters (``dead_letter_groups``):
+#: each consumer writes its group there once, when it first parks an event.
+DIRECTORY_SUFFIX = "dlq.groups"
+_DIRECTORY_LENGTH = 10_000  # names kept; the oldest go first
+# Seconds an unused delay queue outlives its TTL before RabbitMQ deletes it, and how often a
+# consumer declares it again (which counts as use) while it retries through it.
+_DELAY_QUEUE_SLACK = 3600.0
+_DELAY_QUEUE_REDECLARE = 60.0
 # The retry header of earlier releases: the attempt number of the next delivery.
 _LEGACY_ATTEMPT_HEADER = "x-basidia-attempt"
 _LEGACY_REASON_HEADER = "x-basidia-reason"
@@ -367,7 +380,13 @@ class _EventConsumer(_Consumer):
             queue = _check_name(f"{group_queue}.{uuid.uuid4().hex[:12]}", "queue name")
         super().__init__(broker, queue, handler, concurrency)
         self.subscription = subscription
+        self.group_queue = group_queue
         self.dead_letter_queue = f"{group_queue}.dlq"
+        self.directory = broker.directory_queue
+        # Delay queues declared lately (name -> loop time), and whether this consumer has
+        # named its group in the directory of groups with dead letters.
+        self._delay_queues: dict[str, float] = {}
+        self._listed = False
 
     async def _declare(self, channel: Channel) -> None:
         deadline = self.broker._deadline
@@ -383,6 +402,55 @@ class _EventConsumer(_Consumer):
         await deadline(bind, f"bind queue {self.queue!r}")
         declare = channel.queue_declare(self.dead_letter_queue, durable=True)
         await deadline(declare, f"declare queue {self.dead_letter_queue!r}")
+        declare = channel.queue_declare(
+            self.directory, durable=True, arguments={"x-max-length": _DIRECTORY_LENGTH}
+        )
+        await deadline(declare, f"declare queue {self.directory!r}")
+
+    async def delay_queue(self, delay: float) -> str:
+        """The delay queue that hands a message back to this consumer's queue after about
+        ``delay`` seconds (rounded to two significant digits, so that a few queues serve
+        every jittered delay): a per-queue TTL and RabbitMQ's dead-lettering to the default
+        exchange, no plugin.  Durable: a pending retry survives a restart of the service."""
+        millis = max(1, round(delay * 1000))
+        digits = max(0, len(str(millis)) - 2)
+        millis = round(millis / 10**digits) * 10**digits
+        name = _check_name(f"{self.queue}.delay.{millis}", "delay queue name")
+        loop = asyncio.get_running_loop()
+        declared = self._delay_queues.get(name)
+        if declared is None or loop.time() - declared > _DELAY_QUEUE_REDECLARE:
+            channel = self.channel
+            if channel is None or channel.is_closed:
+                raise BrokerError(f"the channel of {self.queue} is closed")
+            arguments: dict[str, Any] = {
+                "x-message-ttl": millis,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.queue,
+                "x-expires": millis + int(_DELAY_QUEUE_SLACK * 1000),
+            }
+            declare = channel.queue_declare(name, durable=True, arguments=arguments)
+            await self.broker._deadline(declare, f"declare queue {name!r}")
+            self._delay_queues[name] = loop.time()
+        return name
+
+    async def list_group(self) -> None:
+        """Name this group in the directory of groups with dead letters, once."""
+        if self._listed:
+            return
+        properties = spec.Basic.Properties(delivery_mode=_PERSISTENT)
+        what = f"list the group {self.subscription.group} in {self.directory}"
+        try:
+            await self.broker._publish_confirmed(
+                self.subscription.group.encode(),
+                "",
+                self.directory,
+                properties,
+                what,
+                reconnect=False,
+            )
+            self._listed = True
+        except BrokerError as exc:
+            logger.warning("could not %s: %s", what, exc)
 
     async def _dispatch(self, message: DeliveredMessage) -> None:
         delivery = _EventDelivery(self, message)
@@ -455,8 +523,9 @@ class _EventDelivery(_Delivery):
         value = headers.get(EVENT_HEADER, headers.get("x-basidia-event"))
         return value if isinstance(value, str) else self._message.routing_key or ""
 
-    async def _move(self, queue: str, headers: dict[str, Any], what: str) -> None:
-        """Publish a copy to ``queue`` (confirmed), then ack this one; or give it back."""
+    async def _move(self, queue: str, headers: dict[str, Any], what: str) -> bool:
+        """Publish a copy to ``queue`` (confirmed), then ack this one (True); or give it
+        back (False)."""
         broker = self._consumer.broker
         message = self._message
         if not message.channel.is_closed and not broker._closed:
@@ -470,9 +539,10 @@ class _EventDelivery(_Delivery):
                 await asyncio.sleep(_GIVE_BACK_PAUSE)  # no tight loop of redeliveries
             else:
                 await self.ack()
-                return
+                return True
         # The broker redelivers it, and the next delivery counts the attempt.
         await self._settle(ack=False, requeue=True)
+        return False
 
     def _properties(self, headers: dict[str, Any]) -> spec.Basic.Properties:
         """The copy's properties: the original headers with ``headers`` over them, or, if
@@ -482,7 +552,7 @@ class _EventDelivery(_Delivery):
         own = {
             name: value
             for name, value in (original.headers or {}).items()
-            if not name.startswith(_OUR_HEADERS)
+            if not name.startswith(_OUR_HEADERS) and not name.startswith(_BROKER_HEADERS)
         }
         properties = spec.Basic.Properties(
             delivery_mode=_PERSISTENT,
@@ -524,6 +594,13 @@ class _EventDelivery(_Delivery):
             EVENT_HEADER: self.event,
         }
         queue = self._consumer.queue
+        if delay > 0:
+            try:
+                queue = await self._consumer.delay_queue(delay)
+            except BrokerError as exc:
+                # Without its delay queue the retry waits here, holding its slot.
+                logger.warning("could not delay a retry on %s: %s", self._consumer.queue, exc)
+                await asyncio.sleep(min(delay, _GIVE_BACK_PAUSE * 10))
         await self._move(queue, headers, f"retry an event on {queue}")
 
     async def dead_letter(self, failure: Failure) -> None:
@@ -542,4 +619,7 @@ class _EventDelivery(_Delivery):
         if size > len(self.body):  # over max_message_size: its body was never read
             letter = dataclasses.replace(letter, truncated_from=size)
         queue = consumer.dead_letter_queue
-        await self._move(queue, dead_letter_headers(letter), f"dead-letter an event to {queue}")
+        headers = dead_letter_headers(letter)
+        headers[DEAD_LETTER_ID_HEADER] = uuid.uuid4().hex
+        if await self._move(queue, headers, f"dead-letter an event to {queue}"):
+            await consumer.list_group()

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,6 +79,8 @@ DLQ_PREFIX = "basidia.dlq."
 # A dead letter's headers are base.py's, the same on every broker; NATS adds the event's
 # sequence in BASIDIA_EVENTS (and de-duplicates dead letters by it).
 SEQUENCE_HEADER = "basidia-stream-sequence"
+#: On a replayed dead letter: the one group whose handler gets it (the others ack it).
+REPLAY_GROUP_HEADER = "basidia-replay-group"
 # The group header of earlier releases, still read when listing a group's dead letters.
 _LEGACY_GROUP_HEADER = "Basidia-Group"
 #: First failures a consumer remembers (by stream sequence) for the events it retries.
@@ -269,21 +273,25 @@ class JetStreamEvents:
                 return []
             if not state.messages:
                 return []
-            sequences = await self._scan(js, group, limit, state.last_seq)
+            found = await self._scan(js, group, limit, state.last_seq)
             letters = []
-            for sequence in sequences:
+            for sequence, _ in found:
                 try:
                     msg = await js.get_msg(DLQ_STREAM, sequence)
                 except nats.js.errors.NotFoundError:
                     continue  # gone since the scan (max_age)
-                letters.append(read_dead_letter(msg.headers or {}, msg.data or b""))
+                letter = read_dead_letter(msg.headers or {}, msg.data or b"")
+                letters.append(dataclasses.replace(letter, id=str(sequence)))
             return letters
         except (TimeoutError, nats.errors.Error) as exc:
             error = self.broker._secrets.scrub(str(exc) or type(exc).__name__)
             raise BrokerError(f"{what}: {error}") from None
 
-    async def _scan(self, js: JetStreamContext, group: str, limit: int, last: int) -> list[int]:
-        """Stream sequences of ``group``'s dead letters, up to ``last``, at most ``limit``."""
+    async def _scan(
+        self, js: JetStreamContext, group: str | None, limit: int, last: int
+    ) -> list[tuple[int, str]]:
+        """Stream sequences (and groups) of ``group``'s dead letters (every group's when
+        None), up to ``last``, at most ``limit``."""
         sub = await js.subscribe(
             DLQ_PREFIX + ">",
             stream=DLQ_STREAM,
@@ -291,20 +299,86 @@ class JetStreamEvents:
             deliver_policy=api.DeliverPolicy.ALL,
             headers_only=True,
         )
-        found: list[int] = []
+        found: list[tuple[int, str]] = []
         try:
             while len(found) < limit:
                 msg = await sub.next_msg(timeout=self.api_timeout)
                 metadata = msg.metadata
                 headers = msg.headers or {}
-                if headers.get(GROUP_HEADER, headers.get(_LEGACY_GROUP_HEADER)) == group:
-                    found.append(metadata.sequence.stream)
+                named = headers.get(GROUP_HEADER, headers.get(_LEGACY_GROUP_HEADER, ""))
+                if group is None or named == group:
+                    found.append((metadata.sequence.stream, named))
                 if metadata.sequence.stream >= last or not metadata.num_pending:
                     break
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
         return found
+
+    async def _dead_letter_sequences(self, group: str | None) -> list[tuple[int, str]]:
+        js = self.broker._jetstream()
+        try:
+            state = (await js.stream_info(DLQ_STREAM)).state
+        except nats.js.errors.NotFoundError:
+            return []
+        if not state.messages:
+            return []
+        return await self._scan(js, group, state.messages, state.last_seq)
+
+    async def dead_letter_groups(self) -> list[str]:
+        """Every group with a dead letter in ``BASIDIA_DLQ`` (a scan of their headers)."""
+        try:
+            found = await self._dead_letter_sequences(None)
+        except (TimeoutError, nats.errors.Error) as exc:
+            error = self.broker._secrets.scrub(str(exc) or type(exc).__name__)
+            raise BrokerError(f"could not list the groups with dead letters: {error}") from None
+        return sorted({group for _, group in found if group})
+
+    async def replay_dead_letters(self, group: str, ids: Sequence[str] | None) -> int:
+        """Publish each chosen dead letter's frame again to its event's subject, marked for
+        ``group`` alone (the other groups' consumers ack it unseen), then delete it from
+        ``BASIDIA_DLQ``.  The publish's ``Nats-Msg-Id`` is the letter's own, so a replay
+        that is repeated after a lost answer is dropped as a duplicate."""
+        return await self._take(group, ids, replay=True)
+
+    async def purge_dead_letters(self, group: str, ids: Sequence[str] | None) -> int:
+        """Delete the chosen dead letters of ``group`` from ``BASIDIA_DLQ``."""
+        return await self._take(group, ids, replay=False)
+
+    async def _take(self, group: str, ids: Sequence[str] | None, *, replay: bool) -> int:
+        js = self.broker._jetstream()
+        wanted = None if ids is None else set(ids)
+        taken = 0
+        try:
+            for sequence, _ in await self._dead_letter_sequences(group):
+                if wanted is not None and str(sequence) not in wanted:
+                    continue
+                if replay:
+                    try:
+                        msg = await js.get_msg(DLQ_STREAM, sequence)
+                    except nats.js.errors.NotFoundError:
+                        continue
+                    letter = read_dead_letter(msg.headers or {}, msg.data or b"")
+                    if letter.truncated_from:
+                        raise BrokerError(
+                            f"dead letter {sequence} of {group!r} was cut to fit the server "
+                            f"({letter.truncated_from} bytes): it cannot be replayed"
+                        )
+                    headers = {
+                        REPLAY_GROUP_HEADER: group,
+                        "Nats-Msg-Id": f"replay:{group}:{sequence}",
+                    }
+                    what = f"a replay of {letter.event!r}"
+                    await self.publish(EVENT_PREFIX + letter.event, letter.frame, headers, what)
+                try:
+                    await js.delete_msg(DLQ_STREAM, sequence)
+                except nats.js.errors.NotFoundError:
+                    continue
+                taken += 1
+        except (TimeoutError, nats.errors.Error) as exc:
+            error = self.broker._secrets.scrub(str(exc) or type(exc).__name__)
+            raise BrokerError(f"could not take the dead letters of {group!r}: {error}") from None
+        return taken
 
     # -- streams and consumers -----------------------------------------------------------------
 
@@ -491,7 +565,11 @@ class JetStreamDelivery(Delivery):
                 self._consumer.failed(self.sequence)
             elif self._consumer.first_failures:
                 self._consumer.first_failures.pop(self.sequence, None)
-        await self._settle(b"-NAK" if requeue else b"+TERM")
+        if requeue and delay > 0:
+            # JetStream holds the message for ``delay``: the retry survives a restart.
+            await self._settle(b'-NAK {"delay": %d}' % int(delay * 1e9))
+        else:
+            await self._settle(b"-NAK" if requeue else b"+TERM")
 
     async def dead_letter(self, failure: Failure) -> None:
         if self._settled:
@@ -682,6 +760,11 @@ class PullConsumer(WorkerPool[Msg]):
         if self._cancelled:
             await self._give_back(msg)
             return
+        if headers is not None and self.origin.group != headers.get(
+            REPLAY_GROUP_HEADER, self.origin.group
+        ):
+            await self._skip(msg)
+            return
         if self._requested:
             self._requested -= 1
             if not self._requested:
@@ -712,6 +795,15 @@ class PullConsumer(WorkerPool[Msg]):
             else:  # max ack pending, max waiting...: let the server breathe
                 self._backoff = 0.5
         self._end_request()
+
+    async def _skip(self, msg: Msg) -> None:
+        """Ack a dead letter replayed for another group, unseen."""
+        if self._requested:
+            self._requested -= 1
+            if not self._requested:
+                self._end_request()
+        with contextlib.suppress(nats.errors.Error):
+            await self.events.broker._client().publish(msg.reply, b"+ACK")
 
     async def _give_back(self, msg: Msg) -> None:
         """Return a message this cancelled consumer will not handle (no ack_wait to sit out)."""

@@ -27,11 +27,12 @@ in the background with capped, jittered exponential backoff, every consumer rest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlunsplit
 
@@ -46,6 +47,8 @@ from basidia._wire import no_responders
 from basidia.brokers._amqp_consumers import (
     _LINK_ERRORS,
     _PERSISTENT,
+    DEAD_LETTER_ID_HEADER,
+    DIRECTORY_SUFFIX,
     _check_name,
     _close_channel,
     _Consumer,
@@ -57,6 +60,7 @@ from basidia.brokers._amqp_consumers import (
 from basidia.brokers._amqp_fast import Sink, direct_deliveries, publish_nowait
 from basidia.brokers._common import Backoff, Names, RecentKeys, Secrets, parse_url, tls_context
 from basidia.brokers.base import (
+    EVENT_HEADER,
     Broker,
     DeadLetter,
     DeliveryHandler,
@@ -158,6 +162,8 @@ class AmqpBroker(Broker):
         #: Delays between reconnection attempts, and between a consumer's restarts.
         self._backoff = Backoff(float(reconnect_wait), float(reconnect_wait_max))
         self._prefix = prefix
+        #: The queue naming the groups with dead letters (``dead_letter_groups``).
+        self.directory_queue = _check_name(f"{prefix}.{DIRECTORY_SUFFIX}", "queue name")
         #: Idempotency keys of the events published lately (RabbitMQ keeps none).
         self.recent_keys = RecentKeys(float(duplicate_window))
         self.max_message_size = int(max_message_size)
@@ -512,11 +518,28 @@ class AmqpBroker(Broker):
         """Read ``<prefix>.events.<group>.dlq`` with ``basic.get`` on a channel of its own,
         acknowledging nothing, then close the channel: RabbitMQ puts every message back
         where it was.  A reader running at the same time sees fewer of them meanwhile."""
-        queue = _check_name(f"{self._prefix}.events.{group}.dlq", "dead-letter queue name")
+        letters: list[DeadLetter] = []
+        async with self._dead_letter_reader(group) as read:
+            while len(letters) < limit:
+                got = await read()
+                if got is None:
+                    break
+                letters.append(_letter(got))
+        return letters
+
+    def _dead_letter_queue(self, group: str) -> str:
+        return _check_name(f"{self._prefix}.events.{group}.dlq", "dead-letter queue name")
+
+    @contextlib.asynccontextmanager
+    async def _dead_letter_reader(
+        self, group: str
+    ) -> AsyncIterator[Callable[[], Awaitable[DeliveredMessage | None]]]:
+        """``read()`` gives ``group``'s dead letters one by one (None at the end) on a
+        channel of its own; what is not acked goes back when the channel closes."""
+        queue = self._dead_letter_queue(group)
         connection = self._connection
         if connection is None or self._closed:
             raise ConnectionLost(f"not connected to {self.safe_url}")
-        letters: list[DeadLetter] = []
         channel = await self._channel(connection)
 
         async def get() -> DeliveredMessage | None:
@@ -525,15 +548,111 @@ class AmqpBroker(Broker):
             except aiormq.ChannelNotFoundEntity:
                 return None  # no such queue: the group never had a consumer here
 
+        async def read() -> DeliveredMessage | None:
+            got = await self._deadline(get(), f"read the dead letters of {group!r}")
+            if got is None or not isinstance(got.delivery, spec.Basic.GetOk):
+                return None
+            return got
+
         try:
-            while len(letters) < limit:
-                got = await self._deadline(get(), f"read the dead letters of {group!r}")
-                if got is None or not isinstance(got.delivery, spec.Basic.GetOk):
-                    break
-                letters.append(read_dead_letter(got.header.properties.headers or {}, got.body))
+            yield read
         finally:
             await _close_channel(channel, self._timeout)
-        return letters
+
+    async def dead_letter_groups(self) -> list[str]:
+        """The groups named in the directory queue whose dead-letter queue holds messages."""
+        named: set[str] = set()
+        connection = self._connection
+        if connection is None or self._closed:
+            raise ConnectionLost(f"not connected to {self.safe_url}")
+        channel = await self._channel(connection)
+        try:
+            while True:
+                try:
+                    get = channel.basic_get(self.directory_queue, no_ack=False)
+                    got = await self._deadline(get, "read the groups with dead letters")
+                except BrokerError:
+                    break  # no directory yet: no consumer ever ran here
+                if not isinstance(got.delivery, spec.Basic.GetOk):
+                    break
+                named.add(got.body.decode("utf-8", "replace"))
+        finally:
+            await _close_channel(channel, self._timeout)
+        groups = []
+        for group in sorted(named):
+            channel = await self._channel(connection)
+            try:
+                declare = channel.queue_declare(self._dead_letter_queue(group), passive=True)
+                declared = await self._deadline(declare, "count dead letters")
+                if declared.message_count:
+                    groups.append(group)
+            except (BrokerError, ValueError):
+                pass  # its dead-letter queue was deleted
+            finally:
+                await _close_channel(channel, self._timeout)
+        return groups
+
+    async def replay_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
+        """Publish the chosen dead letters to the group's queue (confirmed) without their
+        dead-letter headers, so each is a first attempt again, then ack them; the others go
+        back where they were."""
+        target = _check_name(f"{self._prefix}.events.{group}", "queue name")
+        wanted = None if ids is None else set(ids)
+        replayed = 0
+        async with self._dead_letter_reader(group) as read:
+            while True:
+                got = await read()
+                if got is None:
+                    break
+                letter = _letter(got)
+                if wanted is not None and letter.id not in wanted:
+                    continue
+                original = got.header.properties
+                headers = {
+                    name: value
+                    for name, value in (original.headers or {}).items()
+                    if not name.startswith(("basidia-", "x-basidia-", "x-death", "x-first-death"))
+                }
+                headers[EVENT_HEADER] = letter.event
+                properties = spec.Basic.Properties(
+                    delivery_mode=_PERSISTENT,
+                    message_id=original.message_id,
+                    content_type=original.content_type,
+                    headers=headers,
+                )
+                what = f"replay a dead letter of {group!r}"
+                await self._publish_confirmed(got.body, "", target, properties, what)
+                await self._deadline(
+                    got.channel.basic_ack(got.delivery_tag or 0), "ack a replayed dead letter"
+                )
+                replayed += 1
+        return replayed
+
+    async def purge_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
+        if ids is None:
+            connection = self._connection
+            if connection is None or self._closed:
+                raise ConnectionLost(f"not connected to {self.safe_url}")
+            channel = await self._channel(connection)
+            try:
+                purge = channel.queue_purge(self._dead_letter_queue(group))
+                purged = await self._deadline(purge, f"purge the dead letters of {group!r}")
+                return int(purged.message_count or 0)
+            except BrokerError:
+                return 0  # no such queue
+            finally:
+                await _close_channel(channel, self._timeout)
+        wanted, purged_count = set(ids), 0
+        async with self._dead_letter_reader(group) as read:
+            while True:
+                got = await read()
+                if got is None:
+                    break
+                if _letter(got).id in wanted:
+                    ack = got.channel.basic_ack(got.delivery_tag or 0)
+                    await self._deadline(ack, "remove a dead letter")
+                    purged_count += 1
+        return purged_count
 
     async def _publish_confirmed(
         self,
@@ -611,6 +730,15 @@ class AmqpBroker(Broker):
         # While reconnecting, it starts with the other consumers once the connection is back.
         self._consumers.append(consumer)
         return consumer
+
+
+def _letter(message: DeliveredMessage) -> DeadLetter:
+    headers = message.header.properties.headers or {}
+    letter = read_dead_letter(headers, message.body)
+    handle = headers.get(DEAD_LETTER_ID_HEADER)
+    if isinstance(handle, bytes | bytearray):
+        handle = bytes(handle).decode("ascii", "replace")
+    return dataclasses.replace(letter, id=handle if isinstance(handle, str) else "")
 
 
 # A message id of our own spares aiormq making up a random one for every reply.

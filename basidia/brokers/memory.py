@@ -12,12 +12,13 @@ within 120 s is dropped, as JetStream drops it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from basidia.brokers._common import RecentKeys, WorkerPool, redact_url
 from basidia.brokers.base import (
@@ -78,7 +79,11 @@ class _EventDelivery(Delivery):
         if requeue:
             first_failure = self._first_failure or time.time()
             retry = _EventDelivery(self.body, self._queue, self._attempt + 1, first_failure)
-            self._queue.put(retry)
+            if delay > 0:
+                # A timer, not a sleeping worker: other events keep flowing meanwhile.
+                self._queue.put_later(delay, retry)
+            else:
+                self._queue.put(retry)
 
     async def dead_letter(self, failure: Failure) -> None:
         if self._settled:
@@ -93,7 +98,8 @@ class _EventDelivery(Delivery):
             frame=self.body,
             first_failure=self._first_failure,
         )
-        queue.hub.dead_letters.append(letter)
+        hub = queue.hub
+        hub.dead_letters.append(dataclasses.replace(letter, id=str(next(hub.ids))))
 
 
 class _Queue:
@@ -117,6 +123,10 @@ class _Queue:
 
     def empty(self) -> bool:
         return not self.items
+
+    def put_later(self, delay: float, delivery: Delivery) -> None:
+        """``put`` after ``delay`` seconds (a retry's backoff)."""
+        asyncio.get_running_loop().call_later(delay, self.put, delivery)
 
     def put(self, delivery: Delivery) -> None:
         waiters = self.waiters
@@ -223,6 +233,37 @@ class MemoryBroker(Broker):
         """The events of ``group`` parked after their last attempt, oldest first."""
         letters = [letter for letter in self._connected_hub().dead_letters if letter.group == group]
         return letters[: max(0, limit)]
+
+    async def dead_letter_groups(self) -> list[str]:
+        return sorted({letter.group for letter in self._connected_hub().dead_letters})
+
+    def _take(self, group: str, ids: Sequence[str] | None) -> list[DeadLetter]:
+        """Remove and return ``group``'s dead letters (those in ``ids``, or all)."""
+        hub = self._connected_hub()
+        wanted = None if ids is None else set(ids)
+        taken, kept = [], []
+        for letter in hub.dead_letters:
+            if letter.group == group and (wanted is None or letter.id in wanted):
+                taken.append(letter)
+            else:
+                kept.append(letter)
+        hub.dead_letters = kept
+        return taken
+
+    async def replay_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
+        hub = self._connected_hub()
+        letters = self._take(group, ids)
+        for letter in letters:
+            queue = hub.groups.get(letter.event, {}).get(group)
+            if queue is None:  # the group's queue is gone (a broadcast instance): recreate
+                queue = hub.groups.setdefault(letter.event, {})[group] = _Queue(
+                    hub, group, letter.event, group
+                )
+            queue.put(_EventDelivery(letter.frame, queue))
+        return len(letters)
+
+    async def purge_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
+        return len(self._take(group, ids))
 
     def _connected_hub(self) -> _Hub:
         if self._hub is None:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import nats.errors
@@ -43,6 +43,7 @@ from basidia.brokers._nats_jetstream import (
     DLQ_STREAM,
     EVENT_PREFIX,
     EVENTS_STREAM,
+    REPLAY_GROUP_HEADER,
     EventOrigin,
     JetStreamEvents,
     consumer_name,
@@ -163,6 +164,9 @@ class _QueueWorkers(WorkerPool[Msg]):
         self._sub._pending_size -= len(body)
         origin = self._origin
         assert origin is not None
+        headers = msg.headers
+        if headers is not None and headers.get(REPLAY_GROUP_HEADER, origin.group) != origin.group:
+            return  # a dead letter replayed for another group
         await self._handler(_CoreEventDelivery(body, origin))
 
     async def cancel(self) -> None:
@@ -636,8 +640,18 @@ class NatsBroker(Broker):
         await self._events.publish(subject, body, headers, f"event {event!r}")
 
     async def dead_letters(self, group: str, *, limit: int = 100) -> list[DeadLetter]:
-        """Read ``group``'s dead letters from the stream ``BASIDIA_DLQ`` (nothing is removed)."""
+        """Read ``group``'s dead letters from the stream ``BASIDIA_DLQ`` (nothing is removed);
+        a letter's ``id`` is its sequence there."""
         return await self._events.dead_letters(group, limit)
+
+    async def dead_letter_groups(self) -> list[str]:
+        return await self._events.dead_letter_groups()
+
+    async def replay_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
+        return await self._events.replay_dead_letters(group, ids)
+
+    async def purge_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
+        return await self._events.purge_dead_letters(group, ids)
 
     async def subscribe_events(
         self, subscription: EventSubscription, handler: DeliveryHandler, *, concurrency: int

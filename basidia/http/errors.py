@@ -8,6 +8,7 @@ the server's log; the client gets a stable code and a message written for it.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
@@ -15,7 +16,10 @@ from starlette.responses import JSONResponse
 
 from basidia.errors import (
     BrokerError,
+    BulkheadFull,
+    CircuitOpen,
     MethodNotFound,
+    RateLimited,
     RemoteError,
     RpcTimeout,
     ServiceUnavailable,
@@ -39,6 +43,7 @@ _CODES = {
     415: "unsupported_media_type",
     421: "misdirected_request",
     422: "validation_error",
+    429: "too_many_requests",
     431: "headers_too_large",
     500: "internal_error",
     502: "bad_gateway",
@@ -82,7 +87,10 @@ def response_for_exception(exc: BaseException, where: str) -> JSONResponse:
         return error_response(exc.status_code, exc.detail, exc.headers)
     if isinstance(exc, ValidationError):
         return error_response(422, exc.message or "invalid arguments")
-    if isinstance(exc, (ServiceUnavailable, BrokerError)):
+    if isinstance(exc, RateLimited):  # a service behind it is over its rate limit
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        return error_response(429, "too many requests; slow down", headers)
+    if isinstance(exc, (ServiceUnavailable, BrokerError, CircuitOpen, BulkheadFull)):
         logger.warning("%s: %s: %s", where, type(exc).__name__, exc)
         return error_response(503, "a service needed to answer is unavailable; retry later")
     if isinstance(exc, (RpcTimeout, TimeoutError)):

@@ -10,6 +10,10 @@ are refused, see ``basidia.http.crosssite``)::
     POST /services/{name}/stop      RUNNING/ERROR → STOPPING → STOPPED (?grace=seconds)
     POST /services/{name}/restart   stop (if RUNNING), then start; the others keep serving
     GET  /cluster                   every instance on the broker (the service directory)
+    GET  /sagas                     the sagas of the services here (?status=, ?limit=)
+    GET  /sagas/{id}                one saga with its steps (docs/sagas.md)
+    GET  /metrics                   Prometheus text, with the Prometheus exporter on
+                                    (docs/observability.md)
 
 Health (never behind the token, so that Kubernetes probes work; they reveal
 nothing but the verdict)::
@@ -38,6 +42,7 @@ from basidia import IMPLEMENTATION, __version__
 from basidia.container import ServiceContainer, State
 from basidia.http.crosssite import CrossSiteGuard
 from basidia.http.errors import error_response
+from basidia.resilience.breaker import guards_of
 from basidia.runner import ServiceRunner
 
 __all__ = ["Management", "health_routes", "is_ready"]
@@ -137,6 +142,9 @@ class Management:
                 name="management.restart",
             ),
             Route("/cluster", guard(self.cluster), methods=["GET"], name="management.cluster"),
+            Route("/sagas", guard(self.sagas), methods=["GET"], name="management.sagas"),
+            Route("/sagas/{id}", guard(self.saga), methods=["GET"], name="management.saga"),
+            Route("/metrics", guard(self.metrics), methods=["GET"], name="management.metrics"),
         ]
 
     def _guarded(self, endpoint: Endpoint) -> Endpoint:
@@ -271,6 +279,46 @@ class Management:
         instances = await self.runner.services()
         return JSONResponse([instance.to_dict() for instance in instances])
 
+    async def sagas(self, request: Request) -> Response:
+        """``GET /sagas``: the sagas in the databases of the services here, newest first."""
+        from basidia.data.saga import running_sagas
+
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+            found = await running_sagas(
+                self.runner.containers.values(),
+                status=request.query_params.get("status"),
+                limit=limit,
+            )
+        except ValueError as exc:
+            return error_response(400, str(exc))
+        return JSONResponse(found)
+
+    async def saga(self, request: Request) -> Response:
+        """``GET /sagas/{id}``: one saga, its data and its steps."""
+        from basidia.data.saga import find_saga
+
+        saga_id = request.path_params["id"]
+        found = await find_saga(self.runner.containers.values(), saga_id)
+        if found is None:
+            return error_response(404, f"no saga {saga_id!r} in the databases of this process")
+        return JSONResponse(found)
+
+    async def metrics(self, request: Request) -> Response:
+        """``GET /metrics``: the metrics in Prometheus's text format; 404 when the
+        Prometheus exporter is off."""
+        from basidia.telemetry import prometheus_text
+
+        found = prometheus_text()
+        if found is None:
+            return error_response(
+                404,
+                "metrics are off: set OTEL_METRICS_EXPORTER=prometheus or "
+                "telemetry.metrics_exporter (docs/observability.md)",
+            )
+        body, content_type = found
+        return Response(body, media_type=content_type)
+
     def _container(self, request: Request) -> ServiceContainer | None:
         return self.runner.containers.get(request.path_params["name"])
 
@@ -300,9 +348,12 @@ def describe(container: ServiceContainer) -> dict[str, Any]:
             "expired": stats.expired,
             "malformed": stats.malformed,
             "dead_lettered": stats.dead_lettered,
+            "duplicates": stats.duplicates,
             "last_error": stats.last_error or None,
             "processing_time": round(stats.processing_time, 6),
         },
+        # Circuit breaker and bulkhead of each RPC dependency, by target (docs/resilience.md).
+        "breakers": {target: guard.describe() for target, guard in guards_of(container).items()},
     }
 
 

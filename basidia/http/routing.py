@@ -27,6 +27,7 @@ from basidia.container import ServiceContainer, State
 from basidia.context import CallContext
 from basidia.errors import ValidationError
 from basidia.http.errors import MalformedJson, error_response, response_for_exception
+from basidia.resilience.edge import edge_guard
 from basidia.service import HttpEndpoint
 
 __all__ = ["EndpointApp", "Request", "RouteSpec", "check_conflicts", "service_routes"]
@@ -73,6 +74,7 @@ class EndpointApp:
         # An argument after the request is the JSON body, validated against its hint.
         body_type = endpoint.body_type
         self._body = None if body_type is None else msgspec.json.Decoder(body_type).decode
+        self._guard = edge_guard(container, endpoint)  # authentication, rate limit
 
     def __repr__(self) -> str:
         return f"<EndpointApp {self.target}>"
@@ -86,6 +88,10 @@ class EndpointApp:
         container = self.container
         if container.state is not State.RUNNING:
             return error_response(503, "this endpoint's service is not running; retry later")
+        if self._guard is not None:
+            refused = self._guard.check(request)
+            if refused is not None:
+                return refused
         timeout = container.runtime.settings.rpc_timeout
         frame = Frame(Kind.REQUEST, next(self._ids), self.target, b"", HTTP_ORIGIN)
         ctx = CallContext(container.service_name, self.key, frame, time.time() + timeout)

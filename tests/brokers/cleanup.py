@@ -43,3 +43,27 @@ async def delete_nats_consumers(url: str, token: str, *, purge_dlq: str = "") ->
                 await jsm.purge_stream(DLQ_STREAM, subject=purge_dlq)
     finally:
         await nc.close()
+
+
+async def delete_redis_keys(url: str, token: str, prefix: str = "basidia") -> None:
+    """Delete the keys (streams, sets) on the Redis server at ``url`` whose name holds
+    ``token``, and the consumer groups named with it on other streams (a shared event's)."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import ResponseError
+
+    client = aioredis.Redis.from_url(url, socket_timeout=5)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"*{token}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        dlq = f"{prefix}:dlq:".encode()
+        groups = [key[len(dlq) :] for key in keys if key.startswith(dlq)]
+        if groups:
+            await client.srem(f"{prefix}:dlq-groups", *groups)
+        async for stream in client.scan_iter(match=f"{prefix}:ev:*", count=1000):
+            with contextlib.suppress(ResponseError):
+                for group in await client.xinfo_groups(stream):
+                    if token in group["name"].decode():
+                        await client.xgroup_destroy(stream, group["name"])
+    finally:
+        await client.aclose()

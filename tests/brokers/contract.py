@@ -27,6 +27,7 @@ import pytest
 from basidia import (
     MethodNotFound,
     RemoteError,
+    Retry,
     Service,
     ServiceRunner,
     ServiceUnavailable,
@@ -35,16 +36,32 @@ from basidia import (
     event_handler,
     rpc,
 )
-from basidia._speedups import Frame, Kind, decode_frame
+from basidia._speedups import Frame, Kind, decode_frame, encode_frame
 from basidia.brokers import Broker, Delivery, EventSubscription, broker_from_url
 from basidia.brokers.base import DeadLetter, Failure
 from basidia.context import IDEMPOTENCY_HEADER
 from basidia.errors import ConnectionLost
 from basidia.errors import ServiceUnavailable as _ServiceUnavailable
 
+from ..conftest import require_broker
 from ..faults.proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
+
+#: The shared Redis, for the Redis deduplication store (keys are scoped by unique groups).
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+async def delete_redis_keys(pattern: str) -> None:
+    """Remove what a test left in the shared Redis."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        async for key in client.scan_iter(match=pattern):
+            await client.delete(key)
+    finally:
+        await client.aclose()
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -78,7 +95,7 @@ def picky_service(name: str, seen: list[int], *, succeed_on: int = 0) -> type[Se
     ``succeed_on`` (never, by default)."""
 
     class Picky(Service):
-        @event_handler(f"{name}.order", max_attempts=3)
+        @event_handler(f"{name}.order", max_attempts=3, retry=Retry(delay=0.01))
         async def on_order(self, order: dict[str, Any]) -> None:
             ctx = current_context()
             assert ctx is not None
@@ -90,8 +107,11 @@ def picky_service(name: str, seen: list[int], *, succeed_on: int = 0) -> type[Se
     return Picky
 
 
-async def exercise_examples(broker_url: str, unique: str) -> None:
-    """Run the services of ``examples/`` on ``broker_url`` and use them as the README does.
+async def exercise_examples(
+    broker_url: str, unique: str, *, event_broker: str | None = None
+) -> None:
+    """Run the services of ``examples/`` on ``broker_url`` and use them as the README does
+    (with their events on ``event_broker`` when given).
 
     Service names get ``unique`` appended: other runs may share the broker.  The
     caller removes the durable group ``notification_<unique>.on_user_created``.
@@ -115,8 +135,8 @@ async def exercise_examples(broker_url: str, unique: str) -> None:
     )
     config = {"database": {"url": "postgres://example"}}
     services = [greeting, database, users, notifications]
-    async with ServiceRunner(services, broker=broker_url, config=config):
-        async with connect(broker_url) as cluster:
+    async with ServiceRunner(services, broker=broker_url, config=config, event_broker=event_broker):
+        async with connect(broker_url, event_broker=event_broker) as cluster:
             assert await cluster.rpc[f"greeting_{unique}"].hello("World") == "Hello, World!"
             greeting_text = await cluster.rpc[f"user_{unique}"].get_user_greeting(7)
             assert greeting_text == "Hello, User 7!"
@@ -453,6 +473,97 @@ class BrokerContract:
         assert await consumer.dead_letters(group, limit=0) == []
         assert await consumer.dead_letters(f"{name}.on_other") == []
 
+    # -- retries with a delay, and dead letters replayed or purged -----------------------
+
+    async def test_a_delayed_retry_comes_later_and_does_not_block_the_consumer(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        consumer, publisher = await make_broker(), await make_broker()
+        event = f"{name}.later"
+        seen: list[tuple[bytes, int, float]] = []
+
+        async def handle(delivery: Delivery) -> None:
+            seen.append((delivery.body, delivery.attempt, time.monotonic()))
+            if delivery.body == b"slow" and delivery.attempt == 1:
+                await delivery.nack(requeue=True, delay=1.0)
+            else:
+                await delivery.ack()
+
+        # One handler slot: a retry that waited in the consumer would hold it.
+        await consumer.subscribe_events(
+            EventSubscription(event, f"{name}.on_later"), handle, concurrency=1
+        )
+        await publisher.publish_event(event, b"slow", idempotency_key=f"{name}-slow")
+        await eventually(lambda: len(seen) == 1)
+        await publisher.publish_event(event, b"fast", idempotency_key=f"{name}-fast")
+        await eventually(lambda: len(seen) == 3, timeout=15)
+        (first, one, t1), (fast, _, _), (again, two, t2) = seen
+        assert (first, one, fast, again, two) == (b"slow", 1, b"fast", b"slow", 2)
+        assert t2 - t1 >= 0.9  # the delay was kept (the fast one went meanwhile)
+
+    async def test_dead_letters_are_replayed_once_to_their_own_group(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        consumer, publisher = await make_broker(), await make_broker()
+        event, group, other = f"{name}.replayed", f"{name}.on_replayed", f"{name}_b.on_replayed"
+        fixed = False
+        handled: list[tuple[bytes, int]] = []
+        others: list[bytes] = []
+
+        async def picky(delivery: Delivery) -> None:
+            if not fixed:
+                await delivery.dead_letter(Failure(f"not yet: {delivery.body.decode()}"))
+            else:
+                handled.append((delivery.body, delivery.attempt))
+                await delivery.ack()
+
+        async def bystander(delivery: Delivery) -> None:
+            others.append(delivery.body)
+            await delivery.ack()
+
+        await consumer.subscribe_events(EventSubscription(event, group), picky, concurrency=2)
+        await consumer.subscribe_events(EventSubscription(event, other), bystander, concurrency=2)
+        for index in range(3):
+            await publisher.publish_event(event, b"%d" % index, idempotency_key=f"{name}-{index}")
+        letters = await dead_letters_of(publisher, group, 3)
+        assert len({letter.id for letter in letters}) == 3 and all(letter.id for letter in letters)
+        assert group in await publisher.dead_letter_groups()
+        fixed = True
+        # One chosen letter, then the rest; each reaches the handler once, as a first attempt.
+        chosen = next(letter for letter in letters if letter.frame == b"1")
+        assert await publisher.replay_dead_letters(group, [chosen.id]) == 1
+        await eventually(lambda: handled == [(b"1", 1)])
+        remaining = await publisher.dead_letters(group)
+        assert sorted(letter.frame for letter in remaining) == [b"0", b"2"]
+        assert await publisher.replay_dead_letters(group) == 2
+        await eventually(lambda: len(handled) == 3)
+        assert await publisher.replay_dead_letters(group) == 0
+        await asyncio.sleep(0.5)
+        assert sorted(handled) == [(b"0", 1), (b"1", 1), (b"2", 1)]
+        assert sorted(others) == [b"0", b"1", b"2"]  # the other group saw each event once
+        assert await publisher.dead_letters(group) == []
+        assert group not in await publisher.dead_letter_groups()
+
+    async def test_dead_letters_are_purged_by_id_or_all_at_once(
+        self, make_broker: Callable[[], Awaitable[Broker]], name: str
+    ) -> None:
+        consumer, publisher = await make_broker(), await make_broker()
+        event, group = f"{name}.purged", f"{name}.on_purged"
+
+        async def park(delivery: Delivery) -> None:
+            await delivery.dead_letter(Failure("parked"))
+
+        await consumer.subscribe_events(EventSubscription(event, group), park, concurrency=1)
+        for index in range(3):
+            await publisher.publish_event(event, b"%d" % index, idempotency_key=f"{name}-{index}")
+            await dead_letters_of(publisher, group, index + 1)
+        letters = await publisher.dead_letters(group)
+        assert await publisher.purge_dead_letters(group, [letters[1].id]) == 1
+        assert [letter.frame for letter in await publisher.dead_letters(group)] == [b"0", b"2"]
+        assert await publisher.purge_dead_letters(group) == 2
+        assert await publisher.dead_letters(group) == []
+        assert await publisher.purge_dead_letters(f"{name}.on_nothing") == 0
+
     async def test_the_disconnect_callback_is_called_when_the_connection_is_lost(
         self, broker_url: str, broker_options: dict[str, Any]
     ) -> None:
@@ -589,6 +700,50 @@ class BrokerContract:
                     await cluster.dispatch(f"{name}.ping", {"n": n})
                 await eventually(lambda: len(received) >= 20)
         assert sorted(received) == list(range(20))
+
+    @pytest.mark.parametrize("store", ["memory", "redis"])
+    async def test_one_idempotency_key_runs_the_handler_once(
+        self, broker_url: str, broker_options: dict[str, Any], name: str, store: str
+    ) -> None:
+        # The same event frame published twice under different publish keys: no broker
+        # drops the second, so only the deduplication store keeps the handler to one run.
+        if store == "redis":
+            require_broker("redis", "127.0.0.1", 6379)
+        seen: list[int] = []
+
+        class Once(Service):
+            @event_handler(f"{name}.once")
+            async def on_once(self, data: dict[str, int]) -> None:
+                seen.append(data["n"])
+                await asyncio.sleep(0.2)  # still at work when the duplicate comes
+
+        Once.name = f"{name}_once"
+        config = {
+            "dedup_store": REDIS_URL if store == "redis" else "memory",
+            "event_retry_delay": 0.2,
+        }
+        frame = Frame(
+            Kind.EVENT,
+            0,
+            f"{name}.once",
+            msgspec.msgpack.encode({"n": 1}),
+            "",
+            0,
+            {IDEMPOTENCY_HEADER: f"{name}-key"},
+        )
+        body = encode_frame(frame)
+        broker = broker_from_url(broker_url, broker_options)
+        try:
+            async with ServiceRunner([Once], broker=broker, config=config) as runner:
+                container = runner.containers[Once.name]
+                await broker.publish_event(f"{name}.once", body, idempotency_key=f"{name}-a")
+                await broker.publish_event(f"{name}.once", body, idempotency_key=f"{name}-b")
+                await eventually(lambda: container.stats.duplicates >= 1 and seen == [1])
+                await asyncio.sleep(0.5)
+                assert seen == [1]
+        finally:
+            if store == "redis":
+                await delete_redis_keys(f"basidia:dedup:{Once.name}.on_once:*")
 
     # -- the service directory (docs/operations.md) ------------------------------------------
 

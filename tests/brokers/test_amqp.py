@@ -335,6 +335,7 @@ async def test_dead_letters_keep_body_and_the_dead_letter_headers(
             "basidia-handler",
             "basidia-event",
             "basidia-group",
+            "basidia-dead-letter-id",  # RabbitMQ's handle on it (DeadLetter.id)
         )
     }
     assert headers["basidia-reason"] == "ValueError: order 7 is not acceptable"

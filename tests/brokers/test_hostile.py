@@ -48,7 +48,7 @@ from pamqp import commands as spec
 from pamqp import frame as amqp_frame
 from pamqp.header import ContentHeader
 
-from basidia import Service, ServiceRunner, connect, event_handler, rpc
+from basidia import Retry, Service, ServiceRunner, connect, event_handler, rpc
 from basidia._speedups import (
     DEFAULT_MAX_FRAME_SIZE,
     FLAG_KWARGS,
@@ -129,7 +129,7 @@ def event_service(name: str, event: str, attempts: list[int]) -> type[Service]:
         async def ping(self) -> str:
             return "pong"
 
-        @event_handler(event, max_attempts=2)
+        @event_handler(event, max_attempts=2, retry=Retry(delay=0.01))
         async def on_big(self, data: Any) -> None:
             ctx = current_call.get()
             attempts.append(ctx.attempt if ctx is not None else 0)

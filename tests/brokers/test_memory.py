@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 
-from basidia import Service, ServiceRunner, ServiceUnavailable, connect, event_handler, rpc
+from basidia import (
+    Retry,
+    Service,
+    ServiceRunner,
+    ServiceUnavailable,
+    connect,
+    event_handler,
+    rpc,
+)
 from basidia.brokers.memory import MemoryBroker
 
 from .contract import BrokerContract, dead_letters_of
@@ -48,7 +56,7 @@ async def test_dead_letters_keep_the_reason(memory_url: str) -> None:
     class Picky(Service):
         name = "picky"
 
-        @event_handler("order.placed", max_attempts=2)
+        @event_handler("order.placed", max_attempts=2, retry=Retry(delay=0.01))
         async def on_order(self, order: dict[str, int]) -> None:
             raise ValueError(f"order {order['id']} is not acceptable")
 

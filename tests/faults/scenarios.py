@@ -1,4 +1,5 @@
-"""Fault scenarios written once, run on every broker (docs/reliability.md F1-F3 and F6-F12).
+"""Fault scenarios written once, run on every broker (docs/reliability.md F1-F3 and F6-F12,
+docs/resilience.md F13).
 
 Each takes a ``BrokerKit`` (the throw-away server's URL, the broker's short test timers and
 what differs between brokers) or the brokers to test with, and the means to break the link
@@ -28,6 +29,7 @@ import pytest
 
 from basidia import (
     BasidiaError,
+    Retry,
     RpcError,
     RpcTimeout,
     Service,
@@ -62,6 +64,9 @@ PAUSE = 20.0
 #: (RabbitMQ: 3 missed heartbeats; NATS: 2 unanswered pings at 1 s, so 2 s at the
 #: earliest), so calls sent as it stops wait for replies until their deadline.
 PAUSED_CALL_TIMEOUT = 1.0
+#: F13: events that arrive while the handler's downstream is down, and for how long it is.
+F13_EVENTS = 1000
+F13_OUTAGE = 5.0
 #: F12: how long the broker stays down (``BASIDIA_F12_OUTAGE`` shortens it for a local run).
 OUTAGE = float(os.environ.get("BASIDIA_F12_OUTAGE", "180"))
 
@@ -784,3 +789,99 @@ async def f12_long_outage(
               "after the broker")  # fmt: skip
         assert resumed + handled_within <= 10
     return resumed + handled_within
+
+
+# -- F13 ------------------------------------------------------------------------------------------
+
+
+async def f13_downstream_down_during_the_backoff(kit: BrokerKit) -> dict[str, float]:
+    """F13: a handler's downstream fails for ``F13_OUTAGE`` seconds while ``F13_EVENTS``
+    events arrive, with the default retry policy; the service is restarted during the backoff.
+
+    Every event is handled once after the downstream recovers and none is dead-lettered; the
+    service's other handler handles its events while orders wait for their retries; the
+    attempts an event
+    makes are spaced as the policy says (each wait at least its base delay less the jitter);
+    no retry pending at the restart is lost.  Returns figures for the report.
+    """
+    from basidia.config import Settings
+
+    policy = Retry().resolve(Settings(), None)
+    attempts: dict[int, list[tuple[int, float]]] = {}
+    handled: Counter[int] = Counter()
+    pings: list[float] = []
+    clock = {"down_until": math.inf}
+
+    class Shop(Service):
+        name = "f13_shop"
+        max_workers = 16  # few slots: retries that waited in them would stop everything
+
+        @event_handler("f13.order")
+        async def on_order(self, order: dict[str, int]) -> None:
+            ctx = current_context()
+            assert ctx is not None
+            now = time.monotonic()
+            attempts.setdefault(order["id"], []).append((ctx.attempt, now))
+            if now < clock["down_until"]:
+                raise ConnectionError("the downstream is down")
+            handled[order["id"]] += 1
+
+        @event_handler("f13.ping")
+        async def on_ping(self, ping: int) -> None:
+            pings.append(time.monotonic())
+
+    async def publish_all(runner: ServiceRunner) -> None:
+        for start in range(0, F13_EVENTS, 100):
+            await asyncio.gather(
+                *(
+                    runner.dispatch("f13.order", {"id": n}, idempotency_key=f"f13-{n}")
+                    for n in range(start, start + 100)
+                )
+            )
+
+    first = ServiceRunner([Shop], broker=kit.broker())
+    await first.start()
+    stopped = False
+    try:
+        clock["down_until"] = time.monotonic() + F13_OUTAGE
+        await publish_all(first)
+        # The other handler, while events wait for their retries.
+        for n in range(20):
+            await first.dispatch("f13.ping", n)
+        await until(lambda: len(pings) == 20, 20, "the other handler during the backoff")
+        waiting = sum(1 for n, seen in attempts.items() if not handled[n] and len(seen) >= 1)
+        assert waiting > 0, "no event was waiting for a retry while the pings went through"
+        # Restart the service while events wait for a retry (in the broker, not here).
+        pending = sum(1 for n in range(F13_EVENTS) if not handled[n])
+        await first.stop()
+        stopped = True
+    finally:
+        if not stopped:
+            await first.stop()
+    async with ServiceRunner([Shop], broker=kit.broker()):
+        await until(lambda: len(handled) == F13_EVENTS, 90, "every event handled")
+        await asyncio.sleep(kit.quiet)
+    assert set(handled.values()) == {1}, "an event was handled twice"
+    assert await kit.dead_letters("f13_shop.on_order") == []
+    # The attempts follow the backoff: between two attempts the handler saw in a row, at
+    # least the policy's wait less its jitter (a restart may skip a number: not compared).
+    gaps: list[float] = []
+    for seen in attempts.values():
+        assert all(at >= clock["down_until"] for _, at in seen[-1:])
+        for (number, at), (following, later) in itertools.pairwise(seen):
+            if following == number + 1:
+                least = policy.base_delay(number) * (1 - policy.jitter) - 0.05
+                assert later - at >= least, (number, later - at)
+                if number == 1:
+                    gaps.append(later - at)
+    gaps.sort()
+    median = gaps[len(gaps) // 2]
+    # The median first wait: the policy's, plus the time a retry queues behind the backlog
+    # of 1,000 events on a loaded machine (bounded loosely: the lower bound is the point).
+    assert policy.delay * 0.8 <= median <= policy.delay * 1.2 + 4.0, median
+    return {
+        "waiting_during_pings": waiting,
+        "pending_at_restart": pending,
+        "median_first_wait": median,
+        "max_attempts_used": max(number for seen in attempts.values() for number, _ in seen),
+    }

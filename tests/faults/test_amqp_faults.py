@@ -38,6 +38,7 @@ from .scenarios import (
     f10_server_paused,
     f11_sigterm_with_200_handlers_in_flight,
     f12_long_outage,
+    f13_downstream_down_during_the_backoff,
     until,
 )
 from .servers import RabbitServer
@@ -304,3 +305,16 @@ async def test_f12_long_outage_then_every_subscription_delivers_again(
         buffer_full=None,
         **backoff,
     )
+
+
+# -- F13 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.long_fault
+@pytest.mark.timeout(180)
+async def test_f13_a_downstream_down_for_5_s_costs_no_event_and_a_restart_loses_no_retry(
+    kit: BrokerKit,
+) -> None:
+    figures = await f13_downstream_down_during_the_backoff(kit)
+    print("F13:", figures)  # shown with -s: the report's figures
+    assert figures["pending_at_restart"] > 0
