@@ -455,3 +455,13 @@ async def test_a_runner_started_again_announces_again(memory_url: str) -> None:
             ]
     finally:
         await runner.stop()
+
+
+async def test_with_events_on_another_broker_the_directory_stays_with_rpc(
+    memory_url: str,
+) -> None:
+    # A client of the RPC broker alone sees the services (docs/brokers.md, MixedBroker).
+    events = f"{memory_url}-events"
+    async with ServiceRunner([Alpha], broker=memory_url, event_broker=events, config=FAST):
+        async with connect(memory_url, config=FAST) as cluster:
+            assert [i.service for i in await cluster.services()] == ["alpha"]
