@@ -51,7 +51,7 @@ PING_EVENT = "basidia.directory.ping"
 # Announcements are small; a record this large is refused rather than sent.
 _MAX_FRAME = 1024 * 1024
 # Seconds ``close`` waits for the heartbeat to end.
-_CLOSE_TIMEOUT = 10.0
+_CLOSE_TIMEOUT = 2.0
 
 
 class Instance(msgspec.Struct, frozen=True, kw_only=True):
