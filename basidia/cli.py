@@ -388,7 +388,9 @@ def _services_table(instances: list[Any], broker: str) -> str:
 def services(
     broker: Optional[str] = BrokerOption,  # noqa: UP045
     config: Optional[Path] = ConfigOption,  # noqa: UP045
-    as_json: bool = typer.Option(False, "--json", help="Print JSON, one object per instance."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON list, one object per instance."
+    ),
     service: Optional[str] = typer.Option(  # noqa: UP045
         None, "--service", "-s", help="Only the instances of this service."
     ),
