@@ -1,5 +1,5 @@
-"""The ``basidia`` command: ``run``, ``worker``, ``shell``, ``services``, ``test``, ``bench``,
-``asyncapi``, ``new``, ``sagas`` and ``dlq``."""
+"""The ``basidia`` command: run, worker, shell, services, test, bench, asyncapi, new, sagas,
+dlq and the rest."""
 
 from __future__ import annotations
 
@@ -274,7 +274,8 @@ def shell(
     banner = (
         f"{version_text()}\nbroker: {cluster.broker.safe_url}; services hosted here: {hosted}\n"
         'Top-level await works: >>> await rpc.greeting_service.hello("World")\n'
-        "Also: dispatch(event, data), await services(), runner, await dlq.list() (dead letters)."
+        "Also: dispatch(event, data), runner, await dlq.list() (dead letters), "
+        "await services()."
     )
     from basidia.resilience.dlq import DeadLetterTool
 
@@ -366,99 +367,6 @@ def new(
 # -- end contracts and scaffolding ---------------------------------------------------------
 
 
-# -- sagas (docs/sagas.md) -------------------------------------------------------------------
-
-
-@app.command()
-def sagas(
-    action: str = typer.Argument(..., help="list, or show (with SAGA_ID)."),
-    saga_id: Optional[str] = typer.Argument(None, help="The saga to show."),  # noqa: UP045
-    database: str = typer.Option(
-        ...,
-        "--database",
-        "-d",
-        metavar="URL",
-        envvar="BASIDIA_DATABASE__URL",
-        help="The service's database: postgresql://... or sqlite:///file.db "
-        "(default: BASIDIA_DATABASE__URL).",
-    ),
-    schema: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--schema", help="The PostgreSQL schema of the tables (default: the search path)."
-    ),
-    status: Optional[str] = typer.Option(  # noqa: UP045
-        None,
-        "--status",
-        help="list: only sagas in this status (running, compensating, completed, "
-        "compensated, failed).",
-    ),
-    limit: int = typer.Option(50, "--limit", help="list: at most this many, newest first."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON rather than text."),
-) -> None:
-    """List the sagas in a service's database, or show one with its steps."""
-    from basidia.data.sagactl import show_sagas
-
-    if action not in ("list", "show") or (action == "show") != (saga_id is not None):
-        raise _fail(ValueError("use: basidia sagas list, or basidia sagas show SAGA_ID"))
-    try:
-        text = run_async(
-            show_sagas(database, schema, saga_id, status=status, limit=limit, as_json=as_json)
-        )
-    except (BasidiaError, ImportError, ValueError, OSError) as exc:
-        raise _fail(exc) from None
-    typer.echo(text)
-
-
-# -- end sagas -------------------------------------------------------------------------------
-
-
-@app.command()
-def dlq(
-    action: str = typer.Argument(..., help="list, show, replay or purge."),
-    ids: Optional[list[str]] = typer.Argument(  # noqa: UP045
-        None, help="Dead letters to show, replay or purge, by id (default: all selected)."
-    ),
-    broker: Optional[str] = BrokerOption,  # noqa: UP045
-    service: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--service", "-s", help="Only the dead letters of this service."
-    ),
-    handler: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--handler", "-H", help="Only those of this event handler."
-    ),
-    limit: int = typer.Option(100, "--limit", help="Dead letters read per group, at most."),
-    yes: bool = typer.Option(False, "--yes", help="Purge every selected dead letter."),
-    config: Optional[Path] = ConfigOption,  # noqa: UP045
-) -> None:
-    """Dead letters: list, show (whole records, as JSON), replay to their handlers, purge."""
-    from basidia.brokers import broker_from_url
-    from basidia.resilience.dlq import ACTIONS, DeadLetterTool
-
-    if action not in ACTIONS:
-        raise _fail(ConfigError(f"the action must be one of {', '.join(ACTIONS)}, not {action!r}"))
-
-    async def act() -> None:
-        settings = _load_config(config, broker=broker).settings
-        adapter = broker_from_url(settings.broker, settings.broker_options)
-        await adapter.connect()
-        try:
-            tool = DeadLetterTool(adapter, typer.echo)
-            chosen = list(ids or ())
-            if action == "list":
-                await tool.list(service, handler, limit=limit)
-            elif action == "show":
-                await tool.show(chosen, service, handler, limit=limit)
-            elif action == "replay":
-                await tool.replay(chosen, service, handler)
-            else:
-                await tool.purge(chosen, service, handler, everything=yes)
-        finally:
-            await adapter.close()
-
-    try:
-        run_async(act())
-    except (BasidiaError, ImportError, OSError, NotImplementedError) as exc:
-        raise _fail(exc) from None
-
-
 # -- operations (docs/operations.md) ------------------------------------------------------------
 
 MEMORY_HINT = (
@@ -480,7 +388,9 @@ def _services_table(instances: list[Any], broker: str) -> str:
 def services(
     broker: Optional[str] = BrokerOption,  # noqa: UP045
     config: Optional[Path] = ConfigOption,  # noqa: UP045
-    as_json: bool = typer.Option(False, "--json", help="Print JSON, one object per instance."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON list, one object per instance."
+    ),
     service: Optional[str] = typer.Option(  # noqa: UP045
         None, "--service", "-s", help="Only the instances of this service."
     ),
@@ -621,6 +531,98 @@ def test_command(
 
 
 # -- end operations ------------------------------------------------------------------------------
+
+# -- sagas (docs/sagas.md) -------------------------------------------------------------------
+
+
+@app.command()
+def sagas(
+    action: str = typer.Argument(..., help="list, or show (with SAGA_ID)."),
+    saga_id: Optional[str] = typer.Argument(None, help="The saga to show."),  # noqa: UP045
+    database: str = typer.Option(
+        ...,
+        "--database",
+        "-d",
+        metavar="URL",
+        envvar="BASIDIA_DATABASE__URL",
+        help="The service's database: postgresql://... or sqlite:///file.db "
+        "(default: BASIDIA_DATABASE__URL).",
+    ),
+    schema: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--schema", help="The PostgreSQL schema of the tables (default: the search path)."
+    ),
+    status: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--status",
+        help="list: only sagas in this status (running, compensating, completed, "
+        "compensated, failed).",
+    ),
+    limit: int = typer.Option(50, "--limit", help="list: at most this many, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rather than text."),
+) -> None:
+    """List the sagas in a service's database, or show one with its steps."""
+    from basidia.data.sagactl import show_sagas
+
+    if action not in ("list", "show") or (action == "show") != (saga_id is not None):
+        raise _fail(ValueError("use: basidia sagas list, or basidia sagas show SAGA_ID"))
+    try:
+        text = run_async(
+            show_sagas(database, schema, saga_id, status=status, limit=limit, as_json=as_json)
+        )
+    except (BasidiaError, ImportError, ValueError, OSError) as exc:
+        raise _fail(exc) from None
+    typer.echo(text)
+
+
+# -- end sagas -------------------------------------------------------------------------------
+
+
+@app.command()
+def dlq(
+    action: str = typer.Argument(..., help="list, show, replay or purge."),
+    ids: Optional[list[str]] = typer.Argument(  # noqa: UP045
+        None, help="Dead letters to show, replay or purge, by id (default: all selected)."
+    ),
+    broker: Optional[str] = BrokerOption,  # noqa: UP045
+    service: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--service", "-s", help="Only the dead letters of this service."
+    ),
+    handler: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--handler", "-H", help="Only those of this event handler."
+    ),
+    limit: int = typer.Option(100, "--limit", help="Dead letters read per group, at most."),
+    yes: bool = typer.Option(False, "--yes", help="Purge every selected dead letter."),
+    config: Optional[Path] = ConfigOption,  # noqa: UP045
+) -> None:
+    """Dead letters: list, show (whole records, as JSON), replay to their handlers, purge."""
+    from basidia.brokers import broker_from_url
+    from basidia.resilience.dlq import ACTIONS, DeadLetterTool
+
+    if action not in ACTIONS:
+        raise _fail(ConfigError(f"the action must be one of {', '.join(ACTIONS)}, not {action!r}"))
+
+    async def act() -> None:
+        settings = _load_config(config, broker=broker).settings
+        adapter = broker_from_url(settings.broker, settings.broker_options)
+        await adapter.connect()
+        try:
+            tool = DeadLetterTool(adapter, typer.echo)
+            chosen = list(ids or ())
+            if action == "list":
+                await tool.list(service, handler, limit=limit)
+            elif action == "show":
+                await tool.show(chosen, service, handler, limit=limit)
+            elif action == "replay":
+                await tool.replay(chosen, service, handler)
+            else:
+                await tool.purge(chosen, service, handler, everything=yes)
+        finally:
+            await adapter.close()
+
+    try:
+        run_async(act())
+    except (BasidiaError, ImportError, OSError, NotImplementedError) as exc:
+        raise _fail(exc) from None
 
 
 def _register_bench() -> None:

@@ -50,6 +50,8 @@ DIRECTORY_EVENT = "basidia.directory"
 PING_EVENT = "basidia.directory.ping"
 # Announcements are small; a record this large is refused rather than sent.
 _MAX_FRAME = 1024 * 1024
+# Seconds ``close`` waits for the heartbeat to end.
+_CLOSE_TIMEOUT = 2.0
 
 
 class Instance(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,8 +127,8 @@ class Directory:
         self._watch_lock = asyncio.Lock()
         self._watching_since = 0.0
         self._beat: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
         self._closing = False
+        self._wake = asyncio.Event()
         self._failures = ThrottledLog(logger)
 
     def __repr__(self) -> str:
@@ -138,8 +140,8 @@ class Directory:
         """Announce the instances ``source()`` returns now, on every ``changed()`` and every
         heartbeat, until ``close``."""
         self._source = source
-        self._closing = False
         if self._beat is None:
+            self._closing = False
             self._beat = asyncio.get_running_loop().create_task(
                 self._heartbeat(), name="basidia-directory-heartbeat"
             )
@@ -149,8 +151,6 @@ class Directory:
         self._wake.set()
 
     async def _heartbeat(self) -> None:
-        # The flag, not only the cancellation, ends the loop: a client library that
-        # swallows a CancelledError (redis-py's can, mid-command) must not keep it going.
         while not self._closing:
             self._wake.clear()
             try:
@@ -294,10 +294,13 @@ class Directory:
         """Stop the heartbeat (and say goodbye when ``leave``) and stop watching."""
         beat, self._beat = self._beat, None
         if beat is not None:
+            # A client library may swallow the cancellation in the middle of a publish
+            # (redis-py does): the loop also ends on ``_closing``, and is not awaited for
+            # longer than a publish takes to fail.
             self._closing = True
             self._wake.set()
             beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
+            await asyncio.wait({beat}, timeout=_CLOSE_TIMEOUT)
             if leave and self._broker.connected:
                 await self._publish(_Message(op="leave", process=self.process))
         for subscription in (self._subscription, self._pings):

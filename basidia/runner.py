@@ -86,8 +86,11 @@ class _Connection:
         self.containers: dict[str, ServiceContainer] = {}
         if self.telemetry is not None:
             self.telemetry.attach(self.containers, self.broker)
+        # The service directory travels on the RPC broker, as the NATS service API does:
+        # it tells who answers calls (docs/operations.md).
+        self._rpc_broker = self.broker.rpc if isinstance(self.broker, MixedBroker) else self.broker
         self.directory = Directory(
-            self.broker,
+            self._rpc_broker,
             heartbeat=self.settings.directory_heartbeat,
             expiry=self.settings.directory_expiry,
         )
@@ -96,8 +99,8 @@ class _Connection:
         await self.broker.connect()
         try:
             await self.client.start()
-            self.broker.directory = self.directory
-            if not self.broker.reports_no_responders:
+            self.broker.directory = self._rpc_broker.directory = self.directory
+            if not self._rpc_broker.reports_no_responders:
                 # The broker cannot say "no responders": the directory tells instead.
                 await self.directory.watch()
         except BaseException:

@@ -261,19 +261,19 @@ def test_directory_settings_are_checked() -> None:
 
 
 @ONCE
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_services_on_memory_explains_that_memory_lives_in_one_process() -> None:
-    result = run_cli("services", "--wait", "0")
+    result = run_cli("services", "--wait", "0", timeout=50)
     assert result.returncode == 0, result.stderr
     assert "no service instances on memory://" in result.stdout
     assert "memory:// lives inside one process" in result.stderr
 
 
 @ONCE
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_the_shell_hints_that_memory_lives_in_one_process_and_lists_what_it_hosts() -> None:
     stdin = "await rpc.billing.charge(1)\nawait services()\n"
-    result = run_cli("shell", "examples/", stdin=stdin)
+    result = run_cli("shell", "examples/", stdin=stdin, timeout=50)
     assert result.returncode == 0, result.stderr
     # The "other terminal" case: the service runs elsewhere, on a memory:// of its own.
     assert "no instance of service 'billing' is running on memory://" in result.stderr
@@ -298,7 +298,9 @@ class Echo(Service):
 
 
 def _services_json(broker: str, name: str) -> list[dict[str, Any]]:
-    result = run_cli("services", "--broker", broker, "--json", "--service", name, "--wait", "1")
+    result = run_cli(
+        "services", "--broker", broker, "--json", "--service", name, "--wait", "1", timeout=40
+    )
     assert result.returncode == 0, result.stderr
     listed: list[dict[str, Any]] = json.loads(result.stdout)
     return listed
@@ -392,6 +394,7 @@ def _two_processes_then_one_killed(
 @ONCE
 @pytest.mark.amqp
 @pytest.mark.slow
+@pytest.mark.timeout(120)  # processes of their own, on a machine that may be busy
 def test_basidia_services_on_rabbitmq(tmp_path: Path, amqp_url: str, unique: str) -> None:
     _two_processes_then_one_killed(tmp_path, amqp_url, unique)
 
@@ -399,6 +402,7 @@ def test_basidia_services_on_rabbitmq(tmp_path: Path, amqp_url: str, unique: str
 @ONCE
 @pytest.mark.nats
 @pytest.mark.slow
+@pytest.mark.timeout(120)  # processes of their own, on a machine that may be busy
 def test_basidia_services_on_nats(tmp_path: Path, nats_url: str, unique: str) -> None:
     _two_processes_then_one_killed(tmp_path, nats_url, unique, srv=True)
 
@@ -437,3 +441,27 @@ async def test_a_failed_service_shows_error_with_its_reason_in_the_directory(
             "alpha": ("RUNNING", ""),
             "needs_broken": ("ERROR", "ConnectionError: database down"),
         }
+
+
+async def test_a_runner_started_again_announces_again(memory_url: str) -> None:
+    runner = ServiceRunner([Alpha], broker=memory_url, config=FAST)
+    await runner.start()
+    await runner.stop()
+    await runner.start()
+    try:
+        async with connect(memory_url, config=FAST) as cluster:
+            assert [(i.service, i.state) for i in await cluster.services()] == [
+                ("alpha", "RUNNING")
+            ]
+    finally:
+        await runner.stop()
+
+
+async def test_with_events_on_another_broker_the_directory_stays_with_rpc(
+    memory_url: str,
+) -> None:
+    # A client of the RPC broker alone sees the services (docs/brokers.md, MixedBroker).
+    events = f"{memory_url}-events"
+    async with ServiceRunner([Alpha], broker=memory_url, event_broker=events, config=FAST):
+        async with connect(memory_url, config=FAST) as cluster:
+            assert [i.service for i in await cluster.services()] == ["alpha"]

@@ -99,14 +99,14 @@ async def test_worker_runs_events_and_timers_but_no_rpc(
 
 
 @ONCE
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_worker_without_handlers_exits_2_with_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "only_rpc.py").write_text(
         "from basidia import Service, rpc\n\n"
         "class OnlyRpc(Service):\n    name = 'only_rpc'\n\n"
         "    @rpc\n    async def ask(self) -> str:\n        return 'x'\n"
     )
-    result = run_cli("worker", "only_rpc.py", cwd=tmp_path)
+    result = run_cli("worker", "only_rpc.py", cwd=tmp_path, timeout=50)
     assert result.returncode == 2
     assert "no @event_handler or @timer" in result.stderr
 
@@ -135,7 +135,7 @@ def test_wrong():
 
 
 @ONCE
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_basidia_test_runs_pytest_with_the_fixtures_on_the_given_broker(tmp_path: Path) -> None:
     # Without --broker the fixtures take a private memory:// (tests/test_testing_plugin.py).
     tests = tmp_path / "test_user.py"
@@ -149,6 +149,7 @@ def test_basidia_test_runs_pytest_with_the_fixtures_on_the_given_broker(tmp_path
         "-p",
         "no:cacheprovider",
         cwd=tmp_path,
+        timeout=80,  # a second pytest, with its plugins, on a busy machine
     )
     assert result.returncode == 1, result.stdout + result.stderr  # pytest's exit code
     assert "1 failed, 1 passed" in result.stdout  # test_hello ran on memory://named
@@ -182,11 +183,13 @@ class Broken(Service):
 
 
 @ONCE
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_run_fail_fast_exits_when_one_service_cannot_start(tmp_path: Path) -> None:
     # Without --fail-fast the others run and the broken one is in ERROR (tests/http/
     # test_lifecycle.py); with it, the whole run stops with the reason.
     (tmp_path / "failing_services.py").write_text(FAILING_SERVICES)
-    result = run_cli("run", "failing_services.py", "--fail-fast", "--http", "off", cwd=tmp_path)
+    result = run_cli(
+        "run", "failing_services.py", "--fail-fast", "--http", "off", cwd=tmp_path, timeout=50
+    )
     assert result.returncode == 2, result.stderr
     assert "error: no provider for" in result.stderr and "Missing" in result.stderr

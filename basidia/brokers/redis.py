@@ -570,6 +570,10 @@ class RedisBroker(Broker):
       verified.
     """
 
+    # A request to a service without a live consumer is refused by the send script
+    # (presence keys): the broker says "no responders" itself.
+    reports_no_responders = True
+
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379/0",
