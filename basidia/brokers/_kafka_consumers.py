@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
 from basidia.brokers.base import Delivery, DeliveryHandler, Subscription
@@ -226,10 +227,24 @@ class GroupConsumer(Subscription):
         consumer = self._consumer
         if consumer is not None:
             await self._commit(consumer)
+            await self._leave_generation_zero(consumer)
             try:
                 await asyncio.wait_for(consumer.stop(), self.broker.api_timeout)
             except Exception as exc:
                 logger.debug("%s: stopping the consumer: %r", self.where, exc)
+
+    async def _leave_generation_zero(self, consumer: AIOKafkaConsumer) -> None:
+        """aiokafka leaves a group only from a generation above 0; brokers that number
+        generations from 0 (Tansu) would keep a stopped member listed, and a service with
+        no instance would look alive.  Leave such a generation here."""
+        coordinator = consumer._coordinator
+        if coordinator is None or coordinator.generation != 0 or not coordinator.member_id:
+            return
+        request = LeaveGroupRequest(coordinator.group_id, coordinator.member_id)
+        try:
+            await asyncio.wait_for(coordinator._send_req(request), self.broker.api_timeout)
+        except (KafkaError, TimeoutError) as exc:
+            logger.debug("%s: leaving the group: %r", self.where, exc)
 
     async def aclose(self) -> None:
         """Cancel and wait until the consumer has left (broker close)."""
@@ -243,7 +258,16 @@ class GroupConsumer(Subscription):
         consumer = self._consumer
         assert consumer is not None
         for tp in partitions:
+            previous = self._partitions.get(tp)
             self._partitions[tp] = _Partition()
+            if previous is not None:
+                # Assigned again without being revoked first (aiokafka does so when the
+                # group rebalances for a metadata change): what was taken and not settled
+                # is fetched again, from the first record not settled.
+                self._unsettled -= sum(1 for entry in previous.entries if not entry.done)
+                if previous.entries:
+                    consumer.seek(tp, previous.entries[0].offset)
+        self._update_room()
         try:
             await self._start_new_partitions(consumer, partitions)
         except Exception as exc:

@@ -200,10 +200,11 @@ async def test_dead_letters_are_replayed_once_and_purged(
     letters = await dead_letters_of(publisher, group, 3)
     assert group in await publisher.dead_letter_groups()
     healed = True
-    assert await publisher.replay_dead_letters(group, [letters[1].id]) == 1
+    [chosen] = [letter for letter in letters if letter.frame == b"1"]
+    assert await publisher.replay_dead_letters(group, [chosen.id]) == 1
     await eventually(lambda: handled == [(b"1", 1)])
     remaining = await publisher.dead_letters(group)
-    assert [letter.frame for letter in remaining] == [b"0", b"2"]
+    assert sorted(letter.frame for letter in remaining) == [b"0", b"2"]
     assert await publisher.purge_dead_letters(group) == 2
     assert await publisher.dead_letters(group) == []
     assert group not in await publisher.dead_letter_groups()
