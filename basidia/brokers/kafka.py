@@ -388,7 +388,7 @@ class KafkaBroker(Broker):
         ping_interval: float = 3.0,
         linger_ms: int = 0,
         fetch_max_wait_ms: int = 5,
-        session_timeout: float = 10.0,
+        session_timeout: float = 6.0,
         heartbeat_interval: float = 1.0,
         drain_timeout: float = 10.0,
         join_timeout: float = 30.0,
