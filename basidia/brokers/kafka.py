@@ -599,8 +599,10 @@ class KafkaBroker(Broker):
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
             self._monitor = None
-        for task in list(self._presence_checks.values()):
+        checks = list(self._presence_checks.values())
+        for task in checks:
             task.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
         subscriptions, self._subscriptions = self._subscriptions, []
         await asyncio.gather(
             *(subscription.aclose() for subscription in subscriptions), return_exceptions=True
