@@ -24,6 +24,7 @@ from basidia.errors import ConfigError, ConnectionLost
 from ..faults.proxy import FaultProxy
 from ..faults.servers import TansuServer
 from .contract import BrokerContract, dead_letters_of, eventually, exercise_examples
+from .test_hostile import HostileInputs, RawClient
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(90)]
 
@@ -256,3 +257,38 @@ async def test_dispatch_with_a_key_keeps_the_order_through_the_framework(
             await runner.dispatch(f"ordered_{unique}.moved", {"n": number}, key="account-7")
         await eventually(lambda: len(seen) == 30, timeout=20)
     assert seen == list(range(30))
+
+
+# -- hostile input ------------------------------------------------------------------------------
+
+
+class KafkaRaw(RawClient):
+    """A client with nothing but the right to produce on a service's request topic and to
+    read its own inbox topic: ``KafkaBroker``'s send_request takes any bytes."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.broker = KafkaBroker(url, **OPTIONS)
+
+    async def open(self) -> None:
+        await self.broker.connect()
+        self.reply_to = await self.broker.open_inbox(self.replies.append)
+
+    async def request(self, service: str, body: bytes) -> None:
+        await self.broker.send_request(service, body, correlation_id=0)
+
+    async def close(self) -> None:
+        await self.broker.close()
+
+
+class TestKafkaHostile(HostileInputs):
+    @pytest.fixture
+    def broker_url(self, kafka_url: str) -> str:
+        return kafka_url
+
+    @pytest.fixture
+    async def raw(self, kafka_url: str) -> AsyncIterator[RawClient]:
+        client = KafkaRaw(kafka_url)
+        await client.open()
+        yield client
+        await client.close()
