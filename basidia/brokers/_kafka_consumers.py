@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
 from basidia.brokers.base import Delivery, DeliveryHandler, Subscription
@@ -172,8 +173,16 @@ class GroupConsumer(Subscription):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, timeout: float) -> None:
-        """Join the group and return once partitions are assigned (or ``timeout``)."""
-        consumer = self.broker.new_consumer(group_id=self.group_id)
+        """Join the group; return once partitions are assigned, or, for the first member
+        of a group, once the coordinator lists it (``timeout`` at most).
+
+        A first member need not wait for its partitions (a group join takes seconds):
+        what is published from now on waits for it (``_start_new_partitions``), and callers
+        see it alive.  A member joining others waits, so that it shares the work when
+        this returns."""
+        broker = self.broker
+        joining_others = await broker.group_has_members(self.group_id)
+        consumer = broker.new_consumer(group_id=self.group_id)
         self._consumer = consumer
         await consumer.start()
         consumer.subscribe(topics=self.topics, listener=_Listener(self))
@@ -182,8 +191,15 @@ class GroupConsumer(Subscription):
         for index in range(self._concurrency):
             lane = self._lanes[index if self._ordered else 0]
             self._tasks.append(asyncio.ensure_future(self._work(lane)))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._assigned.wait(), timeout)
+        deadline = time.monotonic() + timeout
+        if joining_others:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._assigned.wait(), timeout)
+        else:
+            while not self._assigned.is_set() and time.monotonic() < deadline:
+                if await broker.group_has_members(self.group_id):
+                    return
+                await asyncio.sleep(0.05)
         if not self._assigned.is_set():
             logger.warning(
                 "%s: no partitions assigned within %.0f s; consuming once the group has rebalanced",
@@ -211,6 +227,11 @@ class GroupConsumer(Subscription):
     async def _finish(self, grace: float | None = None) -> None:
         """Stop fetching; let started deliveries settle (within ``grace``), commit, leave."""
         grace = self.broker.drain_timeout if grace is None else grace
+        if not self._assigned.is_set():
+            # The group's start offsets are committed with its first assignment: without
+            # them, events published until the next member starts would be skipped.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._assigned.wait(), self.broker.session_timeout)
         fetch, *others = self._tasks
         fetch.cancel()
         await asyncio.gather(fetch, return_exceptions=True)
@@ -226,16 +247,39 @@ class GroupConsumer(Subscription):
         consumer = self._consumer
         if consumer is not None:
             await self._commit(consumer)
+            await self._leave_generation_zero(consumer)
             try:
                 await asyncio.wait_for(consumer.stop(), self.broker.api_timeout)
             except Exception as exc:
                 logger.debug("%s: stopping the consumer: %r", self.where, exc)
 
+    async def _leave_generation_zero(self, consumer: AIOKafkaConsumer) -> None:
+        """aiokafka leaves a group only from a generation above 0; brokers that number
+        generations from 0 (Tansu) would keep a stopped member listed, and a service with
+        no instance would look alive.  Leave such a generation here."""
+        coordinator = consumer._coordinator
+        if coordinator is None or coordinator.generation != 0 or not coordinator.member_id:
+            return
+        request = LeaveGroupRequest(coordinator.group_id, coordinator.member_id)
+        try:
+            await asyncio.wait_for(coordinator._send_req(request), self.broker.api_timeout)
+        except (KafkaError, TimeoutError) as exc:
+            logger.debug("%s: leaving the group: %r", self.where, exc)
+
     async def aclose(self) -> None:
-        """Cancel and wait until the consumer has left (broker close)."""
-        await self.cancel()
-        assert self._finished is not None
-        await asyncio.gather(self._finished, return_exceptions=True)
+        """Cancel and wait until the consumer has left (broker close), within the time its
+        steps may take; past it the consumer is dropped (the group expires it)."""
+        broker = self.broker
+        bound = broker.session_timeout + broker.drain_timeout + 3 * broker.api_timeout
+        try:
+            await asyncio.wait_for(self.cancel(), bound)
+            assert self._finished is not None
+            await asyncio.wait_for(asyncio.shield(self._finished), bound)
+        except TimeoutError:
+            logger.warning("%s: the consumer did not stop within %.0f s", self.where, bound)
+            if self._finished is not None:
+                self._finished.cancel()
+                await asyncio.gather(self._finished, return_exceptions=True)
 
     # -- rebalances ------------------------------------------------------------------------
 
@@ -243,7 +287,16 @@ class GroupConsumer(Subscription):
         consumer = self._consumer
         assert consumer is not None
         for tp in partitions:
+            previous = self._partitions.get(tp)
             self._partitions[tp] = _Partition()
+            if previous is not None:
+                # Assigned again without being revoked first (aiokafka does so when the
+                # group rebalances for a metadata change): what was taken and not settled
+                # is fetched again, from the first record not settled.
+                self._unsettled -= sum(1 for entry in previous.entries if not entry.done)
+                if previous.entries:
+                    consumer.seek(tp, previous.entries[0].offset)
+        self._update_room()
         try:
             await self._start_new_partitions(consumer, partitions)
         except Exception as exc:

@@ -388,7 +388,7 @@ class KafkaBroker(Broker):
         ping_interval: float = 3.0,
         linger_ms: int = 0,
         fetch_max_wait_ms: int = 5,
-        session_timeout: float = 10.0,
+        session_timeout: float = 6.0,
         heartbeat_interval: float = 1.0,
         drain_timeout: float = 10.0,
         join_timeout: float = 30.0,
@@ -437,10 +437,11 @@ class KafkaBroker(Broker):
         self._ping_interval = ping_interval
         self._linger_ms = int(linger_ms)
         self._fetch_max_wait_ms = int(fetch_max_wait_ms)
+        self.session_timeout = session_timeout
         self._session_timeout_ms = int(session_timeout * 1000)
         self._heartbeat_interval_ms = int(heartbeat_interval * 1000)
         self.drain_timeout = drain_timeout
-        self._join_timeout = join_timeout
+        self.join_timeout = join_timeout
         self._request_partitions = int(request_partitions)
         self._event_partitions = int(event_partitions)
         self._replication_factor = int(replication_factor)
@@ -598,8 +599,10 @@ class KafkaBroker(Broker):
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
             self._monitor = None
-        for task in list(self._presence_checks.values()):
+        checks = list(self._presence_checks.values())
+        for task in checks:
             task.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
         subscriptions, self._subscriptions = self._subscriptions, []
         await asyncio.gather(
             *(subscription.aclose() for subscription in subscriptions), return_exceptions=True
@@ -721,7 +724,7 @@ class KafkaBroker(Broker):
             ordered=False,
             where=f"topic {topic}",
         )
-        await consumer.start(self._join_timeout)
+        await consumer.start(self.join_timeout)
         self._subscriptions.append(consumer)
         self._serving.setdefault(service, []).append(consumer)
         return consumer
@@ -754,13 +757,13 @@ class KafkaBroker(Broker):
         if any(consumer.serving for consumer in self._serving.get(service, ())):
             self._presence[service] = now + self._presence_ttl
             return
-        if not await self._group_has_members(topic):
+        if not await self.group_has_members(topic):
             raise ServiceUnavailable(f"no instance of service {service!r} is running")
         self._presence[service] = time.monotonic() + self._presence_ttl
 
     async def _refresh_presence(self, service: str, topic: str) -> None:
         try:
-            if await self._group_has_members(topic):
+            if await self.group_has_members(topic):
                 self._presence[service] = time.monotonic() + self._presence_ttl
             else:
                 self._presence.pop(service, None)
@@ -769,7 +772,8 @@ class KafkaBroker(Broker):
         finally:
             self._presence_checks.pop(service, None)
 
-    async def _group_has_members(self, group_id: str) -> bool:
+    async def group_has_members(self, group_id: str) -> bool:
+        """Whether consumer group ``group_id`` has a member now."""
         admin = self._admin_or_raise()
         try:
             [response] = await asyncio.wait_for(
@@ -873,7 +877,7 @@ class KafkaBroker(Broker):
             retry_topic=retry_topic,
             where=f"group {group}",
         )
-        await consumer.start(self._join_timeout)
+        await consumer.start(self.join_timeout)
         self._subscriptions.append(consumer)
         return consumer
 

@@ -1,30 +1,38 @@
-"""Fault scenarios on Kafka (docs/reliability.md F4, F5), on throw-away Tansu brokers.
+"""Fault scenarios on Kafka (docs/reliability.md F4, F5, F8, F9), on throw-away Tansu brokers.
 
 Tansu keeps everything in memory, so a broker restart loses every topic: the
-broker-restart scenario (F1) cannot run on Kafka (docs/kafka.md).  F4 and F5 are Kafka's
-own here: Kafka clients connect to the address the broker advertises, so the fault proxy
-is what Tansu advertises.
+broker-restart scenario (F1) cannot run on Kafka (docs/kafka.md).  F9 is the scenario
+shared with the other brokers; F4, F5 and F8 are Kafka's own here: Kafka clients connect
+to the address the broker advertises (so the fault proxy is what Tansu advertises), a
+service's presence is believed for ``presence_ttl`` seconds, and Kafka keeps no delivery
+count (an event redelivered after a crash is attempt 1 again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from basidia import RpcTimeout, Service, ServiceRunner, ServiceUnavailable, connect, rpc
+from basidia._speedups import decode_frame
+from basidia.brokers import Delivery, EventSubscription
 from basidia.brokers.kafka import KafkaBroker
 from basidia.errors import ConnectionLost
 
 from .conftest import _skip_or_fail
+from .ledger import Ledger
 from .proxy import FaultProxy
-from .scenarios import BrokerKit, until
+from .scenarios import BrokerKit, f9_poison_event_among_1000_good_ones, until
 from .servers import TansuServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.kafka, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.long_fault, pytest.mark.kafka, pytest.mark.timeout(120)]
 
 PING = 1.0
 PRESENCE_TTL = 1.0
@@ -115,3 +123,56 @@ async def test_f5_no_instances_is_service_unavailable_at_once_not_a_timeout(
         with pytest.raises(RpcTimeout):  # a slow instance is a timeout, and says so
             await cluster.rpc.slow.work.with_timeout(0.2)(1)
         await runner.stop()
+        # The last instance left its group; the client believed it alive for presence_ttl.
+        await asyncio.sleep(PRESENCE_TTL + 0.1)
+        with pytest.raises((ServiceUnavailable, RpcTimeout)):
+            await cluster.rpc.slow.work.with_timeout(0.5)(1)  # and asks again meanwhile
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            await cluster.rpc.slow.work(1)
+        assert time.monotonic() - started < 1.0
+
+
+async def test_f8_killed_consumer_with_uncommitted_offsets_redelivers_everything(
+    kit: BrokerKit, ledger: Ledger
+) -> None:
+    """A worker process holding ten events, none committed, is SIGKILLed: once the group
+    drops it (session timeout), every event goes to the next member; none is lost."""
+    workers = 10
+    async with kit.worker("f8_worker", "f8.job", workers=workers) as worker:
+        async with connect(kit.broker()) as cluster:
+            for number in range(workers):
+                ledger.record_sent(str(number))
+                await cluster.dispatch("f8.job", {"id": number, "seconds": 60})
+                ledger.record_confirmed(str(number))
+        await until(lambda: len(worker.started) == workers, 30, "the worker holds every event")
+        worker.signal(signal.SIGKILL)
+        await worker.wait(10)
+    assert worker.done == []
+
+    attempts: Counter[int] = Counter()
+    survivor = kit.broker()
+    await survivor.connect()
+    try:
+
+        async def take(delivery: Delivery) -> None:
+            job = msgspec.msgpack.decode(decode_frame(delivery.body).payload)
+            ledger.record_received(str(job["id"]))
+            attempts[delivery.attempt] += 1
+            await delivery.ack()
+
+        await survivor.subscribe_events(
+            EventSubscription("f8.job", "f8_worker.on_work"), take, concurrency=workers
+        )
+        await until(lambda: sum(attempts.values()) == workers, SESSION + 30, "every event")
+        await asyncio.sleep(2.0)  # and none more
+    finally:
+        await survivor.close()
+    assert attempts == {1: workers}  # Kafka keeps no delivery count
+    ledger.assert_clean(allow_duplicates_delivered=False)
+
+
+async def test_f9_poison_event_among_1000_good_ones(kit: BrokerKit) -> None:
+    elapsed = await f9_poison_event_among_1000_good_ones(kit)
+    print(f"1,000 good events and a poison one handled in {elapsed:.1f} s")
