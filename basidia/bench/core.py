@@ -53,6 +53,8 @@ _RAW_FLOORS: dict[str, tuple[str, str]] = {
     "tls": ("basidia.bench.raw_nats", "raw nats-py request/reply"),
     "amqp": ("basidia.bench.raw_amqp", "raw aiormq RPC"),
     "amqps": ("basidia.bench.raw_amqp", "raw aiormq RPC"),
+    "redis": ("basidia.bench.raw_redis", "raw redis-py stream request/pub-sub reply"),
+    "rediss": ("basidia.bench.raw_redis", "raw redis-py stream request/pub-sub reply"),
 }
 
 
