@@ -290,6 +290,9 @@ class _Reader(WorkerPool[Delivery]):
                 continue
             if reply:
                 self.accept(reply)
+                # Let the workers start on what came (their replies go out first) before
+                # the next read is written.
+                await asyncio.sleep(0)
 
     @property
     def halted(self) -> bool:
@@ -321,7 +324,9 @@ class _Reader(WorkerPool[Delivery]):
             await asyncio.wait_for(asyncio.shield(reader), self.broker.socket_timeout)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            ended = asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait_for(ended, self.broker.socket_timeout)
         await self._drop_connection()
         await self._stop()
         await self.withdraw()

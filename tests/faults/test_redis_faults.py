@@ -24,6 +24,7 @@ from .ledger import Ledger
 from .proxy import FaultProxy
 from .scenarios import (
     BrokerKit,
+    f1_f2_killed_and_restarted_under_load,
     f8_killed_worker_events_are_all_redelivered,
     f9_poison_event_among_1000_good_ones,
     until,
@@ -76,6 +77,17 @@ def slow_service(delay: float) -> type[Service]:
             return n
 
     return Slow
+
+
+# -- F1 -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.long_fault
+@pytest.mark.timeout(300)
+async def test_f1_redis_killed_and_restarted_under_load(
+    redis_server: RedisServer, kit: BrokerKit, ledger: Ledger
+) -> None:
+    await f1_f2_killed_and_restarted_under_load(kit, redis_server.kill, redis_server.start, ledger)
 
 
 # -- F4 -----------------------------------------------------------------------------------------
