@@ -52,7 +52,10 @@ PayloadOption = typer.Option(
 
 def command(
     broker: str = typer.Option(
-        "memory://", "--broker", "-b", help="Broker URL: memory://, nats://..., amqp://..."
+        "memory://",
+        "--broker",
+        "-b",
+        help="Broker URL: memory://, nats://..., amqp://..., redis://...",
     ),
     concurrency: int = typer.Option(
         64, "--concurrency", "-c", min=1, max=10_000, help="Calls in flight for throughput."
@@ -86,7 +89,7 @@ def command(
 ) -> None:
     """Measure echo RPC: p50/p90/p99 latency at 1 in flight, calls/s at N in flight.
 
-    On nats:// and amqp:// the raw client floor is measured in the same run, and
+    On nats://, amqp:// and redis:// the raw client floor is measured in the same run, and
     Basidia's overhead over it is printed.  Progress goes to stderr.
     """
     default_calls, default_duration = _QUICK if quick else _FULL
