@@ -89,7 +89,7 @@ def command(
         "memory://",
         "--broker",
         "-b",
-        help="Broker URL: memory://, nats://..., amqp://..., kafka://...",
+        help="Broker URL: memory://, nats://..., amqp://..., redis://..., kafka://...",
     ),
     concurrency: int = typer.Option(
         64, "--concurrency", "-c", min=1, max=10_000, help="Calls in flight for throughput."
@@ -131,7 +131,7 @@ def command(
 ) -> None:
     """Measure echo RPC: p50/p90/p99 latency at 1 in flight, calls/s at N in flight.
 
-    On nats://, amqp:// and kafka:// the raw client floor is measured in the same run, and
+    On nats://, amqp://, redis:// and kafka:// the raw client floor is measured in the same run, and
     Basidia's overhead over it is printed.  Progress goes to stderr.
     """
     if sweep:

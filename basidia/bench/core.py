@@ -58,6 +58,8 @@ _RAW_FLOORS: dict[str, tuple[str, str]] = {
     "amqps": ("basidia.bench.raw_amqp", "raw aiormq RPC"),
     "kafka": ("basidia.bench.raw_kafka", "raw aiokafka request-reply"),
     "kafkas": ("basidia.bench.raw_kafka", "raw aiokafka request-reply"),
+    "redis": ("basidia.bench.raw_redis", "raw redis-py stream request/pub-sub reply"),
+    "rediss": ("basidia.bench.raw_redis", "raw redis-py stream request/pub-sub reply"),
 }
 
 

@@ -37,7 +37,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from basidia.brokers._common import Backoff, Names, Secrets, WorkerPool, parse_url
@@ -290,6 +290,9 @@ class _Reader(WorkerPool[Delivery]):
                 continue
             if reply:
                 self.accept(reply)
+                # Let the workers start on what came (their replies go out first) before
+                # the next read is written.
+                await asyncio.sleep(0)
 
     @property
     def halted(self) -> bool:
@@ -314,13 +317,16 @@ class _Reader(WorkerPool[Delivery]):
         reader = self._tasks[0]
         if self._reading and self._client_id is not None:
             # Unblock the read under way; whatever it was handed still comes back to it.
-            with contextlib.suppress(RedisError, *_LINK_ERRORS):
-                await self.broker.run("CLIENT", "UNBLOCK", self._client_id)
-        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            with contextlib.suppress(TimeoutError, RedisError, *_LINK_ERRORS):
+                unblock = self.broker.run("CLIENT", "UNBLOCK", self._client_id)
+                await asyncio.wait_for(unblock, self.broker.socket_timeout)
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(reader), self.broker.socket_timeout)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            ended = asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait_for(ended, self.broker.socket_timeout)
         await self._drop_connection()
         await self._stop()
         await self.withdraw()
@@ -552,6 +558,9 @@ class RedisBroker(Broker):
     * ``socket_timeout``: seconds any command may take (blocking reads: that beyond their
       block time); a silent link is declared dead after it;
     * ``ping_interval``: seconds between the health checks of the connection;
+    * ``publish_timeout``: seconds an event publish may take, waiting for a connection
+      included (``BrokerError`` after it: publish again, the idempotency key keeps it
+      from being stored twice);
     * ``block``: seconds a read blocks waiting for entries before asking again;
     * ``max_connections``: connections for commands (readers have one each);
     * ``reconnect_wait``, ``reconnect_wait_max``: capped exponential backoff, with jitter,
@@ -581,6 +590,7 @@ class RedisBroker(Broker):
         connect_timeout: float = 5.0,
         socket_timeout: float = 5.0,
         ping_interval: float = 2.0,
+        publish_timeout: float = 5.0,
         block: float = 2.0,
         max_connections: int = 64,
         reconnect_wait: float = 0.1,
@@ -632,6 +642,7 @@ class RedisBroker(Broker):
         self.socket_timeout = float(socket_timeout)
         self._connect_timeout = float(connect_timeout)
         self._ping_interval = float(ping_interval)
+        self._publish_timeout = float(publish_timeout)
         self.block = float(block)
         self.block_ms = max(1, int(self.block * 1000))
         self._max_connections = int(max_connections)
@@ -665,6 +676,8 @@ class RedisBroker(Broker):
         self._connected = False
         self._check_now: asyncio.Event | None = None
         self._throttled_log = ThrottledLog(logger)
+        #: Failed health checks while down (each one waited its backoff first).
+        self.reconnect_attempts = 0
         #: Times the connection came back.
         self.reconnects = 0
 
@@ -717,9 +730,8 @@ class RedisBroker(Broker):
             return await client.execute_command(  # type: ignore[no-untyped-call]
                 "EVALSHA", sha, numkeys, *args
             )
-        except ResponseError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
+        except NoScriptError:
+            # The server lost its script cache (a restart): EVAL runs and caches it again.
             return await client.execute_command(  # type: ignore[no-untyped-call]
                 "EVAL", source, numkeys, *args
             )
@@ -795,6 +807,7 @@ class RedisBroker(Broker):
                 await asyncio.wait_for(self._redis().ping(), self.socket_timeout)
             except (TimeoutError, RedisError, *_LINK_ERRORS) as exc:
                 failures += 1
+                self.reconnect_attempts += 1
                 if self._connected:
                     self._connected = False
                     logger.warning("lost the connection to %s; reconnecting", self.safe_url)
@@ -963,16 +976,19 @@ class RedisBroker(Broker):
         stream = self.event_streams[event]
         window = self._window_ms if idempotency_key else "0"
         try:
-            await self.run_script(
-                "publish_event",
-                2,
-                stream,
-                f"{self.prefix}:idem:{idempotency_key}",
-                body,
-                self.stream_max_len,
-                window,
+            await asyncio.wait_for(
+                self.run_script(
+                    "publish_event",
+                    2,
+                    stream,
+                    f"{self.prefix}:idem:{idempotency_key}",
+                    body,
+                    self.stream_max_len,
+                    window,
+                ),
+                self._publish_timeout,
             )
-        except (RedisError, *_LINK_ERRORS) as exc:
+        except (TimeoutError, RedisError, *_LINK_ERRORS) as exc:
             self.link_trouble(exc)
             raise self._error(f"could not publish event {event!r}", exc) from None
 

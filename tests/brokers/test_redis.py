@@ -176,3 +176,13 @@ async def test_the_examples_run_on_redis(redis_url: str, unique: str) -> None:
         await exercise_examples(redis_url, unique)
     finally:
         await delete_redis_keys(redis_url, unique)
+
+
+def test_without_the_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.delitem(sys.modules, "basidia.brokers.redis")
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    with pytest.raises(ImportError, match=r"pip install 'basidia\[redis\]'"):
+        broker_from_url("redis://127.0.0.1:6379/0")

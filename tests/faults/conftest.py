@@ -25,7 +25,7 @@ import pytest_asyncio
 from basidia._speedups import NO_EXTENSIONS
 
 from .ledger import Ledger
-from .servers import NatsServer, RabbitServer
+from .servers import NatsServer, RabbitServer, RedisServer
 
 LONG_FAULT_SKIP = "runs once, in the compiled-core run (BASIDIA_NO_EXTENSIONS is set)"
 
@@ -55,6 +55,11 @@ def _require_nats() -> None:
         _skip_or_fail(f"{NatsServer.BINARY} is missing: apt-get install nats-server")
 
 
+def _require_redis() -> None:
+    if not os.access(RedisServer.BINARY, os.X_OK):
+        _skip_or_fail(f"{RedisServer.BINARY} is missing: apt-get install redis-server")
+
+
 def _require_rabbit() -> None:
     if not os.access(RabbitServer.BINARY, os.X_OK):
         _skip_or_fail(f"{RabbitServer.BINARY} is missing: apt-get install rabbitmq-server")
@@ -82,6 +87,14 @@ async def nats_server() -> AsyncIterator[NatsServer]:
     """A fresh nats-server with JetStream for this test."""
     _require_nats()
     async with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A fresh redis-server, append-only file fsynced on every write, for this test."""
+    _require_redis()
+    async with RedisServer() as server:
         yield server
 
 

@@ -437,3 +437,49 @@ class TansuServer(_BrokerProcess):
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return True
+
+
+class RedisServer(_BrokerProcess):
+    """A throw-away ``redis-server`` whose append-only file is written and fsynced before
+    each write is acknowledged (``--appendonly yes --appendfsync always``): what it confirmed
+    survives a SIGKILL."""
+
+    BINARY: ClassVar[str] = shutil.which("redis-server") or "/usr/bin/redis-server"
+    startup_timeout: ClassVar[float] = 15.0
+
+    def __init__(self) -> None:
+        super().__init__("redis")
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        """The client URL, ``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _command(self) -> list[str]:
+        return [
+            self.BINARY,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--protected-mode", "no",
+        ]  # fmt: skip
+
+    async def _is_ready(self) -> bool:
+        # PING answers +PONG only once the append-only file is loaded (-LOADING before).
+        loop = asyncio.get_running_loop()
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                await loop.sock_connect(probe, ("127.0.0.1", self.port))
+                await loop.sock_sendall(probe, b"PING\r\n")
+                answer = await loop.sock_recv(probe, 64)
+            return answer.startswith(b"+PONG")
+        except (TimeoutError, OSError):
+            return False
+        finally:
+            probe.close()

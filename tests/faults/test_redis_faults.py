@@ -1,0 +1,157 @@
+"""Fault scenarios on Redis (docs/reliability.md F1, F4, F5, F8, F9).
+
+Each test runs a throw-away redis-server (``redis_server``) with its append-only file
+fsynced on every write, sometimes behind a ``FaultProxy``, with short timers: a health
+check every half second, entries of a silent consumer taken over after 2 s.  F1, F8 and F9
+are the scenarios of ``scenarios.py``, shared with RabbitMQ and NATS; F4 and F5 are
+Redis's own here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from basidia import RpcTimeout, Service, ServiceRunner, ServiceUnavailable, connect, rpc
+from basidia.brokers.redis import RedisBroker
+from basidia.errors import ConnectionLost
+
+from .ledger import Ledger
+from .proxy import FaultProxy
+from .scenarios import (
+    BrokerKit,
+    f1_f2_killed_and_restarted_under_load,
+    f8_killed_worker_events_are_all_redelivered,
+    f9_poison_event_among_1000_good_ones,
+    until,
+)
+from .servers import RedisServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(120)]
+
+PING = 0.5
+SOCKET_TIMEOUT = 1.0
+CLAIM_IDLE = 2.0
+FAST: dict[str, Any] = {
+    "connect_timeout": 1.0,
+    "socket_timeout": SOCKET_TIMEOUT,
+    "ping_interval": PING,
+    "block": 0.5,
+    "reconnect_wait": 0.05,
+    "reconnect_wait_max": 0.5,
+    "publish_timeout": 2.0,
+    "claim_idle": CLAIM_IDLE,
+    "retry_poll": 0.05,
+}
+#: A blackholed link: noticed by the next health check, which fails after the socket timeout.
+DETECTION_BOUND = PING + SOCKET_TIMEOUT + 1.0
+
+
+@pytest.fixture
+def kit(redis_server: RedisServer) -> BrokerKit:
+    return BrokerKit(
+        url=redis_server.url,
+        options=FAST,
+        detection_bound=DETECTION_BOUND,
+        redelivery_after=CLAIM_IDLE,  # XAUTOCLAIM takes over what stays unacknowledged
+    )
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy("127.0.0.1", redis_server.port) as fault_proxy:
+        yield fault_proxy
+
+
+def slow_service(delay: float) -> type[Service]:
+    class Slow(Service):
+        name = "slow"
+
+        @rpc
+        async def work(self, n: int) -> int:
+            await asyncio.sleep(delay)
+            return n
+
+    return Slow
+
+
+# -- F1 -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.long_fault
+@pytest.mark.timeout(300)
+async def test_f1_redis_killed_and_restarted_under_load(
+    redis_server: RedisServer, kit: BrokerKit, ledger: Ledger
+) -> None:
+    await f1_f2_killed_and_restarted_under_load(kit, redis_server.kill, redis_server.start, ledger)
+
+
+# -- F4 -----------------------------------------------------------------------------------------
+
+
+async def test_f4_caller_connection_dropped_with_calls_in_flight(
+    redis_server: RedisServer, proxy: FaultProxy
+) -> None:
+    """Calls in flight fail with ConnectionLost once the link is found dead; after
+    reconnecting, late replies of the old calls never reach the new ones."""
+    async with ServiceRunner([slow_service(1.5)], broker=RedisBroker(redis_server.url, **FAST)):
+        client = RedisBroker(proxy.url_for("redis"), **FAST)
+        async with connect(client, timeout=10) as cluster:
+            work = cluster.rpc.slow.work
+            assert await work(-1) == -1
+            in_flight = [asyncio.ensure_future(work(n)) for n in range(20)]
+            await asyncio.sleep(0.3)
+            dropped = time.monotonic()
+            proxy.down()
+            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+            assert time.monotonic() - dropped < DETECTION_BOUND
+            assert all(isinstance(outcome, ConnectionLost) for outcome in outcomes), outcomes
+            proxy.pass_through()
+            await until(lambda: client.connected, 10, "reconnection")
+            fresh = await asyncio.gather(*(work(n) for n in range(100, 120)))
+            assert fresh == list(range(100, 120))
+
+
+# -- F5 -----------------------------------------------------------------------------------------
+
+
+async def test_f5_no_instances_is_service_unavailable_at_once_not_a_timeout(
+    redis_server: RedisServer,
+) -> None:
+    runner = ServiceRunner([slow_service(1.0)], broker=RedisBroker(redis_server.url, **FAST))
+    async with connect(RedisBroker(redis_server.url, **FAST), timeout=5) as cluster:
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            await cluster.rpc.never_started.anything()
+        assert time.monotonic() - started < 1.0
+        await runner.start()
+        with pytest.raises(RpcTimeout):  # a slow instance is a timeout, and says so
+            await cluster.rpc.slow.work.with_timeout(0.2)(1)
+        await runner.stop()
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            await cluster.rpc.slow.work(1)
+        assert time.monotonic() - started < 1.0
+
+
+# -- F8 -----------------------------------------------------------------------------------------
+
+
+async def test_f8_killed_worker_events_are_all_redelivered_as_second_attempts(
+    kit: BrokerKit, ledger: Ledger
+) -> None:
+    await f8_killed_worker_events_are_all_redelivered(kit, ledger)
+
+
+# -- F9 -----------------------------------------------------------------------------------------
+
+
+async def test_f9_poison_event_among_1000_good_ones_is_dead_lettered_with_its_reason(
+    kit: BrokerKit,
+) -> None:
+    elapsed = await f9_poison_event_among_1000_good_ones(kit)
+    print(f"1,000 good events and the poison one handled in {elapsed:.1f} s")
