@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,9 @@ from nats.aio.client import Client
 from nats.errors import ProtocolError
 from nats.protocol.parser import ERR_RE, INFO_RE, OK_RE, PING_RE, PONG_RE, Parser
 
-__all__ = ["HIGH_WATER", "FastParser", "Outbox", "Sink", "supported"]
+from basidia._speedups import future_factory
+
+__all__ = ["HIGH_WATER", "FastParser", "Outbox", "Pending", "Sink", "supported"]
 
 logger = logging.getLogger("basidia.brokers.nats")
 
@@ -208,6 +211,82 @@ class FastParser(Parser):
             await nc._process_info(json.loads(info.group(1).decode()))
         else:
             raise ProtocolError("nats: unknown protocol")
+
+
+class Pending:
+    """A request subscription's queue on the fast path, in place of nats-py's
+    ``asyncio.Queue`` (several Python calls per message): at most ``max_msgs``
+    bodies and ``max_bytes`` bytes wait for the workers, as nats-py bounds its own.
+
+    One worker is woken at a time: while a woken worker has not run yet, what
+    arrives is queued, and that worker, once it runs, wakes the next one if more
+    is queued; a burst of requests costs two wake-ups, not one each.
+    """
+
+    __slots__ = ("_create_future", "_woken", "items", "max_bytes", "max_msgs", "size", "waiters")
+
+    def __init__(self, max_msgs: int, max_bytes: int) -> None:
+        self.items: deque[bytes] = deque()
+        self.waiters: deque[asyncio.Future[bytes]] = deque()
+        self.max_msgs = max_msgs
+        self.max_bytes = max_bytes
+        #: Bytes queued.
+        self.size = 0
+        self._woken = 0
+        self._create_future = future_factory(asyncio.get_running_loop())
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def offer(self, body: bytes) -> bool:
+        """Queue ``body``; False, dropping it, when a bound would be passed."""
+        items = self.items
+        size = self.size + len(body)
+        if (self.max_msgs > 0 and len(items) >= self.max_msgs) or (
+            self.max_bytes > 0 and size >= self.max_bytes
+        ):
+            return False
+        items.append(body)
+        self.size = size
+        if not self._woken:
+            self._wake_next()
+        return True
+
+    def _wake_next(self) -> None:
+        items, waiters = self.items, self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                body = items.popleft()
+                self.size -= len(body)
+                waiter.set_result(body)
+                self._woken += 1
+                return
+
+    async def get(self) -> bytes:
+        items = self.items
+        if items:
+            body = items.popleft()
+            self.size -= len(body)
+            return body
+        waiter: asyncio.Future[bytes] = self._create_future()
+        self.waiters.append(waiter)
+        try:
+            body = await waiter
+        except asyncio.CancelledError:
+            # Cancelled after a body was handed over: give it back, first in line.
+            if waiter.done() and not waiter.cancelled():
+                self._woken -= 1
+                body = waiter.result()
+                items.appendleft(body)
+                self.size += len(body)
+                if not self._woken:
+                    self._wake_next()
+            raise
+        self._woken -= 1
+        if items:
+            self._wake_next()
+        return body
 
 
 class Outbox:
