@@ -62,7 +62,9 @@ HIGH_WATER = 1024 * 1024
 # its max_control_line, 4 KiB by default).
 _MAX_PARTIAL_LINE = 1024 * 1024
 
+_CONNECTED = Client.CONNECTED
 _CLIENT_INTERNALS = (
+    "_status",
     "_ps",
     "_pending",
     "_pending_data_size",
@@ -223,13 +225,26 @@ class Pending:
     is queued; a burst of requests costs two wake-ups, not one each.
     """
 
-    __slots__ = ("_create_future", "_woken", "items", "max_bytes", "max_msgs", "size", "waiters")
+    __slots__ = (
+        "_create_future",
+        "_woken",
+        "items",
+        "max_bytes",
+        "max_msgs",
+        "on_full",
+        "size",
+        "waiters",
+    )
 
-    def __init__(self, max_msgs: int, max_bytes: int) -> None:
+    def __init__(
+        self, max_msgs: int, max_bytes: int, on_full: Callable[[], None] = lambda: None
+    ) -> None:
         self.items: deque[bytes] = deque()
         self.waiters: deque[asyncio.Future[bytes]] = deque()
         self.max_msgs = max_msgs
         self.max_bytes = max_bytes
+        #: Called when a body is dropped, a bound being reached.
+        self.on_full = on_full
         #: Bytes queued.
         self.size = 0
         self._woken = 0
@@ -251,6 +266,11 @@ class Pending:
         if not self._woken:
             self._wake_next()
         return True
+
+    def sink(self, subject: bytes, headers: bytes | None, body: bytes) -> None:
+        """The parser's sink for the subscription: ``offer``, ``on_full`` when it refuses."""
+        if not self.offer(body):
+            self.on_full()
 
     def _wake_next(self) -> None:
         items, waiters = self.items, self.waiters
@@ -304,7 +324,7 @@ class Outbox:
     def publish(self, subject: bytes, reply: bytes, body: bytes) -> bool:
         """Queue a ``PUB``; False, having done nothing, when nats-py's ``publish`` must do it."""
         nc = self._nc
-        if not nc.is_connected or len(body) > nc._max_payload:
+        if nc._status != _CONNECTED or len(body) > nc._max_payload:
             return False
         if self._congested:
             writer = self._writer
@@ -331,7 +351,7 @@ class Outbox:
     def _flush(self) -> None:
         self._scheduled = False
         nc = self._nc
-        if not nc._pending or not nc.is_connected:
+        if not nc._pending or nc._status != _CONNECTED:
             return  # nats-py writes its pending buffer once it is connected again
         try:
             writer = nc._transport._io_writer

@@ -170,21 +170,10 @@ class _QueueWorkers(WorkerPool[Msg]):
         self._cancelled = False
         self._parser = parser
         if parser is not None and pending is not None:
-            parser.sinks[sub._id] = self._sink(sub, pending, on_slow or (lambda subject: None))
+            if on_slow is not None:
+                pending.on_full = lambda: on_slow(sub.subject)
+            parser.sinks[sub._id] = pending.sink
         self.start_workers()
-
-    @staticmethod
-    def _sink(
-        sub: NatsSubscription, pending: _nats_fast.Pending, on_slow: Callable[[str], None]
-    ) -> _nats_fast.Sink:
-        """What the fast parser calls with each request: queued within nats-py's bounds."""
-        offer = pending.offer
-
-        def sink(subject: bytes, headers: bytes | None, body: bytes) -> None:
-            if not offer(body):
-                on_slow(sub.subject)
-
-        return sink
 
     def _serve_request_body(self, body: bytes) -> Awaitable[None]:
         return self._handler(_RequestDelivery(body))
