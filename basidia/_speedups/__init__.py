@@ -38,6 +38,7 @@ __all__ = [
     "ReplyRouter",
     "decode_frame",
     "encode_frame",
+    "future_factory",
 ]
 
 
@@ -49,7 +50,7 @@ def env_flag(name: str) -> bool:
 NO_EXTENSIONS = env_flag("BASIDIA_NO_EXTENSIONS") or sys.implementation.name != "cpython"
 
 from basidia._speedups._frames_py import decode_frame, encode_frame  # noqa: E402
-from basidia._speedups._router_py import ReplyRouter  # noqa: E402
+from basidia._speedups._router_py import ReplyRouter, future_factory  # noqa: E402
 
 IMPLEMENTATION = "py"
 #: Why the compiled core is not in use, or None when it is (for diagnostics and tests).

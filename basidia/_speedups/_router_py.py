@@ -18,18 +18,26 @@ to the calls in flight.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from heapq import heapify, heappop, heappush
 from time import monotonic
 from typing import Any
 
 from basidia.errors import RpcTimeout
 
-__all__ = ["ReplyRouter"]
+__all__ = ["ReplyRouter", "future_factory"]
 
 _U64_MASK = 0xFFFF_FFFF_FFFF_FFFF  # correlation ids are u64 on the wire
 # Stale heap entries tolerated beyond the pending calls before a rebuild; enough
 # to make rebuilds rare when only a few calls are in flight.
 _COMPACT_SLACK = 1024
+
+
+def future_factory(loop: asyncio.AbstractEventLoop) -> Any:
+    """``loop.create_future``, or what it does, without its Python frame, on asyncio's loops."""
+    if type(loop).create_future is asyncio.BaseEventLoop.create_future:
+        return partial(asyncio.Future, loop=loop)
+    return loop.create_future
 
 
 class ReplyRouter:
@@ -44,9 +52,10 @@ class ReplyRouter:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         # Bound once, as they run for every call.  BaseEventLoop.time() is
-        # time.monotonic(); calling that directly saves a Python frame per call
-        # on asyncio's own loops (loops with a clock of their own keep it).
-        self._create_future = loop.create_future
+        # time.monotonic() and BaseEventLoop.create_future() is Future(loop=loop);
+        # calling those directly saves a Python frame each per call on asyncio's own
+        # loops (loops with a clock or futures of their own keep them).
+        self._create_future = future_factory(loop)
         self._time = monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
         self._pending: dict[int, asyncio.Future[Any]] = {}
         # (deadline in loop time, correlation id); may hold stale entries.

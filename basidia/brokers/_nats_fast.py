@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,9 @@ from nats.aio.client import Client
 from nats.errors import ProtocolError
 from nats.protocol.parser import ERR_RE, INFO_RE, OK_RE, PING_RE, PONG_RE, Parser
 
-__all__ = ["HIGH_WATER", "FastParser", "Outbox", "Sink", "supported"]
+from basidia._speedups import future_factory
+
+__all__ = ["HIGH_WATER", "FastParser", "Outbox", "Pending", "Sink", "supported"]
 
 logger = logging.getLogger("basidia.brokers.nats")
 
@@ -59,7 +62,9 @@ HIGH_WATER = 1024 * 1024
 # its max_control_line, 4 KiB by default).
 _MAX_PARTIAL_LINE = 1024 * 1024
 
+_CONNECTED = Client.CONNECTED
 _CLIENT_INTERNALS = (
+    "_status",
     "_ps",
     "_pending",
     "_pending_data_size",
@@ -210,6 +215,100 @@ class FastParser(Parser):
             raise ProtocolError("nats: unknown protocol")
 
 
+class Pending:
+    """A request subscription's queue on the fast path, in place of nats-py's
+    ``asyncio.Queue`` (several Python calls per message): at most ``max_msgs``
+    bodies and ``max_bytes`` bytes wait for the workers, as nats-py bounds its own.
+
+    One worker is woken at a time: while a woken worker has not run yet, what
+    arrives is queued, and that worker, once it runs, wakes the next one if more
+    is queued; a burst of requests costs two wake-ups, not one each.
+    """
+
+    __slots__ = (
+        "_create_future",
+        "_woken",
+        "items",
+        "max_bytes",
+        "max_msgs",
+        "on_full",
+        "size",
+        "waiters",
+    )
+
+    def __init__(
+        self, max_msgs: int, max_bytes: int, on_full: Callable[[], None] = lambda: None
+    ) -> None:
+        self.items: deque[bytes] = deque()
+        self.waiters: deque[asyncio.Future[bytes]] = deque()
+        self.max_msgs = max_msgs
+        self.max_bytes = max_bytes
+        #: Called when a body is dropped, a bound being reached.
+        self.on_full = on_full
+        #: Bytes queued.
+        self.size = 0
+        self._woken = 0
+        self._create_future = future_factory(asyncio.get_running_loop())
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def offer(self, body: bytes) -> bool:
+        """Queue ``body``; False, dropping it, when a bound would be passed."""
+        items = self.items
+        size = self.size + len(body)
+        if (self.max_msgs > 0 and len(items) >= self.max_msgs) or (
+            self.max_bytes > 0 and size >= self.max_bytes
+        ):
+            return False
+        items.append(body)
+        self.size = size
+        if not self._woken:
+            self._wake_next()
+        return True
+
+    def sink(self, subject: bytes, headers: bytes | None, body: bytes) -> None:
+        """The parser's sink for the subscription: ``offer``, ``on_full`` when it refuses."""
+        if not self.offer(body):
+            self.on_full()
+
+    def _wake_next(self) -> None:
+        items, waiters = self.items, self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                body = items.popleft()
+                self.size -= len(body)
+                waiter.set_result(body)
+                self._woken += 1
+                return
+
+    async def get(self) -> bytes:
+        items = self.items
+        if items:
+            body = items.popleft()
+            self.size -= len(body)
+            return body
+        waiter: asyncio.Future[bytes] = self._create_future()
+        self.waiters.append(waiter)
+        try:
+            body = await waiter
+        except asyncio.CancelledError:
+            # Cancelled after a body was handed over: give it back, first in line.
+            if waiter.done() and not waiter.cancelled():
+                self._woken -= 1
+                body = waiter.result()
+                items.appendleft(body)
+                self.size += len(body)
+                if not self._woken:
+                    self._wake_next()
+            raise
+        self._woken -= 1
+        if items:
+            self._wake_next()
+        return body
+
+
 class Outbox:
     """Publishes on a connected client, written to its socket once per loop iteration."""
 
@@ -225,7 +324,7 @@ class Outbox:
     def publish(self, subject: bytes, reply: bytes, body: bytes) -> bool:
         """Queue a ``PUB``; False, having done nothing, when nats-py's ``publish`` must do it."""
         nc = self._nc
-        if not nc.is_connected or len(body) > nc._max_payload:
+        if nc._status != _CONNECTED or len(body) > nc._max_payload:
             return False
         if self._congested:
             writer = self._writer
@@ -252,7 +351,7 @@ class Outbox:
     def _flush(self) -> None:
         self._scheduled = False
         nc = self._nc
-        if not nc._pending or not nc.is_connected:
+        if not nc._pending or nc._status != _CONNECTED:
             return  # nats-py writes its pending buffer once it is connected again
         try:
             writer = nc._transport._io_writer

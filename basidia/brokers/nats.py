@@ -138,7 +138,8 @@ class _QueueWorkers(WorkerPool[Msg]):
     The subscription has no callback, so nats-py only queues messages (bounded by
     ``max_pending``); the idle workers wait on that queue themselves.  Requests when
     ``origin`` is None, core events of ``origin`` otherwise.  With ``parser`` (the fast
-    path), the request bodies are queued by a sink of the parser instead, as bytes.
+    path), the request bodies are queued by a sink of the parser instead, as bytes, in
+    a ``_nats_fast.Pending`` with the same bounds.
     """
 
     def __init__(
@@ -155,39 +156,27 @@ class _QueueWorkers(WorkerPool[Msg]):
         queue: asyncio.Queue[Msg] = sub._pending_queue
         where = f"subject {sub.subject}"
         serve = self._serve_request if origin is None else self._serve_event
-        super().__init__(queue, serve, concurrency, drain=True, logger=logger, where=where)
+        pending = None
+        if parser is not None:
+            pending = _nats_fast.Pending(sub._pending_msgs_limit, sub._pending_bytes_limit)
+            while not queue.empty():  # queued by nats-py before the sink is in place
+                pending.offer(queue.get_nowait().data)
+            serve = self._serve_request_body  # type: ignore[assignment]
+        source: Any = queue if pending is None else pending
+        super().__init__(source, serve, concurrency, drain=True, logger=logger, where=where)
         self._sub = sub
         self._flush_timeout = flush_timeout
         self._handler = handler
         self._origin = origin
         self._cancelled = False
         self._parser = parser
-        if parser is not None:
-            self._handle = self._serve_request_body
-            parser.sinks[sub._id] = self._sink(sub, on_slow or (lambda subject: None))
+        if parser is not None and pending is not None:
+            if on_slow is not None:
+                pending.on_full = lambda: on_slow(sub.subject)
+            parser.sinks[sub._id] = pending.sink
         self.start_workers()
 
-    @staticmethod
-    def _sink(sub: NatsSubscription, on_slow: Callable[[str], None]) -> _nats_fast.Sink:
-        """What the fast parser calls with each request: queued within nats-py's bounds."""
-        queue: asyncio.Queue[Any] = sub._pending_queue
-        limit = sub._pending_bytes_limit
-        full, put = queue.full, queue.put_nowait
-
-        def sink(subject: bytes, headers: bytes | None, body: bytes) -> None:
-            sub._pending_size += len(body)
-            if (limit > 0 and sub._pending_size >= limit) or full():
-                sub._pending_size -= len(body)
-                on_slow(sub.subject)
-                return
-            put(body)
-
-        return sink
-
-    def _serve_request_body(self, item: bytes | Msg) -> Awaitable[None]:
-        # A Msg was queued by nats-py before the sink was in place.
-        body = item if isinstance(item, bytes) else item.data
-        self._sub._pending_size -= len(body)
+    def _serve_request_body(self, body: bytes) -> Awaitable[None]:
         return self._handler(_RequestDelivery(body))
 
     def _serve_request(self, msg: Msg) -> Awaitable[None]:

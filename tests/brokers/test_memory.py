@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from basidia import (
     event_handler,
     rpc,
 )
+from basidia.brokers.base import Delivery
 from basidia.brokers.memory import MemoryBroker
 
 from .contract import BrokerContract, dead_letters_of
@@ -89,3 +91,35 @@ async def test_a_broadcast_handler_s_dead_letter_names_its_group(memory_url: str
         1,
         "RuntimeError",
     )
+
+
+async def test_a_burst_reaches_every_free_worker_although_one_is_woken_at_a_time(
+    memory_url: str,
+) -> None:
+    """The queue wakes one consumer at a time; handlers that suspend still all run at
+    once, up to the concurrency, and a second consumer takes what the first cannot."""
+    server, client = MemoryBroker(memory_url), MemoryBroker(memory_url)
+    await server.connect()
+    await client.connect()
+    release = asyncio.Event()
+    running: list[bytes] = []
+
+    async def slow(delivery: Delivery) -> None:
+        running.append(delivery.body)
+        await release.wait()
+
+    first = await server.serve_requests("burst", slow, concurrency=8)
+    await asyncio.sleep(0)
+    for index in range(12):
+        await client.send_request("burst", b"%d" % index, correlation_id=index + 1)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert sorted(running, key=int) == [b"%d" % index for index in range(8)]
+    await server.serve_requests("burst", slow, concurrency=4)  # takes the other four
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert sorted(running, key=int) == [b"%d" % index for index in range(12)]
+    release.set()
+    await first.cancel()
+    await server.close()
+    await client.close()
