@@ -469,6 +469,34 @@ class NatsBroker(Broker):
             await nc._process_op_err(self._last_error)
 
         nc._process_err = on_server_error  # type: ignore[method-assign]
+        self._report_giving_up(nc)
+
+    def _report_giving_up(self, nc: Client) -> None:
+        """Make sure giving up on reconnection reaches ``closed_cb`` (``/health/live``).
+
+        When reconnection runs out of attempts, nats-py closes the client from inside its
+        reconnection task and first writes what was published meanwhile (the directory's
+        heartbeat, a handler's dispatch) into the socket of the last failed attempt; that
+        write raises, the task dies, and ``closed_cb`` is never called, so the process
+        would stay "alive" with no connection.  Nothing buffered can be delivered once the
+        client gives up, so it is dropped first (docs/nats.md, reconnection).
+        """
+        close = nc.close
+
+        async def close_for_good() -> None:
+            reconnection = nc._reconnection_task
+            if reconnection is not None and asyncio.current_task() is reconnection:
+                nc._pending = []
+                nc._pending_data_size = 0
+                try:
+                    await close()
+                except Exception as exc:  # the socket of a failed attempt
+                    logger.debug("closing %s after giving up: %r", self.safe_url, exc)
+                    await self._on_closed()
+                return
+            await close()
+
+        nc.close = close_for_good  # type: ignore[method-assign]
 
     def _check_tls(self, nc: Client) -> None:
         # nats-py upgrades to TLS only when the server's INFO requires it: a server (or a
