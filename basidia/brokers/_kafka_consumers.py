@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import CloseReason
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
@@ -33,7 +35,14 @@ from basidia.log import ThrottledLog
 if TYPE_CHECKING:
     from basidia.brokers.kafka import KafkaBroker
 
-__all__ = ["ATTEMPT_HEADER", "DUE_HEADER", "FIRST_FAILURE_HEADER", "GroupConsumer", "header"]
+__all__ = [
+    "ATTEMPT_HEADER",
+    "DUE_HEADER",
+    "FIRST_FAILURE_HEADER",
+    "GroupConsumer",
+    "header",
+    "stop_client",
+]
 
 logger = logging.getLogger("basidia.brokers.kafka")
 
@@ -54,6 +63,51 @@ def header(record: ConsumerRecord[Any, Any], name: str) -> str:
         if key == name:
             return bytes(value or b"").decode("utf-8", "replace")
     return ""
+
+
+async def stop_client(client: Any, timeout: float, what: str) -> None:
+    """Stop an aiokafka consumer, producer or admin client within ``timeout``, and close
+    its connections whatever happens.
+
+    ``stop()`` first commits, leaves the group or flushes, which waits on the broker; a
+    slow or vanished broker must not hold a closing service up, but abandoning ``stop()``
+    half-way would leave its sockets open for the garbage collector.  Past the timeout the
+    connections are closed at once (docs/kafka.md, guarantees: shutdown).
+    """
+    stop = client.close if isinstance(client, AIOKafkaAdminClient) else client.stop
+    task = asyncio.ensure_future(stop())
+    try:
+        # asyncio.wait, not wait_for: aiokafka's stop() itself may end cancelled (an inner
+        # task of its own), which must not read as this task being cancelled.
+        await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        await _close_connections(client)
+        raise
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return
+    if not task.done():
+        logger.debug("stopping the %s: no answer within %.1f s", what, timeout)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    elif not task.cancelled():
+        logger.debug("stopping the %s: %r", what, task.exception())
+    await _close_connections(client)
+
+
+async def _close_connections(client: Any) -> None:
+    kafka_client = getattr(client, "_client", None)
+    if kafka_client is None:
+        return
+    sync = kafka_client._sync_task
+    if sync is not None:
+        sync.cancel()
+        await asyncio.gather(sync, return_exceptions=True)
+        kafka_client._sync_task = None
+    for conn in list(kafka_client._conns.values()):
+        with contextlib.suppress(Exception):
+            conn.close(reason=CloseReason.SHUTDOWN)
+    kafka_client._conns.clear()
 
 
 def _number(text: str) -> int:
@@ -248,10 +302,7 @@ class GroupConsumer(Subscription):
         if consumer is not None:
             await self._commit(consumer)
             await self._leave_generation_zero(consumer)
-            try:
-                await asyncio.wait_for(consumer.stop(), self.broker.api_timeout)
-            except Exception as exc:
-                logger.debug("%s: stopping the consumer: %r", self.where, exc)
+            await stop_client(consumer, self.broker.api_timeout, f"consumer of {self.where}")
 
     async def _leave_generation_zero(self, consumer: AIOKafkaConsumer) -> None:
         """aiokafka leaves a group only from a generation above 0; brokers that number

@@ -18,7 +18,6 @@ Topics and consumer groups (``docs/kafka.md`` has the full picture):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import re
@@ -41,6 +40,7 @@ from basidia.brokers._kafka_consumers import (
     FIRST_FAILURE_HEADER,
     GroupConsumer,
     header,
+    stop_client,
 )
 from basidia.brokers.base import (
     Broker,
@@ -244,8 +244,7 @@ class _Reader(Subscription):
             await asyncio.gather(task, return_exceptions=True)
         consumer, self.consumer = self.consumer, None
         if consumer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(consumer.stop(), self.broker.api_timeout)
+            await stop_client(consumer, self.broker.api_timeout, "broadcast consumer")
 
     async def aclose(self) -> None:
         await self.cancel()
@@ -545,10 +544,8 @@ class KafkaBroker(Broker):
             await asyncio.wait_for(producer.start(), self._connect_timeout)
             await asyncio.wait_for(admin.start(), self._connect_timeout)
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), 1.0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(admin.close(), 1.0)
+            await stop_client(producer, 1.0, "producer")
+            await stop_client(admin, 1.0, "admin client")
             raise BrokerError(
                 f"could not connect to {self.safe_url}: {self._secrets.describe(exc)}"
             ) from None
@@ -615,16 +612,13 @@ class KafkaBroker(Broker):
             await self._delete_topic(self._inbox_topic)
         self._inbox_handlers.clear()
         if self._dlq_reader is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._dlq_reader.stop(), self.api_timeout)
+            await stop_client(self._dlq_reader, self.api_timeout, "dead-letter reader")
             self._dlq_reader = None
         self._producer = None
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(producer.stop(), self._publish_timeout)
+        await stop_client(producer, self._publish_timeout, "producer")
         admin, self._admin = self._admin, None
         if admin is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(admin.close(), self.api_timeout)
+            await stop_client(admin, self.api_timeout, "admin client")
         logger.info("closed the connection to %s", self.safe_url)
 
     def _producer_or_raise(self) -> AIOKafkaProducer:

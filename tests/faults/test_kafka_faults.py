@@ -11,6 +11,7 @@ count (an event redelivered after a crash is attempt 1 again).
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from collections import Counter
@@ -20,7 +21,15 @@ from typing import Any
 import msgspec
 import pytest
 
-from basidia import RpcTimeout, Service, ServiceRunner, ServiceUnavailable, connect, rpc
+from basidia import (
+    RpcTimeout,
+    Service,
+    ServiceRunner,
+    ServiceUnavailable,
+    connect,
+    event_handler,
+    rpc,
+)
 from basidia._speedups import decode_frame
 from basidia.brokers import Delivery, EventSubscription
 from basidia.brokers.kafka import KafkaBroker
@@ -108,6 +117,41 @@ async def test_f4_caller_connection_dropped_with_calls_in_flight() -> None:
                     await until(lambda: client.connected, 15, "reconnection")
                     fresh = await asyncio.gather(*(work(n) for n in range(100, 120)))
                     assert fresh == list(range(100, 120))
+
+
+async def test_a_service_stops_in_bounded_time_when_the_broker_goes_silent() -> None:
+    """The broker stops answering (a blackhole: connections open, nothing comes back):
+    stopping the service cannot commit, leave its groups or flush, yet it returns within
+    its timeouts and closes every connection (pytest fails the test on an unclosed
+    socket or aiokafka connection)."""
+
+    class Busy(Service):
+        name = "busy"
+
+        @rpc
+        async def ping(self) -> str:
+            return "pong"
+
+        @event_handler("busy.tick")
+        async def on_tick(self, data: Any) -> None:
+            pass
+
+    server = _tansu()
+    async with FaultProxy("127.0.0.1", server.port) as proxy:
+        server.advertised_port = proxy.port
+        async with server:
+            url = f"kafka://127.0.0.1:{proxy.port}"
+            runner = ServiceRunner([Busy], broker=KafkaBroker(url, **FAST))
+            await runner.start()
+            async with connect(KafkaBroker(url, **FAST), timeout=10) as cluster:
+                assert await cluster.rpc.busy.ping() == "pong"
+            proxy.blackhole()
+            started = time.monotonic()
+            await runner.stop()
+            elapsed = time.monotonic() - started
+            bound = SESSION + FAST["drain_timeout"] + 3 * FAST["api_timeout"] + 5
+            assert elapsed < bound, f"stopping took {elapsed:.1f} s (bound {bound:.0f} s)"
+            gc.collect()  # an unclosed socket or connection would warn here
 
 
 async def test_f5_no_instances_is_service_unavailable_at_once_not_a_timeout(
