@@ -41,6 +41,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from basidia.brokers._common import Backoff, Names, Secrets, WorkerPool, parse_url
+from basidia.brokers._redis_pipe import Pipe
 from basidia.brokers.base import (
     Broker,
     DeadLetter,
@@ -664,6 +665,7 @@ class RedisBroker(Broker):
         self.dlq_streams = Names(lambda g: f"{prefix}:dlq:{_checked(g, 'group name')}")
 
         self._client: aioredis.Redis | None = None
+        self._pipe: Pipe | None = None
         self._scripts: dict[str, tuple[str, str]] = {}
         self._consumers: list[_Reader] = []
         self._inbox = ""
@@ -724,17 +726,19 @@ class RedisBroker(Broker):
         return await self._redis().execute_command(*args)  # type: ignore[no-untyped-call]
 
     async def run_script(self, name: str, numkeys: int, *args: Any) -> Any:
+        """One of the broker's scripts, on the pipelined connection (errors are redis-py's)."""
         sha, source = self._scripts[name]
-        client = self._redis()
+        execute = self._pipe_or_raise().execute
         try:
-            return await client.execute_command(  # type: ignore[no-untyped-call]
-                "EVALSHA", sha, numkeys, *args
-            )
+            return await execute("EVALSHA", sha, numkeys, *args)
         except NoScriptError:
             # The server lost its script cache (a restart): EVAL runs and caches it again.
-            return await client.execute_command(  # type: ignore[no-untyped-call]
-                "EVAL", source, numkeys, *args
-            )
+            return await execute("EVAL", source, numkeys, *args)
+
+    def _pipe_or_raise(self) -> Pipe:
+        if self._pipe is None:
+            raise BrokerError(f"{self!r} is not connected")
+        return self._pipe
 
     async def transaction(self, commands: Sequence[Sequence[Any]]) -> None:
         async with self._redis().pipeline(transaction=True) as pipe:
@@ -787,6 +791,7 @@ class RedisBroker(Broker):
                 await client.aclose(close_connection_pool=True)
             raise self._error("could not connect", exc) from None
         self._client = client
+        self._pipe = Pipe(self.new_connection, self.link_trouble)
         self._connected = True
         self._check_now = asyncio.Event()
         self._inbox = f"{self._inbox_prefix}{_new_id()}"
@@ -847,6 +852,9 @@ class RedisBroker(Broker):
         self._inbox_subscribed.clear()
         self._connected = False
         self._client = None
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            await pipe.aclose()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.aclose(close_connection_pool=True), self.socket_timeout)
         logger.info("closed the connection to %s", self.safe_url)
@@ -959,7 +967,8 @@ class RedisBroker(Broker):
             logger.debug("dropped a reply to a non-inbox channel")
             return
         try:
-            await self.run("PUBLISH", reply_to, body)  # nobody listening: not an error
+            # Nobody listening is not an error.
+            await self._pipe_or_raise().execute("PUBLISH", reply_to, body)
         except (RedisError, *_LINK_ERRORS) as exc:
             self.link_trouble(exc)
             raise self._error("could not send a reply", exc) from None

@@ -171,6 +171,74 @@ async def test_dead_letters_are_replayed_and_purged(
     assert await publisher.purge_dead_letters(group) == 0
 
 
+async def test_many_calls_in_flight_each_get_their_own_answer_or_error(
+    redis_url: str, unique: str
+) -> None:
+    """Requests and replies share one pipelined connection per process
+    (docs/redis.md, performance): 1,000 calls at once, a third of them failing in the
+    handler, each gets its own result or its own typed error."""
+    from basidia import RemoteError, Service, ServiceRunner, connect, rpc
+
+    class Halver(Service):
+        name = f"halver_{unique}"
+
+        @rpc
+        async def half(self, n: int) -> int:
+            if n % 3 == 0:
+                raise ValueError(f"{n} is a multiple of 3")
+            await asyncio.sleep(0.001 * (n % 5))
+            return n // 2
+
+    try:
+        async with (
+            ServiceRunner([Halver], broker=broker_from_url(redis_url)),
+            connect(broker_from_url(redis_url)) as cluster,
+        ):
+            half = getattr(cluster.rpc, f"halver_{unique}").half
+            outcomes = await asyncio.gather(*(half(n) for n in range(1000)), return_exceptions=True)
+    finally:
+        await delete_redis_keys(redis_url, unique)
+    for n, outcome in enumerate(outcomes):
+        if n % 3 == 0:
+            assert isinstance(outcome, RemoteError), (n, outcome)
+            assert f"{n} is a multiple of 3" in str(outcome)
+        else:
+            assert outcome == n // 2, (n, outcome)
+
+
+async def test_calls_go_on_after_the_server_forgets_the_scripts(
+    redis_url: str, unique: str
+) -> None:
+    """``SCRIPT FLUSH`` (what a Redis restart does to the script cache): the next request
+    runs the script's source and caches it again."""
+    import redis.asyncio as aioredis
+
+    from basidia import Service, ServiceRunner, connect, rpc
+
+    class Echo(Service):
+        name = f"echo_{unique}"
+
+        @rpc
+        async def echo(self, text: str) -> str:
+            return text
+
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        async with (
+            ServiceRunner([Echo], broker=broker_from_url(redis_url)),
+            connect(broker_from_url(redis_url)) as cluster,
+        ):
+            echo = getattr(cluster.rpc, f"echo_{unique}").echo
+            assert await echo("before") == "before"
+            await admin.script_flush()
+            assert await asyncio.gather(*(echo(f"after {n}") for n in range(20))) == [
+                f"after {n}" for n in range(20)
+            ]
+    finally:
+        await admin.aclose()
+        await delete_redis_keys(redis_url, unique)
+
+
 async def test_the_examples_run_on_redis(redis_url: str, unique: str) -> None:
     try:
         await exercise_examples(redis_url, unique)

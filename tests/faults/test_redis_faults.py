@@ -116,6 +116,29 @@ async def test_f4_caller_connection_dropped_with_calls_in_flight(
             assert fresh == list(range(100, 120))
 
 
+async def test_calls_go_on_when_the_server_closes_idle_connections(
+    redis_server: RedisServer,
+) -> None:
+    """Redis's ``timeout`` setting closes connections idle that long (so do proxies and
+    failovers): calls made after such a pause are answered, none fails."""
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_server.url)
+    await admin.config_set("timeout", 1)
+    try:
+        async with (
+            ServiceRunner([slow_service(0.0)], broker=RedisBroker(redis_server.url, **FAST)),
+            connect(RedisBroker(redis_server.url, **FAST), timeout=5) as cluster,
+        ):
+            work = cluster.rpc.slow.work
+            for _ in range(3):
+                assert await asyncio.gather(*(work(n) for n in range(10))) == list(range(10))
+                await asyncio.sleep(2.5)  # idle: the server closes what was not in use
+            assert await work(99) == 99
+    finally:
+        await admin.aclose()
+
+
 # -- F5 -----------------------------------------------------------------------------------------
 
 
