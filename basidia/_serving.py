@@ -28,6 +28,7 @@ from basidia.brokers.base import (
     Failure,
     Subscription,
 )
+from basidia.config import dedup_off
 from basidia.context import CALL_STACK_HEADER, IDEMPOTENCY_HEADER, CallContext
 from basidia.errors import (
     BrokerError,
@@ -301,7 +302,7 @@ class _EventServer:
         self._scope = f"{self._group}:{uuid.uuid4().hex[:12]}" if handler.broadcast else self._group
         self._broker = container.runtime.broker
         self._dedup_spec = settings.dedup_store if handler.dedup is not False else "off"
-        if handler.dedup and self._dedup_spec.strip().lower() in ("", "off", "none"):
+        if handler.dedup and dedup_off(self._dedup_spec):
             self._dedup_spec = "memory"  # asked for by the handler, off in config
         self.dedup = acquire(
             self._broker, self._dedup_spec, window=settings.dedup_window, lease=settings.dedup_lease

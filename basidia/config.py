@@ -421,12 +421,19 @@ class Settings:
                 f"breaker_failure_rate must be in [0, 1], got {self.breaker_failure_rate}"
             )
         spec = self.dedup_store.strip().lower()
-        if spec not in ("", "off", "none", "memory") and not spec.startswith(
-            ("redis://", "rediss://", "unix://")
+        if (
+            not dedup_off(spec)
+            and spec != "memory"
+            and not spec.startswith(("redis://", "rediss://", "unix://"))
         ):
             raise ConfigError(
                 f"dedup_store must be 'memory', 'off' or a redis:// URL, got {self.dedup_store!r}"
             )
+
+
+def dedup_off(spec: str) -> bool:
+    """Whether a ``dedup_store`` setting turns deduplication off."""
+    return spec.strip().lower() in ("", "off", "none")
 
 
 def _boolean(value: Any) -> bool:

@@ -446,9 +446,11 @@ def _instrumented(
 ) -> dict[str, tuple[ServiceRunner, Cluster, str, list[Any]]]:
     """Per telemetry mode: an instrumented echo service, a client, its name, its providers."""
     found: dict[str, tuple[ServiceRunner, Cluster, str, list[Any]]] = {}
-    for mode in plan.telemetry:
-        from basidia.bench.telemetry import instrumentation
+    if not plan.telemetry:
+        return found
+    from basidia.bench.telemetry import instrumentation  # OpenTelemetry: only when asked
 
+    for mode in plan.telemetry:
         middleware, providers = instrumentation(mode)
         mode_name = f"{name}_{mode}"
         runner = ServiceRunner(

@@ -420,9 +420,6 @@ class _EventConsumer(_Consumer):
         declared = self._delay_queues.get(name)
         if declared is None or loop.time() - declared > _DELAY_QUEUE_REDECLARE:
             broker = self.broker
-            connection = broker._connection
-            if connection is None or broker._closed:
-                raise BrokerError(f"not connected to {broker.safe_url}")
             arguments: dict[str, Any] = {
                 "x-message-ttl": millis,
                 "x-dead-letter-exchange": "",
@@ -430,12 +427,9 @@ class _EventConsumer(_Consumer):
                 "x-expires": millis + int(_DELAY_QUEUE_SLACK * 1000),
             }
             # On a channel of its own: a refused declare closes it, not the consumer's.
-            channel = await broker._channel(connection)
-            try:
+            async with broker._own_channel() as channel:
                 declare = channel.queue_declare(name, durable=True, arguments=arguments)
                 await broker._deadline(declare, f"declare queue {name!r}")
-            finally:
-                await _close_channel(channel, broker._timeout)
             self._delay_queues[name] = loop.time()
         return name
 

@@ -45,7 +45,9 @@ from pamqp.header import ContentHeader
 from basidia._speedups import HARD_MAX_FRAME_SIZE
 from basidia._wire import no_responders
 from basidia.brokers._amqp_consumers import (
+    _BROKER_HEADERS,
     _LINK_ERRORS,
+    _OUR_HEADERS,
     _PERSISTENT,
     DEAD_LETTER_ID_HEADER,
     DIRECTORY_SUFFIX,
@@ -214,6 +216,19 @@ class AmqpBroker(Broker):
     async def _channel(self, connection: Connection, *, confirms: bool = False) -> Channel:
         channel = connection.channel(publisher_confirms=confirms)
         return cast(Channel, await self._deadline(channel, "open a channel"))
+
+    @contextlib.asynccontextmanager
+    async def _own_channel(self) -> AsyncIterator[Channel]:
+        """A channel of its own for one management operation (a refused command closes
+        it, not a consumer's), closed after."""
+        connection = self._connection
+        if connection is None or self._closed:
+            raise ConnectionLost(f"not connected to {self.safe_url}")
+        channel = await self._channel(connection)
+        try:
+            yield channel
+        finally:
+            await _close_channel(channel, self._timeout)
 
     async def _publish(
         self,
@@ -539,36 +554,26 @@ class AmqpBroker(Broker):
         """``read()`` gives ``group``'s dead letters one by one (None at the end) on a
         channel of its own; what is not acked goes back when the channel closes."""
         queue = self._dead_letter_queue(group)
-        connection = self._connection
-        if connection is None or self._closed:
-            raise ConnectionLost(f"not connected to {self.safe_url}")
-        channel = await self._channel(connection)
+        async with self._own_channel() as channel:
 
-        async def get() -> DeliveredMessage | None:
-            try:
-                return await channel.basic_get(queue, no_ack=False)
-            except aiormq.ChannelNotFoundEntity:
-                return None  # no such queue: the group never had a consumer here
+            async def get() -> DeliveredMessage | None:
+                try:
+                    return await channel.basic_get(queue, no_ack=False)
+                except aiormq.ChannelNotFoundEntity:
+                    return None  # no such queue: the group never had a consumer here
 
-        async def read() -> DeliveredMessage | None:
-            got = await self._deadline(get(), f"read the dead letters of {group!r}")
-            if got is None or not isinstance(got.delivery, spec.Basic.GetOk):
-                return None
-            return got
+            async def read() -> DeliveredMessage | None:
+                got = await self._deadline(get(), f"read the dead letters of {group!r}")
+                if got is None or not isinstance(got.delivery, spec.Basic.GetOk):
+                    return None
+                return got
 
-        try:
             yield read
-        finally:
-            await _close_channel(channel, self._timeout)
 
     async def dead_letter_groups(self) -> list[str]:
         """The groups named in the directory queue whose dead-letter queue holds messages."""
         named: set[str] = set()
-        connection = self._connection
-        if connection is None or self._closed:
-            raise ConnectionLost(f"not connected to {self.safe_url}")
-        channel = await self._channel(connection)
-        try:
+        async with self._own_channel() as channel:
             while True:
                 try:
                     get = channel.basic_get(self.directory_queue, no_ack=False)
@@ -578,20 +583,16 @@ class AmqpBroker(Broker):
                 if not isinstance(got.delivery, spec.Basic.GetOk):
                     break
                 named.add(got.body.decode("utf-8", "replace"))
-        finally:
-            await _close_channel(channel, self._timeout)
         groups = []
         for group in sorted(named):
-            channel = await self._channel(connection)
-            try:
-                declare = channel.queue_declare(self._dead_letter_queue(group), passive=True)
-                declared = await self._deadline(declare, "count dead letters")
-                if declared.message_count:
-                    groups.append(group)
-            except (BrokerError, ValueError):
-                pass  # its dead-letter queue was deleted
-            finally:
-                await _close_channel(channel, self._timeout)
+            async with self._own_channel() as channel:
+                try:
+                    declare = channel.queue_declare(self._dead_letter_queue(group), passive=True)
+                    declared = await self._deadline(declare, "count dead letters")
+                except (BrokerError, ValueError):
+                    continue  # its dead-letter queue was deleted
+            if declared.message_count:
+                groups.append(group)
         return groups
 
     async def replay_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
@@ -614,7 +615,7 @@ class AmqpBroker(Broker):
                 headers = {
                     name: value
                     for name, value in (original.headers or {}).items()
-                    if not name.startswith(("basidia-", "x-basidia-", "x-death", "x-first-death"))
+                    if not name.startswith(_OUR_HEADERS + _BROKER_HEADERS)
                 }
                 headers[EVENT_HEADER] = letter.event
                 properties = spec.Basic.Properties(
@@ -634,35 +635,25 @@ class AmqpBroker(Broker):
     async def _check_queue(self, queue: str, problem: str) -> None:
         """Raise ``BrokerError`` with ``problem`` unless ``queue`` exists (a publish to a
         missing queue through the default exchange is dropped without a word)."""
-        connection = self._connection
-        if connection is None or self._closed:
-            raise ConnectionLost(f"not connected to {self.safe_url}")
-        channel = await self._channel(connection)
-        try:
-            declare = channel.queue_declare(queue, passive=True)
-            await self._deadline(declare, f"find queue {queue!r}")
-        except BrokerError:
-            raise BrokerError(
-                f"{problem} (a broadcast group's instances have queues of their own; "
-                "replay it while they run, or publish the event again)"
-            ) from None
-        finally:
-            await _close_channel(channel, self._timeout)
+        async with self._own_channel() as channel:
+            try:
+                declare = channel.queue_declare(queue, passive=True)
+                await self._deadline(declare, f"find queue {queue!r}")
+            except BrokerError:
+                raise BrokerError(
+                    f"{problem} (a broadcast group's instances have queues of their own; "
+                    "replay it while they run, or publish the event again)"
+                ) from None
 
     async def purge_dead_letters(self, group: str, ids: Sequence[str] | None = None) -> int:
         if ids is None:
-            connection = self._connection
-            if connection is None or self._closed:
-                raise ConnectionLost(f"not connected to {self.safe_url}")
-            channel = await self._channel(connection)
-            try:
-                purge = channel.queue_purge(self._dead_letter_queue(group))
-                purged = await self._deadline(purge, f"purge the dead letters of {group!r}")
+            async with self._own_channel() as channel:
+                try:
+                    purge = channel.queue_purge(self._dead_letter_queue(group))
+                    purged = await self._deadline(purge, f"purge the dead letters of {group!r}")
+                except BrokerError:
+                    return 0  # no such queue
                 return int(purged.message_count or 0)
-            except BrokerError:
-                return 0  # no such queue
-            finally:
-                await _close_channel(channel, self._timeout)
         wanted, purged_count = set(ids), 0
         async with self._dead_letter_reader(group) as read:
             while True:

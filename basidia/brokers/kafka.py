@@ -126,21 +126,36 @@ class _RequestDelivery(Delivery):
 class _EventDelivery(Delivery):
     """An event of a consumer group: a retry is a copy in the group's retry topic."""
 
-    __slots__ = ("_attempt", "_broker", "_first_failure", "_group", "_settle", "event")
+    __slots__ = (
+        "_attempt",
+        "_broker",
+        "_consumer",
+        "_entry",
+        "_first_failure",
+        "_group",
+        "_settled",
+        "_tp",
+        "event",
+    )
 
     def __init__(
         self,
         broker: KafkaBroker,
         event: str,
         group: str,
+        consumer: GroupConsumer,
+        tp: TopicPartition,
+        entry: Any,
         record: ConsumerRecord[Any, Any],
-        settle: Any,
     ) -> None:
         self.body = record.value or b""
         self.event = event
         self._broker = broker
         self._group = group
-        self._settle = settle
+        self._consumer = consumer
+        self._tp = tp
+        self._entry = entry
+        self._settled = False
         self._attempt = max(1, int(header(record, ATTEMPT_HEADER) or 1))
         self._first_failure = int(header(record, FIRST_FAILURE_HEADER) or 0) / 1000
 
@@ -152,12 +167,12 @@ class _EventDelivery(Delivery):
         self._done()
 
     def _done(self) -> None:
-        settle, self._settle = self._settle, None
-        if settle is not None:
-            settle()
+        if not self._settled:
+            self._settled = True
+            self._consumer.settle(self._tp, self._entry)
 
     async def nack(self, *, requeue: bool = True, delay: float = 0.0) -> None:
-        if self._settle is None:
+        if self._settled:
             return
         if requeue:
             first_failure = self._first_failure or time.time()
@@ -168,12 +183,12 @@ class _EventDelivery(Delivery):
             except BrokerError as exc:
                 # Not committed either: redelivered (same attempt) after a restart.
                 logger.warning("could not schedule a retry of %s: %s", self.event, exc)
-                self._settle = None
+                self._settled = True
                 return
         self._done()
 
     async def dead_letter(self, failure: Failure) -> None:
-        if self._settle is None:
+        if self._settled:
             return
         letter = make_dead_letter(
             failure,
@@ -187,7 +202,7 @@ class _EventDelivery(Delivery):
             await self._broker.park(letter)
         except BrokerError as exc:
             logger.warning("could not dead-letter %s: %s", self.event, exc)
-            self._settle = None
+            self._settled = True
             return
         self._done()
 
@@ -858,7 +873,7 @@ class KafkaBroker(Broker):
         await self.ensure_topic(retry_topic, 1)
 
         def make(consumer: GroupConsumer, tp: TopicPartition, entry: Any, record: Any) -> Delivery:
-            return _EventDelivery(self, event, group, record, lambda: consumer.settle(tp, entry))
+            return _EventDelivery(self, event, group, consumer, tp, entry, record)
 
         consumer = GroupConsumer(
             self,
@@ -920,19 +935,21 @@ class KafkaBroker(Broker):
                 batch = await reader.getmany(tp, timeout_ms=200)
                 records.extend(batch.get(tp, ()))
         removed: set[int] = set()
+        parked = []
         for record in records:
             listed = header(record, REMOVED_HEADER)
             if listed:
                 removed.update(int(offset) for offset in listed.split(",") if offset.isdigit())
-        letters = []
-        for record in records:
-            if record.offset >= end:
-                break
-            if record.offset in removed or header(record, REMOVED_HEADER):
-                continue
-            parsed = read_dead_letter(dict(record.headers or ()), record.value or b"")
-            letters.append(_with_id(parsed, str(record.offset)))
-        return letters
+            elif record.offset < end:
+                parked.append(record)
+        return [
+            dataclasses.replace(
+                read_dead_letter(dict(record.headers or ()), record.value or b""),
+                id=str(record.offset),
+            )
+            for record in parked
+            if record.offset not in removed
+        ]
 
     async def dead_letters(self, group: str, *, limit: int = 100) -> list[DeadLetter]:
         if limit <= 0:
@@ -974,7 +991,3 @@ class KafkaBroker(Broker):
             return
         offsets = ",".join(letter.id for letter in letters)
         await self._send(self._dlq_topics[group], b"", [(REMOVED_HEADER, offsets.encode())])
-
-
-def _with_id(letter: DeadLetter, letter_id: str) -> DeadLetter:
-    return dataclasses.replace(letter, id=letter_id)

@@ -520,13 +520,7 @@ class NatsBroker(Broker):
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
-            self._throttled_log.log(
-                logging.WARNING,
-                "slow consumer",
-                "a NATS subscription on %s is too slow; messages dropped (raise max_pending "
-                "or concurrency)",
-                exc.subject,
-            )
+            self._slow_consumer(exc.subject)
             return
         if not isinstance(self._last_error, nats.errors.Error):
             # What the server said (an authorization violation, say) explains a failed

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -1039,7 +1040,7 @@ class RedisBroker(Broker):
             fields = {_text(name): value for name, value in _fields(raw).items()}
             frame = fields.pop(_FRAME_FIELD.decode(), b"")
             letter = read_dead_letter(fields, frame)
-            letters.append(_with_id(letter, _text(entry_id)))
+            letters.append(dataclasses.replace(letter, id=_text(entry_id)))
         return letters
 
     async def dead_letters(self, group: str, *, limit: int = 100) -> list[DeadLetter]:
@@ -1099,12 +1100,6 @@ class RedisBroker(Broker):
             return removed
 
         return await self._call("could not purge dead letters", purge)
-
-
-def _with_id(letter: DeadLetter, entry_id: str) -> DeadLetter:
-    from dataclasses import replace
-
-    return replace(letter, id=entry_id)
 
 
 def _checked(name: str, what: str) -> str:

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from basidia.brokers._common import redact_url
 from basidia.errors import BasidiaError, ConfigError
 
 __all__ = [
@@ -73,7 +74,7 @@ def parse_url(url: str) -> tuple[Dialect, str]:
 
 def safe_url(url: str) -> str:
     """The URL without its password, for logs and errors."""
-    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
+    return redact_url(url)
 
 
 class Connection:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from basidia.brokers._common import Backoff as _Backoff
 from basidia.context import current_context
 from basidia.data.db import Connection, Database, Row, open_database, resolve_url
 from basidia.data.inbox import prune_inbox, record_key
@@ -58,22 +58,24 @@ _decode = msgspec.msgpack.Decoder().decode
 
 class Backoff:
     """Capped exponential backoff with jitter: ``initial``, doubling up to ``cap`` seconds,
-    each delay drawn between half and all of the current step (docs/outbox.md)."""
+    each delay drawn between half and all of the current step (docs/outbox.md): the brokers'
+    ``Backoff`` with a count of the attempts made since the last ``reset``."""
 
     def __init__(self, initial: float = 0.1, cap: float = 5.0) -> None:
         self.initial = initial
         self.cap = cap
-        self._step = initial
+        self._delays = _Backoff(initial, cap)
+        self._attempt = 0
 
     def next(self) -> float:
         """The delay before the next attempt; each call doubles the step up to ``cap``."""
-        delay = self._step * random.uniform(0.5, 1.0)
-        self._step = min(self._step * 2, self.cap)
+        delay = self._delays.delay(self._attempt)
+        self._attempt += 1
         return delay
 
     def reset(self) -> None:
         """After a success: start again from ``initial``."""
-        self._step = self.initial
+        self._attempt = 0
 
 
 def event_key(source: str, outbox_id: int) -> str:
@@ -185,7 +187,6 @@ class Relay:
         self.retention = retention
         self.inbox_retention = inbox_retention
         self.max_in_flight = max_in_flight
-        self._failed_id = 0
         self.stats = RelayStats()
         self._publisher = publisher
         self._backoff = backoff or Backoff()
@@ -258,43 +259,39 @@ class Relay:
         its place (so order holds) with ``attempts`` and ``last_error`` updated, and the
         error is raised for the caller's backoff.
         """
+        query = (
+            "SELECT id, event, payload, version FROM basidia_outbox "
+            "WHERE sent_at IS NULL AND source = $1 ORDER BY id LIMIT $2"
+        )
         if self.db.dialect == "postgresql":
             async with self.db.transaction() as conn:
                 rows = await conn.fetch(
-                    "SELECT id, event, payload, version FROM basidia_outbox "
-                    "WHERE sent_at IS NULL AND source = $1 ORDER BY id LIMIT $2 "
-                    "FOR UPDATE SKIP LOCKED",
-                    self.source,
-                    self.batch_size,
+                    query + " FOR UPDATE SKIP LOCKED", self.source, self.batch_size
                 )
-                sent, failure = await self._publish(rows)
-                await self._mark(conn, sent, rows, failure)
+                sent, failed = await self._publish(rows)
+                await self._mark(conn, sent, failed)
         else:
             # One relay per SQLite file: the rows are read, published, then marked, without
             # holding the database's only connection while the broker confirms.
             async with self.db.transaction() as conn:
-                rows = await conn.fetch(
-                    "SELECT id, event, payload, version FROM basidia_outbox "
-                    "WHERE sent_at IS NULL AND source = $1 ORDER BY id LIMIT $2",
-                    self.source,
-                    self.batch_size,
-                )
-            sent, failure = await self._publish(rows)
+                rows = await conn.fetch(query, self.source, self.batch_size)
+            sent, failed = await self._publish(rows)
             async with self.db.transaction() as conn:
-                await self._mark(conn, sent, rows, failure)
+                await self._mark(conn, sent, failed)
         self.stats.published += len(sent)
-        if failure is not None:
-            raise failure
+        if failed is not None:
+            raise failed[1]
         return len(sent)
 
-    async def _publish(self, rows: list[Row]) -> tuple[list[int], Exception | None]:
-        """Publish ``rows`` in order; the ids confirmed, and the first failure if any.
+    async def _publish(self, rows: list[Row]) -> tuple[list[int], tuple[int, Exception] | None]:
+        """Publish ``rows`` in order; the ids confirmed, and the first failure (its id and
+        error) if any.
 
         With ``max_in_flight`` > 1 up to that many publishes await their confirms at once
         (they are still sent in id order); a failure then may come after later events
         were confirmed: those count as sent, and the failed one goes out after them."""
         sent: list[int] = []
-        failure: Exception | None = None
+        failed: tuple[int, Exception] | None = None
         window = self.max_in_flight
         for start in range(0, len(rows), window):
             chunk = rows[start : start + window]
@@ -306,12 +303,12 @@ class Relay:
             for row, outcome in zip(chunk, outcomes, strict=True):
                 if outcome is None:
                     sent.append(int(row[0]))
-                elif failure is None:
-                    failure = outcome if isinstance(outcome, Exception) else RuntimeError(outcome)
-                    self._failed_id = int(row[0])
-            if failure is not None:
+                elif failed is None:
+                    error = outcome if isinstance(outcome, Exception) else RuntimeError(outcome)
+                    failed = (int(row[0]), error)
+            if failed is not None:
                 break
-        return sent, failure
+        return sent, failed
 
     async def _send(self, row: Row) -> None:
         outbox_id = int(row[0])
@@ -324,7 +321,7 @@ class Relay:
         )
 
     async def _mark(
-        self, conn: Connection, sent: list[int], rows: list[Row], failure: Exception | None
+        self, conn: Connection, sent: list[int], failed: tuple[int, Exception] | None
     ) -> None:
         now = time.time()
         if sent:
@@ -340,8 +337,8 @@ class Relay:
                     "UPDATE basidia_outbox SET sent_at = $1, attempts = attempts + 1 WHERE id = $2",
                     [(now, outbox_id) for outbox_id in sent],
                 )
-        if failure is not None:
-            failed_id = self._failed_id
+        if failed is not None:
+            failed_id, failure = failed
             await conn.execute(
                 "UPDATE basidia_outbox SET attempts = attempts + 1, last_error = $1 WHERE id = $2",
                 f"{type(failure).__name__}: {failure}"[:1000],

@@ -281,13 +281,11 @@ class Sagas(DatabaseProvider):
                 async with self.db.transaction() as conn:
                     # Only the sagas running here: one whose task ended on an error (a
                     # database outage, say) lets its lease run out and is resumed.
-                    for saga_id in list(self._running):
-                        await conn.execute(
+                    if self._running:
+                        await conn.executemany(
                             "UPDATE basidia_sagas SET lease_until = $1 "
                             "WHERE id = $2 AND owner = $3",
-                            now + self.lease,
-                            saga_id,
-                            self.owner,
+                            [(now + self.lease, saga_id, self.owner) for saga_id in self._running],
                         )
                     orphans = await conn.fetch(
                         "SELECT id FROM basidia_sagas WHERE service = $1 AND status IN "

@@ -19,6 +19,7 @@ import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from basidia.config import dedup_off
 from basidia.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def open_store(spec: str, *, window: float, lease: float) -> DedupStore | None:
     """The store ``spec`` names: ``"memory"``, a ``redis://`` or ``rediss://`` URL, or
     ``""``/``"off"`` for none."""
     text = spec.strip()
-    if text.lower() in ("", "off", "none"):
+    if dedup_off(text):
         return None
     if text.lower() == "memory":
         return MemoryDedupStore(window=window, lease=lease)

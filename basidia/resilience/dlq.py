@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -121,14 +121,9 @@ class DeadLetterTool:
     ) -> int:
         """Re-deliver the chosen dead letters (all of the groups when no ``ids``) to their
         handlers, once each, as a first attempt with the original idempotency key."""
-        total = 0
-        for group in await self.groups(service, handler):
-            count = await self.broker.replay_dead_letters(group, list(ids) or None)
-            if count:
-                self.out(f"replayed {count} dead letter(s) of {group}")
-            total += count
-        self.out(f"replayed {total} in all")
-        return total
+        return await self._each_group(
+            "replayed", self.broker.replay_dead_letters, ids, service, handler
+        )
 
     async def purge(
         self,
@@ -141,11 +136,24 @@ class DeadLetterTool:
         """Delete the chosen dead letters; all of the groups' only with ``everything``."""
         if not ids and not everything:
             raise ConfigError("name the dead letters to purge, or confirm purging them all")
+        return await self._each_group(
+            "purged", self.broker.purge_dead_letters, ids, service, handler
+        )
+
+    async def _each_group(
+        self,
+        done: str,
+        action: Callable[[str, builtins.list[str] | None], Awaitable[int]],
+        ids: Sequence[str],
+        service: str | None,
+        handler: str | None,
+    ) -> int:
+        """``action`` on the chosen dead letters of each group, saying what was ``done``."""
         total = 0
         for group in await self.groups(service, handler):
-            count = await self.broker.purge_dead_letters(group, list(ids) or None)
+            count = await action(group, list(ids) or None)
             if count:
-                self.out(f"purged {count} dead letter(s) of {group}")
+                self.out(f"{done} {count} dead letter(s) of {group}")
             total += count
-        self.out(f"purged {total} in all")
+        self.out(f"{done} {total} in all")
         return total

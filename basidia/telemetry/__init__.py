@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from basidia.config import _boolean
 from basidia.errors import ConfigError
 from basidia.middleware import Middleware
 
@@ -76,14 +77,10 @@ class Instrumentation(Middleware):
 
 
 def _flag(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "on", "1"):
-        return True
-    if text in ("false", "no", "off", "0"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    try:
+        return _boolean(value)
+    except ValueError:
+        raise ValueError(f"expected true or false, got {value!r}") from None
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,11 @@ __all__ = ["OpenTelemetry", "process_instrumentation"]
 
 logger = logging.getLogger("basidia.telemetry")
 
-_REQUEST, _EVENT = int(Kind.REQUEST), int(Kind.EVENT)
+_EVENT = int(Kind.EVENT)
 HTTP_ORIGIN = "http"  # basidia.http.routing: the reply address of HTTP calls' frames
+
+#: The span kind of each entrypoint kind; timers and other kinds make INTERNAL spans.
+_SPAN_KINDS = {"event": SpanKind.CONSUMER, "rpc": SpanKind.SERVER, "http": SpanKind.SERVER}
 
 _MESSAGING_SYSTEMS = {
     "amqp": "rabbitmq",
@@ -124,7 +127,7 @@ _FLUSH_MILLIS = 5000
 class _Entrypoint:
     """What the spans and metrics of one entrypoint share, worked out once."""
 
-    __slots__ = ("attempts", "attributes", "kind", "metric", "name", "route")
+    __slots__ = ("attempts", "attributes", "kind", "metric", "name", "route", "span_kind")
 
     def __init__(
         self,
@@ -141,6 +144,7 @@ class _Entrypoint:
         self.metric = metric
         self.attempts = attempts
         self.route = route
+        self.span_kind = _SPAN_KINDS.get(kind, SpanKind.INTERNAL)
 
 
 class OpenTelemetry(Instrumentation):
@@ -299,9 +303,9 @@ class OpenTelemetry(Instrumentation):
 
     async def call(self, call: OutgoingCall, call_next: CallNext) -> Any:
         tracer = self._tracer
-        attributes = self._client(call.service, call.method)
         span: Span | None = None
         if tracer is not None:
+            attributes = self._client(call.service, call.method)
             parent = context.get_current()
             span = tracer.start_span(
                 attributes["rpc.method"], parent, SpanKind.CLIENT, attributes=attributes
@@ -354,18 +358,18 @@ class OpenTelemetry(Instrumentation):
         version: int | None,
     ) -> str:
         tracer = self._tracer
-        attributes: dict[str, Any] = {
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
-            "messaging.destination.name": event,
-        }
-        if self._messaging_system:
-            attributes["messaging.system"] = self._messaging_system
-        if source:
-            attributes["basidia.service"] = source
         span: Span | None = None
         headers = None
         if tracer is not None:
+            attributes: dict[str, Any] = {
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "send",
+                "messaging.destination.name": event,
+            }
+            if self._messaging_system:
+                attributes["messaging.system"] = self._messaging_system
+            if source:
+                attributes["basidia.service"] = source
             parent = context.get_current()
             span = tracer.start_span(
                 f"send {event}", parent, SpanKind.PRODUCER, attributes=attributes
@@ -467,7 +471,7 @@ class OpenTelemetry(Instrumentation):
                     attributes["url.path"] = url.path
                     attributes["url.scheme"] = url.scheme
                 span = tracer.start_span(
-                    f"{method} {info.route}", parent, SpanKind.SERVER, attributes=attributes
+                    f"{method} {info.route}", parent, info.span_kind, attributes=attributes
                 )
             else:
                 headers = ctx.frame.headers
@@ -480,22 +484,14 @@ class OpenTelemetry(Instrumentation):
                     if headers
                     else EMPTY
                 )
+                span = tracer.start_span(
+                    info.name, parent, info.span_kind, attributes=info.attributes
+                )
                 if info.kind == "event":
-                    span = tracer.start_span(
-                        info.name, parent, SpanKind.CONSUMER, attributes=info.attributes
-                    )
                     span.set_attribute("basidia.event.attempt", ctx.attempt)
                     key = ctx.idempotency_key
                     if key:
                         span.set_attribute("messaging.message.id", key)
-                elif info.kind == "rpc":
-                    span = tracer.start_span(
-                        info.name, parent, SpanKind.SERVER, attributes=info.attributes
-                    )
-                else:
-                    span = tracer.start_span(
-                        info.name, parent, SpanKind.INTERNAL, attributes=info.attributes
-                    )
             token = context.attach(trace.set_span_in_context(span, parent))
         start = time.perf_counter()
         failure: BaseException | None = None
@@ -524,6 +520,7 @@ class OpenTelemetry(Instrumentation):
     ) -> None:
         kind = info.kind
         outcome = ""
+        status: Any = None  # the call's outcome: an RPC status code, an HTTP status
         if kind == "event":
             if failure is None:
                 outcome = "ack"
@@ -531,9 +528,12 @@ class OpenTelemetry(Instrumentation):
                 outcome = "requeue"  # shutdown: the event goes back to the broker
             else:
                 outcome = "retry" if ctx.attempt < info.attempts else "dead_letter"
+        elif kind == "rpc":
+            status = _status_code(failure)
+        elif kind == "http":
+            status = _http_status(result, failure)
         if span is not None:
             if kind == "http":
-                status = _http_status(result, failure)
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     if failure is not None:
@@ -545,7 +545,7 @@ class OpenTelemetry(Instrumentation):
                 if failure is not None:
                     _fail(span, failure)
                 if kind == "rpc":
-                    span.set_attribute("rpc.response.status_code", _status_code(failure))
+                    span.set_attribute("rpc.response.status_code", status)
                 elif kind == "event":
                     span.set_attribute("basidia.event.outcome", outcome)
             span.end()
@@ -555,14 +555,14 @@ class OpenTelemetry(Instrumentation):
         if failure is not None:
             metric["error.type"] = type(failure).__qualname__
         if kind == "rpc":
-            metric["rpc.response.status_code"] = _status_code(failure)
+            metric["rpc.response.status_code"] = status
             self._server_duration.record(elapsed, metric)
         elif kind == "event":
             metric["basidia.event.outcome"] = outcome
             self._process_duration.record(elapsed, metric)
             self._events.add(1, metric)
         elif kind == "http":
-            metric["http.response.status_code"] = _http_status(result, failure)
+            metric["http.response.status_code"] = status
             if method:
                 metric["http.request.method"] = method
             self._http_duration.record(elapsed, metric)

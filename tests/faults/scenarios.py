@@ -34,6 +34,7 @@ from basidia import (
     RpcTimeout,
     Service,
     ServiceRunner,
+    ServiceUnavailable,
     connect,
     current_context,
     event_handler,
@@ -368,6 +369,92 @@ async def f3_service_link_dropped_mid_handler(
     return late
 
 
+# -- F4, F5 ---------------------------------------------------------------------------------------
+
+
+def slow_service(delay: float, name: str = "slow") -> type[Service]:
+    """A service called ``name`` whose ``work(n)`` answers ``n`` after ``delay`` seconds."""
+
+    class Slow(Service):
+        @rpc
+        async def work(self, n: int) -> int:
+            await asyncio.sleep(delay)
+            return n
+
+    Slow.name = name
+    return Slow
+
+
+async def f4_caller_link_dropped_with_calls_in_flight(
+    proxy: FaultProxy,
+    server: Broker,
+    client: Broker,
+    *,
+    bound: float,
+    cut: Callable[[], None] | None = None,
+    connect_timeout: float = 10.0,
+    reconnect_timeout: float = 10.0,
+) -> float:
+    """F4: the caller (``client``) reaches the broker through ``proxy``, whose link is cut
+    (``cut()``, ``proxy.down()`` by default) with 20 calls in flight to a slow service.
+
+    Every call in flight fails with ``ConnectionLost`` within ``bound`` seconds; once the
+    link is back the caller reconnects, and late replies of the old calls never reach the
+    new ones.  Returns the seconds the calls took to fail.
+    """
+    async with ServiceRunner([slow_service(1.5)], broker=server):
+        async with connect(client, timeout=connect_timeout) as cluster:
+            work = cluster.rpc.slow.work
+            assert await work(-1) == -1
+            in_flight = [asyncio.ensure_future(work(n)) for n in range(20)]
+            await asyncio.sleep(0.3)
+            dropped = time.monotonic()
+            (cut or proxy.down)()
+            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+            took = time.monotonic() - dropped
+            assert took < bound, f"failed after {took:.2f} s (bound {bound} s)"
+            assert all(isinstance(outcome, ConnectionLost) for outcome in outcomes), outcomes
+            proxy.pass_through()
+            await until(lambda: client.connected, reconnect_timeout, "reconnection")
+            # The old calls' replies may come back to the same inbox while these wait.
+            fresh = await asyncio.gather(*(work(n) for n in range(100, 120)))
+            assert fresh == list(range(100, 120))
+    return took
+
+
+async def f5_no_instances_is_service_unavailable(
+    server: Broker, client: Broker, *, name: str = "slow", presence_ttl: float | None = None
+) -> None:
+    """F5: calling a service with no instance fails with ``ServiceUnavailable`` at once
+    (within 1 s), not with a timeout, before its first instance starts and after its last
+    one stops; a slow instance is an ``RpcTimeout``.
+
+    Brokers that believe a service alive for ``presence_ttl`` seconds after it leaves (Kafka)
+    pass it: the call made meanwhile may time out instead.
+    """
+    runner = ServiceRunner([slow_service(1.0, name)], broker=server)
+    async with connect(client, timeout=5) as cluster:
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            await cluster.rpc.never_started.anything()
+        assert time.monotonic() - started < 1.0
+        work = getattr(cluster.rpc, name).work
+        await runner.start()
+        with pytest.raises(RpcTimeout):  # a slow instance is a timeout, and says so
+            await work.with_timeout(0.2)(1)
+        await runner.stop()
+        if presence_ttl is not None:
+            # The last instance left its group; the client believed it alive for presence_ttl.
+            await asyncio.sleep(presence_ttl + 0.1)
+            with pytest.raises((ServiceUnavailable, RpcTimeout)):
+                await work.with_timeout(0.5)(1)  # and asks again meanwhile
+            await asyncio.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            await work(1)
+        assert time.monotonic() - started < 1.0
+
+
 # -- F6 -------------------------------------------------------------------------------------------
 
 
@@ -474,11 +561,22 @@ async def f7_links_cut_after_2_to_the_k_bytes(
 # -- F8 -------------------------------------------------------------------------------------------
 
 
-async def f8_killed_worker_events_are_all_redelivered(kit: BrokerKit, ledger: Ledger) -> None:
+async def f8_killed_worker_events_are_all_redelivered(
+    kit: BrokerKit,
+    ledger: Ledger,
+    *,
+    redelivered_as: int = 2,
+    hold_timeout: float = 20.0,
+    redelivery_slack: float = 20.0,
+    quiet: float | None = None,
+) -> None:
     """F8: a worker process holding a full window of unacked events is SIGKILLed.
 
-    Every one of them comes back, to the next member of the group, marked as attempt 2;
-    none is lost, none comes twice.
+    Every one of them comes back, to the next member of the group, marked as attempt
+    ``redelivered_as`` (1 on brokers that keep no delivery count); none is lost, none comes
+    twice.  The worker must hold every event within ``hold_timeout`` seconds, and they must
+    come back within ``kit.redelivery_after + redelivery_slack``; then none more comes for
+    ``quiet`` seconds (default ``kit.quiet``).
     """
     workers = 10
     async with kit.worker("f8_worker", "f8.job", workers=workers) as worker:
@@ -487,7 +585,9 @@ async def f8_killed_worker_events_are_all_redelivered(kit: BrokerKit, ledger: Le
                 ledger.record_sent(str(number))
                 await cluster.dispatch("f8.job", {"id": number, "seconds": 60})
                 ledger.record_confirmed(str(number))
-        await until(lambda: len(worker.started) == workers, 20, "the worker holds every event")
+        await until(
+            lambda: len(worker.started) == workers, hold_timeout, "the worker holds every event"
+        )
         worker.signal(signal.SIGKILL)
         await worker.wait(10)
     assert worker.done == []
@@ -508,13 +608,13 @@ async def f8_killed_worker_events_are_all_redelivered(kit: BrokerKit, ledger: Le
         )
         await until(
             lambda: sum(attempts.values()) == workers,
-            kit.redelivery_after + 20,
+            kit.redelivery_after + redelivery_slack,
             "every event again",
         )
-        await asyncio.sleep(kit.quiet)  # and none more
+        await asyncio.sleep(kit.quiet if quiet is None else quiet)  # and none more
     finally:
         await survivor.close()
-    assert attempts == {2: workers}
+    assert attempts == {redelivered_as: workers}
     ledger.assert_clean(allow_duplicates_delivered=False)
 
 

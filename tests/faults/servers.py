@@ -240,6 +240,36 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
+async def _accepts(port: int) -> bool:
+    """Whether a TCP connection to ``127.0.0.1:port`` is accepted (closed again at once)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def _ask(port: int, request: bytes) -> bytes:
+    """The first bytes ``127.0.0.1:port`` answers ``request`` with, b"" if it does not within
+    the probe timeout.  A socket of our own, closed in every case: a connection that
+    completes just as a wait_for times out would leak."""
+    loop = asyncio.get_running_loop()
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT):
+            await loop.sock_connect(probe, ("127.0.0.1", port))
+            await loop.sock_sendall(probe, request)
+            return await loop.sock_recv(probe, 64)
+    except (TimeoutError, OSError):
+        return b""
+    finally:
+        probe.close()
+
+
 class NatsServer(_BrokerProcess):
     """A throw-away ``nats-server`` with JetStream, storing into its temporary directory."""
 
@@ -268,21 +298,11 @@ class NatsServer(_BrokerProcess):
 
     async def _is_ready(self) -> bool:
         # /healthz answers 200 only once JetStream has recovered its streams, which matters
-        # after a restart: a bare TCP accept comes earlier.  A socket of our own, closed in
-        # every case: a connection that completes just as a wait_for times out would leak.
-        loop = asyncio.get_running_loop()
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        probe.setblocking(False)
-        try:
-            async with asyncio.timeout(_PROBE_TIMEOUT):
-                await loop.sock_connect(probe, ("127.0.0.1", self.monitor_port))
-                await loop.sock_sendall(probe, b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                status_line = await loop.sock_recv(probe, 64)
-            return status_line.split(b" ", 2)[1:2] == [b"200"]
-        except (TimeoutError, OSError):
-            return False
-        finally:
-            probe.close()
+        # after a restart: a bare TCP accept comes earlier.
+        status_line = await _ask(
+            self.monitor_port, b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        return status_line.split(b" ", 2)[1:2] == [b"200"]
 
 
 class RabbitServer(_BrokerProcess):
@@ -367,13 +387,8 @@ class RabbitServer(_BrokerProcess):
 
         # The listener opens last in the boot; until then a bare connect fails quietly, where
         # aiormq would log an error for every attempt.
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        except OSError:
+        if not await _accepts(self.port):
             return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
         try:
             connection = await asyncio.wait_for(aiormq.connect(self.url), _PROBE_TIMEOUT)
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError):
@@ -429,14 +444,7 @@ class TansuServer(_BrokerProcess):
         ]  # fmt: skip
 
     async def _is_ready(self) -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        except OSError:
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
+        return await _accepts(self.port)
 
 
 class RedisServer(_BrokerProcess):
@@ -470,16 +478,4 @@ class RedisServer(_BrokerProcess):
 
     async def _is_ready(self) -> bool:
         # PING answers +PONG only once the append-only file is loaded (-LOADING before).
-        loop = asyncio.get_running_loop()
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        probe.setblocking(False)
-        try:
-            async with asyncio.timeout(_PROBE_TIMEOUT):
-                await loop.sock_connect(probe, ("127.0.0.1", self.port))
-                await loop.sock_sendall(probe, b"PING\r\n")
-                answer = await loop.sock_recv(probe, 64)
-            return answer.startswith(b"+PONG")
-        except (TimeoutError, OSError):
-            return False
-        finally:
-            probe.close()
+        return (await _ask(self.port, b"PING\r\n")).startswith(b"+PONG")

@@ -5,7 +5,7 @@ module, restarted after a test that killed it), with short timers: heartbeat 1 s
 reconnection backoff 0.05 s capped at 0.5 s, publish deadline 2 s.  The node's ``guest``
 password is a sentinel, and every log line of this process and of the worker processes the
 tests start is checked for it afterwards (B3).  The scenarios themselves are in
-``scenarios.py``, shared with NATS; F4, F5 and F8's requests are RabbitMQ's own here.
+``scenarios.py``, shared with NATS; F8's requests are RabbitMQ's own here.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from basidia import RpcTimeout, Service, ServiceRunner, ServiceUnavailable, connect, rpc
+from basidia import Service, ServiceRunner, connect, rpc
 from basidia.brokers.amqp import AmqpBroker
-from basidia.errors import ConnectionLost
 
 from ..logs import captured_logs
 from .ledger import Ledger
@@ -31,6 +30,8 @@ from .scenarios import (
     BrokerKit,
     f1_f2_killed_and_restarted_under_load,
     f3_service_link_dropped_mid_handler,
+    f4_caller_link_dropped_with_calls_in_flight,
+    f5_no_instances_is_service_unavailable,
     f6_half_open_link,
     f7_links_cut_after_2_to_the_k_bytes,
     f8_killed_worker_events_are_all_redelivered,
@@ -141,48 +142,24 @@ async def test_f3_service_connection_dropped_mid_handler(kit: BrokerKit) -> None
 # -- F4 -------------------------------------------------------------------------------------------
 
 
-def slow_service(delay: float, name: str = "slow") -> type[Service]:
-    class Slow(Service):
-        @rpc
-        async def work(self, n: int) -> int:
-            await asyncio.sleep(delay)
-            return n
-
-    Slow.name = name
-    return Slow
-
-
 @pytest.mark.parametrize("fault", ["down", "blackhole"])
 async def test_f4_caller_connection_dropped_with_calls_in_flight(
     rabbit: SentinelRabbit, fault: str
 ) -> None:
     """Calls in flight fail with ConnectionLost within the heartbeat grace + 1 s; after the
     reconnection, replies to the old calls never reach the new ones."""
-    async with (
-        ServiceRunner([slow_service(1.5)], broker=broker(rabbit.url)),
-        FaultProxy("127.0.0.1", rabbit.port) as proxy,
-    ):
-        client = broker(proxy.url_for("amqp", "guest", SENTINEL))
-        async with connect(client, timeout=20) as cluster:
-            work = cluster.rpc.slow.work
-            assert await work(-1) == -1
-            in_flight = [asyncio.ensure_future(work(n)) for n in range(20)]
-            await asyncio.sleep(0.3)
-            dropped = time.monotonic()
-            if fault == "down":
-                proxy.down()
-            else:
-                proxy.blackhole("down")  # the broker still hears us: only heartbeats tell
-            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
-            took = time.monotonic() - dropped
-            assert took < HEARTBEAT_GRACE + 1, f"failed after {took:.2f} s"
-            if fault == "down":
-                assert took < 1.0
-            assert all(isinstance(outcome, ConnectionLost) for outcome in outcomes), outcomes
-            proxy.pass_through()
-            await until(lambda: client.connected, 10, "reconnection")
-            fresh = await asyncio.gather(*(work(n) for n in range(100, 120)))
-            assert fresh == list(range(100, 120))
+    async with FaultProxy("127.0.0.1", rabbit.port) as proxy:
+        took = await f4_caller_link_dropped_with_calls_in_flight(
+            proxy,
+            broker(rabbit.url),
+            broker(proxy.url_for("amqp", "guest", SENTINEL)),
+            bound=HEARTBEAT_GRACE + 1,
+            # Blackholed down, the broker still hears us: only heartbeats tell.
+            cut=proxy.down if fault == "down" else partial(proxy.blackhole, "down"),
+            connect_timeout=20,
+        )
+    if fault == "down":
+        assert took < 1.0
 
 
 # -- F5 -------------------------------------------------------------------------------------------
@@ -191,20 +168,9 @@ async def test_f4_caller_connection_dropped_with_calls_in_flight(
 async def test_f5_no_instances_is_service_unavailable_at_once_not_a_timeout(
     rabbit: SentinelRabbit,
 ) -> None:
-    runner = ServiceRunner([slow_service(1.0, "f5_slow")], broker=broker(rabbit.url))
-    async with connect(broker(rabbit.url), timeout=5) as cluster:
-        started = time.monotonic()
-        with pytest.raises(ServiceUnavailable):
-            await cluster.rpc.never_started.anything()
-        assert time.monotonic() - started < 1.0
-        await runner.start()
-        with pytest.raises(RpcTimeout):  # a slow instance is a timeout, and says so
-            await cluster.rpc.f5_slow.work.with_timeout(0.2)(1)
-        await runner.stop()
-        started = time.monotonic()
-        with pytest.raises(ServiceUnavailable):
-            await cluster.rpc.f5_slow.work(1)
-        assert time.monotonic() - started < 1.0
+    await f5_no_instances_is_service_unavailable(
+        broker(rabbit.url), broker(rabbit.url), name="f5_slow"
+    )
 
 
 # -- F6 -------------------------------------------------------------------------------------------

@@ -3,32 +3,22 @@
 Each test runs a throw-away nats-server (``nats_server``), sometimes behind a
 ``FaultProxy``, with short timers: ping every second, two outstanding pings,
 acks within 2 s.  The scenarios themselves are in ``scenarios.py``, shared with
-RabbitMQ; F4, F5 and the nats.py#504 regressions are NATS's own here.  F12 keeps
+RabbitMQ; the nats.py#504 regressions are NATS's own here.  F12 keeps
 docs/reliability.md's three-minute outage (``BASIDIA_F12_OUTAGE`` shortens it for a
 quick local run).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from basidia import (
-    RpcTimeout,
-    Service,
-    ServiceRunner,
-    ServiceUnavailable,
-    connect,
-    event_handler,
-    rpc,
-)
+from basidia import Service, ServiceRunner, connect, event_handler, rpc
 from basidia.brokers import Delivery, EventSubscription
 from basidia.brokers.nats import NatsBroker
-from basidia.errors import ConnectionLost
 
 from .ledger import Ledger
 from .proxy import FaultProxy
@@ -36,6 +26,8 @@ from .scenarios import (
     BrokerKit,
     f1_f2_killed_and_restarted_under_load,
     f3_service_link_dropped_mid_handler,
+    f4_caller_link_dropped_with_calls_in_flight,
+    f5_no_instances_is_service_unavailable,
     f6_half_open_link,
     f7_links_cut_after_2_to_the_k_bytes,
     f8_killed_worker_events_are_all_redelivered,
@@ -82,18 +74,6 @@ async def proxy(nats_server: NatsServer) -> AsyncIterator[FaultProxy]:
         yield fault_proxy
 
 
-def slow_service(delay: float) -> type[Service]:
-    class Slow(Service):
-        name = "slow"
-
-        @rpc
-        async def work(self, n: int) -> int:
-            await asyncio.sleep(delay)
-            return n
-
-    return Slow
-
-
 # -- F2 -----------------------------------------------------------------------------------------
 
 
@@ -123,23 +103,12 @@ async def test_f4_caller_connection_dropped_with_calls_in_flight(
 ) -> None:
     """Calls in flight fail with ConnectionLost at once; after reconnecting, late replies of
     the old calls never reach the new ones."""
-    async with ServiceRunner([slow_service(1.5)], broker=NatsBroker(nats_server.url, **FAST)):
-        client = NatsBroker(proxy.url_for("nats"), **FAST)
-        async with connect(client, timeout=10) as cluster:
-            work = cluster.rpc.slow.work
-            assert await work(-1) == -1
-            in_flight = [asyncio.ensure_future(work(n)) for n in range(20)]
-            await asyncio.sleep(0.3)
-            dropped = time.monotonic()
-            proxy.down()
-            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
-            assert time.monotonic() - dropped < PING * MAX_PINGS + 1
-            assert all(isinstance(outcome, ConnectionLost) for outcome in outcomes), outcomes
-            proxy.pass_through()
-            await until(lambda: client.connected, 10, "reconnection")
-            # The old calls' replies come back to the same inbox while these wait.
-            fresh = await asyncio.gather(*(work(n) for n in range(100, 120)))
-            assert fresh == list(range(100, 120))
+    await f4_caller_link_dropped_with_calls_in_flight(
+        proxy,
+        NatsBroker(nats_server.url, **FAST),
+        NatsBroker(proxy.url_for("nats"), **FAST),
+        bound=PING * MAX_PINGS + 1,
+    )
 
 
 # -- F5 -----------------------------------------------------------------------------------------
@@ -148,20 +117,9 @@ async def test_f4_caller_connection_dropped_with_calls_in_flight(
 async def test_f5_no_instances_is_service_unavailable_at_once_not_a_timeout(
     nats_server: NatsServer,
 ) -> None:
-    runner = ServiceRunner([slow_service(1.0)], broker=NatsBroker(nats_server.url, **FAST))
-    async with connect(NatsBroker(nats_server.url, **FAST), timeout=5) as cluster:
-        started = time.monotonic()
-        with pytest.raises(ServiceUnavailable):
-            await cluster.rpc.never_started.anything()
-        assert time.monotonic() - started < 1.0
-        await runner.start()
-        with pytest.raises(RpcTimeout):  # a slow instance is a timeout, and says so
-            await cluster.rpc.slow.work.with_timeout(0.2)(1)
-        await runner.stop()
-        started = time.monotonic()
-        with pytest.raises(ServiceUnavailable):
-            await cluster.rpc.slow.work(1)
-        assert time.monotonic() - started < 1.0
+    await f5_no_instances_is_service_unavailable(
+        NatsBroker(nats_server.url, **FAST), NatsBroker(nats_server.url, **FAST)
+    )
 
 
 # -- F6 -----------------------------------------------------------------------------------------

@@ -2,32 +2,32 @@
 
 Each test runs a throw-away redis-server (``redis_server``) with its append-only file
 fsynced on every write, sometimes behind a ``FaultProxy``, with short timers: a health
-check every half second, entries of a silent consumer taken over after 2 s.  F1, F8 and F9
-are the scenarios of ``scenarios.py``, shared with RabbitMQ and NATS; F4 and F5 are
-Redis's own here.
+check every half second, entries of a silent consumer taken over after 2 s.  Every
+scenario is one of ``scenarios.py``, shared with the other brokers; the test of idle
+connections closed by the server is Redis's own here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from basidia import RpcTimeout, Service, ServiceRunner, ServiceUnavailable, connect, rpc
+from basidia import ServiceRunner, connect
 from basidia.brokers.redis import RedisBroker
-from basidia.errors import ConnectionLost
 
 from .ledger import Ledger
 from .proxy import FaultProxy
 from .scenarios import (
     BrokerKit,
     f1_f2_killed_and_restarted_under_load,
+    f4_caller_link_dropped_with_calls_in_flight,
+    f5_no_instances_is_service_unavailable,
     f8_killed_worker_events_are_all_redelivered,
     f9_poison_event_among_1000_good_ones,
-    until,
+    slow_service,
 )
 from .servers import RedisServer
 
@@ -67,18 +67,6 @@ async def proxy(redis_server: RedisServer) -> AsyncIterator[FaultProxy]:
         yield fault_proxy
 
 
-def slow_service(delay: float) -> type[Service]:
-    class Slow(Service):
-        name = "slow"
-
-        @rpc
-        async def work(self, n: int) -> int:
-            await asyncio.sleep(delay)
-            return n
-
-    return Slow
-
-
 # -- F1 -----------------------------------------------------------------------------------------
 
 
@@ -98,22 +86,12 @@ async def test_f4_caller_connection_dropped_with_calls_in_flight(
 ) -> None:
     """Calls in flight fail with ConnectionLost once the link is found dead; after
     reconnecting, late replies of the old calls never reach the new ones."""
-    async with ServiceRunner([slow_service(1.5)], broker=RedisBroker(redis_server.url, **FAST)):
-        client = RedisBroker(proxy.url_for("redis"), **FAST)
-        async with connect(client, timeout=10) as cluster:
-            work = cluster.rpc.slow.work
-            assert await work(-1) == -1
-            in_flight = [asyncio.ensure_future(work(n)) for n in range(20)]
-            await asyncio.sleep(0.3)
-            dropped = time.monotonic()
-            proxy.down()
-            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
-            assert time.monotonic() - dropped < DETECTION_BOUND
-            assert all(isinstance(outcome, ConnectionLost) for outcome in outcomes), outcomes
-            proxy.pass_through()
-            await until(lambda: client.connected, 10, "reconnection")
-            fresh = await asyncio.gather(*(work(n) for n in range(100, 120)))
-            assert fresh == list(range(100, 120))
+    await f4_caller_link_dropped_with_calls_in_flight(
+        proxy,
+        RedisBroker(redis_server.url, **FAST),
+        RedisBroker(proxy.url_for("redis"), **FAST),
+        bound=DETECTION_BOUND,
+    )
 
 
 async def test_calls_go_on_when_the_server_closes_idle_connections(
@@ -145,20 +123,9 @@ async def test_calls_go_on_when_the_server_closes_idle_connections(
 async def test_f5_no_instances_is_service_unavailable_at_once_not_a_timeout(
     redis_server: RedisServer,
 ) -> None:
-    runner = ServiceRunner([slow_service(1.0)], broker=RedisBroker(redis_server.url, **FAST))
-    async with connect(RedisBroker(redis_server.url, **FAST), timeout=5) as cluster:
-        started = time.monotonic()
-        with pytest.raises(ServiceUnavailable):
-            await cluster.rpc.never_started.anything()
-        assert time.monotonic() - started < 1.0
-        await runner.start()
-        with pytest.raises(RpcTimeout):  # a slow instance is a timeout, and says so
-            await cluster.rpc.slow.work.with_timeout(0.2)(1)
-        await runner.stop()
-        started = time.monotonic()
-        with pytest.raises(ServiceUnavailable):
-            await cluster.rpc.slow.work(1)
-        assert time.monotonic() - started < 1.0
+    await f5_no_instances_is_service_unavailable(
+        RedisBroker(redis_server.url, **FAST), RedisBroker(redis_server.url, **FAST)
+    )
 
 
 # -- F8 -----------------------------------------------------------------------------------------
