@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -27,6 +28,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 __all__ = ["Pipe"]
+
+logger = logging.getLogger("basidia.brokers.redis")
 
 _LINK_ERRORS = (RedisError, ConnectionError, OSError, asyncio.TimeoutError)
 
@@ -43,9 +46,12 @@ class _Link:
         self.something_waits = asyncio.Event()
         self.reader: asyncio.Task[None] | None = None
 
-    def closed_by_peer(self) -> bool:
+    def unusable(self) -> bool:
+        """Closed by the server (or a proxy) while idle, with nobody reading to notice, or
+        its reader gone."""
         reader = getattr(self.conn, "_reader", None)
-        return reader is None or reader.at_eof()
+        task = self.reader
+        return reader is None or reader.at_eof() or task is None or task.done()
 
     def fail(self, error: BaseException) -> None:
         while self.waiting:
@@ -74,7 +80,7 @@ class Pipe:
     async def execute(self, *args: Any) -> Any:
         """Send one command (in the next write) and return its answer."""
         link = self._link
-        if link is None or (not link.waiting and link.closed_by_peer()):
+        if link is None or (not link.waiting and link.unusable()):
             # Not connected, or closed by the server (or a proxy) while idle, with nobody
             # reading to notice.  (With answers awaited, the reader notices and fails them.)
             await self._connect()
@@ -182,6 +188,10 @@ class Pipe:
             self._on_link_error(exc)
             error = exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc))
             self._drop(link, error)
+        except Exception as exc:  # not a link error: still never leave a caller waiting
+            logger.exception("the pipelined Redis connection failed")
+            self._on_link_error(exc)
+            self._drop(link, RedisConnectionError(f"the connection failed: {exc!r}"))
 
     async def aclose(self) -> None:
         self._closed = True
