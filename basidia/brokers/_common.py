@@ -390,9 +390,13 @@ class WorkerPool(Subscription, Generic[T]):
     def start_workers(self) -> None:
         """Start workers until there are ``concurrency`` of them."""
         while len(self._workers) < self.concurrency and not self.stopping:
-            worker = asyncio.ensure_future(self._work())
+            worker = self._spawn()
             self._workers.add(worker)
             worker.add_done_callback(self._worker_done)
+
+    def _spawn(self) -> asyncio.Task[None]:
+        """One worker task."""
+        return asyncio.ensure_future(self._work())
 
     async def _work(self) -> None:
         task = asyncio.current_task()

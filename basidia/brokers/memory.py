@@ -12,13 +12,16 @@ within 120 s is dropped, as JetStream drops it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import itertools
 import logging
 import time
 import weakref
+from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
+from typing import Any, cast
 
 from basidia._speedups import future_factory
 from basidia.brokers._common import RecentKeys, WorkerPool, redact_url
@@ -41,6 +44,11 @@ logger = logging.getLogger("basidia.brokers.memory")
 
 #: Seconds a published idempotency key is remembered (JetStream's default window).
 DUPLICATE_WINDOW = 120.0
+#: Requests a hub hands over in the sender's task per loop iteration (see ``_Queue``).
+EAGER_BUDGET = 32
+#: Requests handed over in the sender's task within one another, at most (a service
+#: calling another in its first step, which calls another...).
+EAGER_DEPTH = 8
 
 
 class _RequestDelivery(Delivery):
@@ -103,6 +111,52 @@ class _EventDelivery(Delivery):
         hub.dead_letters.append(dataclasses.replace(letter, id=str(next(hub.ids))))
 
 
+class _Started:
+    """A request whose handler began in the sender's task and then suspended: the
+    worker whose identity it ran under awaits the rest (``_Queue.run_eagerly``)."""
+
+    __slots__ = ("cancelled", "coro", "yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        self.coro = coro
+        #: What the handler's first step yielded: the future it waits for (or None).
+        self.yielded = yielded
+        #: True when the worker was cancelled before it took over: the handler gets it.
+        self.cancelled = False
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro = self.coro
+        try:
+            yielded = coro.throw(asyncio.CancelledError()) if self.cancelled else self.yielded
+            while True:
+                try:
+                    value = yield yielded
+                except BaseException as exc:  # cancellation and the like: the handler's
+                    yielded = coro.throw(exc)
+                else:
+                    yielded = coro.send(value)
+        except StopIteration:
+            return
+
+
+class _Worker:
+    """What a queue needs to run a delivery as one of a subscription's idle workers."""
+
+    __slots__ = ("context", "handle", "pool", "task")
+
+    def __init__(
+        self,
+        task: asyncio.Task[None],
+        context: contextvars.Context,
+        handle: DeliveryHandler,
+        pool: _MemorySubscription,
+    ) -> None:
+        self.task = task
+        self.context = context
+        self.handle = handle
+        self.pool = pool
+
+
 class _Queue:
     """A named queue with competing consumers.
 
@@ -114,18 +168,33 @@ class _Queue:
     is queued (then takes from the queue without waiting).  A burst of deliveries
     costs two wake-ups, not one each, when handlers finish without suspending;
     when they suspend, each woken consumer still passes the rest on at once.
+
+    A request queue (``eager``) hands a request to an idle worker without waking it
+    when it can: the handler's first step runs at once, in the sender's task but as
+    that worker (its task is the current one, its context the context), as
+    Python 3.12's eager tasks start a task.  An echo-like handler finishes in that
+    step, so its reply has resolved the caller's future before the caller awaits
+    it: the round trip costs no task switch at all (docs/memory.md#hand-off).  A
+    handler that suspends is handed to the worker, which awaits the rest.  Only idle
+    workers are borrowed, so ``max_workers`` holds; at most ``EAGER_BUDGET``
+    requests per loop iteration go this way, so that callers in a loop still let
+    the loop run.
     """
 
-    def __init__(self, hub: _Hub, name: str, event: str = "", group: str = "") -> None:
+    def __init__(
+        self, hub: _Hub, name: str, event: str = "", group: str = "", *, eager: bool = False
+    ) -> None:
         self.hub = hub
         self.name = name
         self.event = event
         #: The consumer group (a broadcast queue's name adds the instance to it).
         self.group = group or name
+        self.eager = eager
         self.items: deque[Delivery] = deque()
-        self.waiters: deque[asyncio.Future[Delivery]] = deque()
+        self.waiters: deque[tuple[asyncio.Future[Any], _Worker | None]] = deque()
         # Queues live on one loop (hubs are per loop): bind its future factory once.
-        self._create_future = future_factory(asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        self._create_future = future_factory(self._loop)
         self.consumers = 0
         # Consumers handed a delivery that have not run yet.
         self._woken = 0
@@ -135,36 +204,99 @@ class _Queue:
 
     def put_later(self, delay: float, delivery: Delivery) -> None:
         """``put`` after ``delay`` seconds (a retry's backoff)."""
-        asyncio.get_running_loop().call_later(delay, self.put, delivery)
+        self._loop.call_later(delay, self.put, delivery)
 
     def put(self, delivery: Delivery) -> None:
+        if self.eager and not self.items and self.waiters and self.run_eagerly(delivery):
+            return
         self.items.append(delivery)
         if not self._woken:
             self._wake_next()
+
+    def run_eagerly(self, delivery: Delivery) -> bool:
+        """Run ``delivery``'s handler as an idle worker, now (see the class); False when
+        it cannot (no idle worker, out of budget, nested too deep)."""
+        hub = self.hub
+        if hub.eager_budget <= 0 or hub.eager_depth >= EAGER_DEPTH:
+            return False
+        waiters = self.waiters
+        while waiters:
+            waiter, worker = waiters.pop()  # the worker idle last: its memory is warm
+            if worker is not None and not waiter.done():
+                break
+            if not waiter.done():  # a consumer that cannot be borrowed: leave it
+                waiters.append((waiter, worker))
+                return False
+        else:
+            return False
+        hub.eager_budget -= 1
+        if not hub.eager_budget:
+            self._loop.call_soon(hub.refill)
+        loop = self._loop
+        task = worker.task
+        current = asyncio.current_task(loop)
+        if current is not None:
+            _leave_task(loop, current)
+        _enter_task(loop, task)
+        hub.eager_depth += 1
+        try:
+            # A request handler is a coroutine function (RequestServer.on_request).
+            coro = cast(Coroutine[Any, Any, None], worker.handle(delivery))
+            try:
+                yielded = worker.context.run(coro.send, None)
+            except StopIteration:
+                waiters.append((waiter, worker))  # idle again
+                return True
+            except asyncio.CancelledError:
+                # The handler let a cancellation out: the worker ends, as it would have.
+                waiters.append((waiter, worker))
+                task.cancel()
+                return True
+            except Exception:  # the framework settles and logs its own errors: a bug
+                worker.pool.log_failure()
+                waiters.append((waiter, worker))
+                return True
+        finally:
+            hub.eager_depth -= 1
+            _leave_task(loop, task)
+            if current is not None:
+                _enter_task(loop, current)
+        # Suspended: from now on the worker is busy with it.
+        worker.pool.busy(task)
+        self._woken += 1
+        waiter.set_result(_Started(coro, yielded))
+        return True
 
     def _wake_next(self) -> None:
         """Hand the first queued delivery to a waiting consumer, if there is one."""
         items, waiters = self.items, self.waiters
         while waiters:
-            waiter = waiters.popleft()
+            waiter = waiters.popleft()[0]
             if not waiter.done():
                 waiter.set_result(items.popleft())
                 self._woken += 1
                 return
 
-    async def get(self) -> Delivery:
+    async def get(self, worker: _Worker | None = None) -> Delivery | _Started:
         items = self.items
         if items:
             return items.popleft()
-        waiter: asyncio.Future[Delivery] = self._create_future()
-        self.waiters.append(waiter)
+        waiter: asyncio.Future[Delivery | _Started] = self._create_future()
+        self.waiters.append((waiter, worker))
         try:
             delivery = await waiter
         except asyncio.CancelledError:
             # Cancelled after a delivery was handed over: give it back, first in line.
             if waiter.done() and not waiter.cancelled():
                 self._woken -= 1
-                items.appendleft(waiter.result())
+                handed = waiter.result()
+                if isinstance(handed, _Started):
+                    # Its handler has begun: the cancellation is the handler's to take.
+                    handed.cancelled = True
+                    if items and not self._woken:
+                        self._wake_next()
+                    return handed
+                items.appendleft(handed)
                 if not self._woken:
                     self._wake_next()
             raise
@@ -174,7 +306,7 @@ class _Queue:
         return delivery
 
 
-class _MemorySubscription(WorkerPool[Delivery]):
+class _MemorySubscription(WorkerPool[Any]):
     """``concurrency`` workers taking deliveries from one queue, shared with the queue's
     other consumers: a cancelled subscription leaves what is queued to them."""
 
@@ -191,6 +323,40 @@ class _MemorySubscription(WorkerPool[Delivery]):
         self._on_cancel = on_cancel
         queue.consumers += 1
         self.start_workers()
+
+    def _spawn(self) -> asyncio.Task[None]:
+        # The worker's context is known, for the requests run as the worker (_Queue).
+        context = contextvars.copy_context()
+        return asyncio.get_running_loop().create_task(self._serve(context), context=context)
+
+    async def _serve(self, context: contextvars.Context) -> None:
+        """A worker: ``WorkerPool._work`` that also takes over handlers begun as it."""
+        task = asyncio.current_task()
+        assert task is not None
+        queue, handle, idle = self._queue, self._handle, self._idle
+        worker = _Worker(task, context, handle, self)
+        while not self.stopping:
+            idle.add(task)
+            try:
+                item = await queue.get(worker)
+            finally:
+                idle.discard(task)
+            try:
+                if type(item) is _Started:
+                    await item
+                else:
+                    await handle(item)
+            except Exception:  # the framework settles and logs its own errors: a bug
+                self.log_failure()
+        # The others wait on a queue that nothing fills any more.
+        self._stop_idle()
+
+    def busy(self, task: asyncio.Task[None]) -> None:
+        """``task`` holds a handler begun in another task: not idle, even before it runs."""
+        self._idle.discard(task)
+
+    def log_failure(self) -> None:
+        self._logger.exception("delivery handler failed on %s", self.where)
 
     async def cancel(self) -> None:
         if self.stopping:
@@ -212,6 +378,13 @@ class _Hub:
         self.ids = itertools.count(1)
         #: Idempotency keys published lately, by any broker of the hub.
         self.recent_keys = RecentKeys(DUPLICATE_WINDOW)
+        #: Requests left to run in their sender's task this loop iteration (``_Queue``).
+        self.eager_budget = EAGER_BUDGET
+        #: Requests running in their sender's task within one another right now.
+        self.eager_depth = 0
+
+    def refill(self) -> None:
+        self.eager_budget = EAGER_BUDGET
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Hub]] = (
@@ -325,7 +498,7 @@ class MemoryBroker(Broker):
         hub = self._connected_hub()
         queue = hub.requests.get(service)
         if queue is None:
-            queue = hub.requests[service] = _Queue(hub, service)
+            queue = hub.requests[service] = _Queue(hub, service, eager=True)
         return self._subscribe(queue, handler, concurrency)
 
     async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
