@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from basidia._speedups import Frame, Kind, decode_frame
+from basidia._tasks import current_task_getter
 from basidia._wire import decode_over_limit, error_reply, reply_frame
 from basidia.brokers.base import (
     Delivery,
@@ -58,6 +59,9 @@ logger = logging.getLogger("basidia.container")
 _REQUEST, _EVENT = int(Kind.REQUEST), int(Kind.EVENT)
 # Reply addresses already checked with the broker (callers' inboxes repeat); bounded.
 _MAX_KNOWN_REPLY_ADDRESSES = 1024
+
+# The settlement a delivery does not need: its class does not override it.
+_NOTHING_TO_ACK = Delivery.ack
 
 _Route = tuple[Callable[..., Any], Callable[[Frame], Any], EndpointStats, RateLimiter | None]
 
@@ -99,6 +103,7 @@ class RequestServer:
         self._reply_limit = min(self._max_frame_size, self._broker.max_body_size)
         self._tracebacks = container.runtime.settings.remote_tracebacks
         self._track, self._untrack = container.track, container.untrack
+        self._current_task = current_task_getter(asyncio.get_running_loop())
         self._handle = container.handle
         self._reply_addresses: set[str] = set()
         # Type hints are resolved now, not on the first call.
@@ -116,23 +121,31 @@ class RequestServer:
         )
 
     async def on_request(self, delivery: Delivery) -> None:
-        task = self._track()
+        # One coroutine from delivery to reply: a layer of ``await`` costs as much as a
+        # frame's decoding, so the steps around the handler are plain calls.
+        task = self._track(self._current_task())
         try:
             body = delivery.body
             frame = self._accept(body)
             if frame is not None:
-                if len(body) > self._max_frame_size:
-                    reply: bytes | None = self._error_body(
-                        frame,
-                        MessageTooLarge(
-                            f"a request of {len(body)} bytes exceeds {self._name}'s frame "
-                            f"limit of {self._max_frame_size} bytes"
-                        ),
-                    )
+                call = self._prepare(frame, len(body))
+                if isinstance(call, bytes):
+                    reply: bytes | None = call
                 else:
-                    reply = await self._answer(frame, task)
+                    ctx, func, args, stats = call
+                    try:
+                        result = await self._handle(ctx, func, args, task, stats)
+                    except TimeoutError:
+                        reply = None  # the caller has timed out too: nobody waits
+                    except Exception as exc:
+                        reply = self._failure_body(frame, exc)
+                    else:
+                        reply = self._reply_body(frame, result)
                 if reply is not None and frame.reply_to:
-                    await self._send_reply(frame, reply)
+                    try:
+                        await self._broker.send_reply(frame.reply_to, reply)
+                    except BrokerError as exc:
+                        self._reply_not_sent(frame, exc)
         except asyncio.CancelledError:
             await delivery.nack(requeue=True)  # shutdown: another instance takes it
             raise
@@ -140,23 +153,21 @@ class RequestServer:
             logger.exception("%s: a request failed unexpectedly", self._name)
             await delivery.ack()
         else:
-            await delivery.ack()
+            if type(delivery).ack is not _NOTHING_TO_ACK:
+                await delivery.ack()
         finally:
             self._untrack(task)
 
-    async def _send_reply(self, frame: Frame, body: bytes) -> None:
-        try:
-            await self._broker.send_reply(frame.reply_to, body)
-        except BrokerError as exc:
-            # The caller fails at its deadline or on its own disconnect; nothing to retry.
-            self.container.bad_input.log(
-                logging.WARNING,
-                "reply not sent",
-                "%s: could not answer %s: %s",
-                self._name,
-                shorten(frame.target, 200),
-                shorten(str(exc)),
-            )
+    def _reply_not_sent(self, frame: Frame, exc: BrokerError) -> None:
+        # The caller fails at its deadline or on its own disconnect; nothing to retry.
+        self.container.bad_input.log(
+            logging.WARNING,
+            "reply not sent",
+            "%s: could not answer %s: %s",
+            self._name,
+            shorten(frame.target, 200),
+            shorten(str(exc)),
+        )
 
     def _accept(self, body: bytes) -> Frame | None:
         """The request frame in ``body``; None (logged, counted) if it must be dropped.
@@ -192,8 +203,20 @@ class RequestServer:
             return None
         return frame
 
-    async def _answer(self, frame: Frame, task: asyncio.Task[Any]) -> bytes | None:
-        """The reply or error frame for a request; None when the caller has given up."""
+    def _prepare(
+        self, frame: Frame, size: int
+    ) -> bytes | tuple[CallContext, Callable[..., Any], tuple[Any, ...], EndpointStats]:
+        """What the handler is called with, or the error reply when it must not be:
+        a frame over the service's limit, an unknown method, the rate limit, arguments
+        that do not validate."""
+        if size > self._max_frame_size:
+            return self._error_body(
+                frame,
+                MessageTooLarge(
+                    f"a request of {size} bytes exceeds {self._name}'s frame "
+                    f"limit of {self._max_frame_size} bytes"
+                ),
+            )
         method = frame.target.rpartition(".")[2]
         route = self._routes.get(method)
         if route is None:
@@ -215,25 +238,22 @@ class RequestServer:
             stats.num_errors += 1
             stats.last_error = f"ValidationError: {shorten(exc.message, 200)}"
             return self._error_body(frame, exc)
-        ctx = CallContext(self._name, method, frame, frame.deadline / 1000.0)
-        try:
-            result = await self._handle(ctx, func, args, task, stats)
-        except TimeoutError:
-            return None  # the caller has timed out too: nobody waits for an answer
-        except RpcError as exc:
+        return CallContext(self._name, method, frame, frame.deadline / 1000.0), func, args, stats
+
+    def _failure_body(self, frame: Frame, exc: Exception) -> bytes:
+        """The error reply for a handler that raised ``exc``."""
+        if isinstance(exc, RpcError):
             return self._error_body(frame, exc)
-        except Exception as exc:
-            logger.warning(
-                "%s.%s raised %s: %s",
-                self._name,
-                method,
-                type(exc).__name__,
-                shorten(str(exc)),
-                exc_info=logger.isEnabledFor(logging.DEBUG),
-            )
-            trace = traceback.format_exc() if self._tracebacks else None
-            return self._error_body(frame, RemoteError(type(exc).__name__, str(exc), trace))
-        return self._reply_body(frame, result)
+        logger.warning(
+            "%s.%s raised %s: %s",
+            self._name,
+            frame.target.rpartition(".")[2],
+            type(exc).__name__,
+            shorten(str(exc)),
+            exc_info=logger.isEnabledFor(logging.DEBUG),
+        )
+        trace = traceback.format_exc() if self._tracebacks else None
+        return self._error_body(frame, RemoteError(type(exc).__name__, str(exc), trace))
 
     def _reply_body(self, frame: Frame, result: Any) -> bytes:
         try:

@@ -343,10 +343,12 @@ class ServiceContainer:
         for observer in list(self._observers):
             observer(ctx, args, exc, result)
 
-    def track(self) -> asyncio.Task[Any]:
-        """Count this task as work in flight until ``untrack``: from delivery to settlement."""
-        task = asyncio.current_task()
-        assert task is not None
+    def track(self, task: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
+        """Count ``task`` (default: this one) as work in flight until ``untrack``: from
+        delivery to settlement."""
+        if task is None:
+            task = asyncio.current_task()
+            assert task is not None
         self._tasks.add(task)
         return task
 

@@ -99,7 +99,9 @@ class RpcClient:
                 logging.WARNING, "malformed reply", "dropped a malformed reply frame: %s", exc
             )
             return
-        self.router.resolve(frame.correlation_id, frame)
+        router = self._router
+        if router is not None:
+            router.resolve(frame.correlation_id, frame)
 
     def _on_disconnect(self, exc: ConnectionLost) -> None:
         if self._router is not None and self._router.pending:
@@ -159,7 +161,7 @@ class RpcClient:
             raise ValidationError(
                 f"{service}.{method}: arguments cannot be encoded: {exc}"
             ) from None
-        correlation_id, future = router.create(timeout)
+        correlation_id = router.register(timeout)
         try:
             body = encode_frame(
                 Frame(
@@ -178,7 +180,11 @@ class RpcClient:
                 await self._broker.send_request(service, body, correlation_id=correlation_id)
             except BrokerError as exc:  # never sent: safe to retry (basidia/resilience)
                 raise RequestNotSent(str(exc)) from None
-            reply: Frame = await future
+            # A reply that came while the request was sent (a memory broker's handler
+            # that did not suspend) needs no future.
+            reply: Frame | None = router.take(correlation_id)
+            if reply is None:
+                reply = await router.wait(correlation_id)
         except RpcTimeout:
             raise RpcTimeout(f"{service}.{method}: no reply within {timeout:.3g} s") from None
         except BaseException:

@@ -32,7 +32,7 @@ GUIDE = [
     "reliability.md",
     "security.md",
 ]
-BROKERS = ["brokers.md", "rabbitmq.md", "nats.md", "redis.md", "kafka.md"]
+BROKERS = ["brokers.md", "memory.md", "rabbitmq.md", "nats.md", "redis.md", "kafka.md"]
 REFERENCE = [
     "reference/cli.md",
     "reference/configuration.md",

@@ -136,6 +136,9 @@ class Downstream(Service):
     @rpc
     async def work(self, n: int) -> int:
         type(self).calls += 1
+        # A moment's work, so that a probe is still in flight when the calls gathered
+        # with it ask the breaker (on memory:// a call that never waits ends at once).
+        await asyncio.sleep(0.005)
         if type(self).failing:
             raise RuntimeError("the database is down")
         return n

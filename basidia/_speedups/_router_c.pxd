@@ -16,13 +16,17 @@
 # in Python, and compiled it is the identity on a u64.
 cdef unsigned long long _U64_MASK
 cdef Py_ssize_t _COMPACT_SLACK
+cdef object _UNCLAIMED
+cdef object _ABSENT
 
 
 cdef class ReplyRouter:
     cdef object _loop
     cdef object _create_future      # loop.create_future, bound once
     cdef object _time               # time.monotonic or loop.time, bound once
-    cdef dict _pending              # correlation id -> future
+    cdef dict _pending              # correlation id -> future, or _UNCLAIMED
+    cdef dict _arrived              # correlation id -> reply come before a wait
+    cdef dict _failed               # correlation id -> failure come before a wait
     cdef list _deadlines            # heap of (deadline, correlation id); may hold stale entries
     cdef object _timer              # the armed asyncio.TimerHandle, or None
     cdef double _timer_at
@@ -32,3 +36,4 @@ cdef class ReplyRouter:
     cdef object __weakref__         # weak references work, as on the pure-Python class
 
     cdef _arm(self, double when)
+    cdef _settle(self, correlation_id, future, exc)

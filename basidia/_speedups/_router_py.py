@@ -31,6 +31,9 @@ _U64_MASK = 0xFFFF_FFFF_FFFF_FFFF  # correlation ids are u64 on the wire
 # Stale heap entries tolerated beyond the pending calls before a rebuild; enough
 # to make rebuilds rare when only a few calls are in flight.
 _COMPACT_SLACK = 1024
+# A pending call nobody awaits yet (``register``): its reply is kept until ``take``.
+_UNCLAIMED = None
+_ABSENT: Any = object()
 
 
 def future_factory(loop: asyncio.AbstractEventLoop) -> Any:
@@ -47,6 +50,12 @@ class ReplyRouter:
     and a future that resolves with the reply, or fails with ``RpcTimeout``
     when its deadline passes.  A reply for an id that is no longer pending
     (late, duplicate or unknown) is dropped and counted in ``late_replies``.
+
+    ``register`` is ``create`` without the future: a reply (or failure) that comes
+    before the caller waits is kept, and ``take`` hands it over; only a caller that
+    has to wait asks for a future (``wait``).  On the memory broker a handler that
+    does not suspend answers while the request is being sent, and the round trip
+    then makes no future at all (docs/benchmarks.md).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -57,7 +66,11 @@ class ReplyRouter:
         # loops (loops with a clock or futures of their own keep them).
         self._create_future = future_factory(loop)
         self._time = monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        # correlation id -> its future, or _UNCLAIMED while nobody waits for it.
+        self._pending: dict[int, asyncio.Future[Any] | None] = {}
+        # Replies and failures of registered calls, come before anybody waited.
+        self._arrived: dict[int, Any] = {}
+        self._failed: dict[int, BaseException] = {}
         # (deadline in loop time, correlation id); may hold stale entries.
         self._deadlines: list[tuple[float, int]] = []
         # The one timer, armed for ``_timer_at`` ≤ the earliest pending deadline.
@@ -73,14 +86,39 @@ class ReplyRouter:
         return len(self._pending)
 
     def create(self, timeout: float) -> tuple[int, asyncio.Future[Any]]:
-        """Register a call that expires after ``timeout`` seconds."""
+        """Register a call that expires after ``timeout`` seconds, and its future."""
+        correlation_id = self.register(timeout)
+        return correlation_id, self.wait(correlation_id)
+
+    def take(self, correlation_id: int, default: Any = None) -> Any:
+        """The reply of a ``register``-ed call if it has come (the call is then over), or
+        ``default`` if it has not; raises what failed the call (``RpcTimeout``, a lost
+        connection) if that came first."""
+        reply = self._arrived.pop(correlation_id, _ABSENT)
+        if reply is not _ABSENT:
+            return reply
+        failure = self._failed.pop(correlation_id, None)
+        if failure is not None:
+            raise failure
+        return default
+
+    def wait(self, correlation_id: int) -> asyncio.Future[Any]:
+        """A future for the reply of a ``register``-ed call that has not come yet (``take``)."""
+        if self._pending.get(correlation_id, _ABSENT) is not _UNCLAIMED:
+            raise RuntimeError(f"call {correlation_id} is not pending: its reply was taken")
+        future: asyncio.Future[Any] = self._create_future()
+        self._pending[correlation_id] = future
+        return future
+
+    def register(self, timeout: float) -> int:
+        """Register a call that expires after ``timeout`` seconds; its reply is kept for
+        ``take`` until a future asks for it (``wait``)."""
         self._last_id = (self._last_id + 1) & _U64_MASK
         correlation_id = self._last_id
-        future = self._create_future()
         now = self._time()
         deadline = now + timeout
         pending = self._pending
-        pending[correlation_id] = future
+        pending[correlation_id] = _UNCLAIMED
         deadlines = self._deadlines
         heappush(deadlines, (deadline, correlation_id))
         if len(deadlines) > 2 * len(pending) + _COMPACT_SLACK:
@@ -89,16 +127,19 @@ class ReplyRouter:
             self._deadlines = deadlines
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
-        return correlation_id, future
+        return correlation_id
 
     def resolve(self, correlation_id: int, reply: object) -> bool:
         """Hand ``reply`` to the waiting call; return False if none was waiting."""
-        future = self._pending.pop(correlation_id, None)
-        if future is None:
+        future = self._pending.pop(correlation_id, _ABSENT)
+        if future is _ABSENT:
             self.late_replies += 1
             return False
         if not self._pending:
             self._deadlines.clear()  # every entry is stale now
+        if future is _UNCLAIMED:
+            self._arrived[correlation_id] = reply
+            return True
         try:
             future.set_result(reply)
         except asyncio.InvalidStateError:  # the caller was cancelled and did not discard
@@ -108,19 +149,28 @@ class ReplyRouter:
 
     def fail(self, correlation_id: int, exc: BaseException) -> bool:
         """Fail one waiting call with ``exc``; return False if it was not pending."""
-        future = self._pending.pop(correlation_id, None)
-        if future is None:
+        future = self._pending.pop(correlation_id, _ABSENT)
+        if future is _ABSENT:
             return False
         if not self._pending:
             self._deadlines.clear()
-        if not future.done():
-            future.set_exception(exc)
+        self._settle(correlation_id, future, exc)
         return True
+
+    def _settle(self, correlation_id: int, future: Any, exc: BaseException) -> None:
+        """Fail one call that was pending with ``future`` (or _UNCLAIMED)."""
+        if future is _UNCLAIMED:
+            self._failed[correlation_id] = exc
+        elif not future.done():
+            future.set_exception(exc)
 
     def discard(self, correlation_id: int) -> None:
         """Forget a call whose caller has gone (cancelled); a later reply counts as late."""
-        if self._pending.pop(correlation_id, None) is not None and not self._pending:
+        if self._pending.pop(correlation_id, _ABSENT) is not _ABSENT and not self._pending:
             self._deadlines.clear()
+        if self._arrived or self._failed:
+            self._arrived.pop(correlation_id, None)
+            self._failed.pop(correlation_id, None)
 
     def fail_all(self, exc: BaseException) -> int:
         """Fail every pending call with ``exc`` (connection lost, shutdown); disarm the timer."""
@@ -130,9 +180,8 @@ class ReplyRouter:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(exc)
+        for correlation_id, future in pending.items():
+            self._settle(correlation_id, future, exc)
         return len(pending)
 
     def _arm(self, when: float) -> None:
@@ -152,14 +201,16 @@ class ReplyRouter:
                 deadlines.clear()  # all stale
                 return
             deadline, correlation_id = deadlines[0]
-            future = pending.get(correlation_id)
-            if future is not None and deadline > now:
+            future = pending.get(correlation_id, _ABSENT)
+            if future is not _ABSENT and deadline > now:
                 self._arm(deadline)
                 return
             heappop(deadlines)
-            if future is None:  # the call ended before its deadline
+            if future is _ABSENT:  # the call ended before its deadline
                 continue
             del pending[correlation_id]
-            if not future.done():
+            if future is _UNCLAIMED or not future.done():
                 self.timeouts += 1
-                future.set_exception(RpcTimeout("deadline passed before a reply arrived"))
+                self._settle(
+                    correlation_id, future, RpcTimeout("deadline passed before a reply arrived")
+                )

@@ -17,13 +17,15 @@ import dataclasses
 import itertools
 import logging
 import time
+import types
 import weakref
 from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 from basidia._speedups import future_factory
+from basidia._tasks import current_task_getter
 from basidia.brokers._common import RecentKeys, WorkerPool, redact_url
 from basidia.brokers.base import (
     Broker,
@@ -111,38 +113,57 @@ class _EventDelivery(Delivery):
         hub.dead_letters.append(dataclasses.replace(letter, id=str(next(hub.ids))))
 
 
+#: What a worker's runner yields once a handler has finished (``_runner``).
+_DONE = object()
+
+
+@types.coroutine
+def _runner(pool: _MemorySubscription) -> Generator[Any, Any, None]:
+    """Runs the handler coroutines sent to it, one after the other, passing on what
+    they yield (the futures they wait for), and yields ``_DONE`` after each.
+
+    Driving a coroutine from outside with ``send`` costs a ``StopIteration`` when it
+    returns, as much as the rest of the hand-off; a handler run by ``yield from``
+    inside this generator returns without one.  One per worker, reused."""
+    handler = yield None
+    while True:
+        try:
+            yield from handler
+        except Exception:  # the framework settles and logs its own errors: a bug
+            pool.log_failure()
+        handler = yield _DONE
+
+
 class _Started:
     """A request whose handler began in the sender's task and then suspended: the
     worker whose identity it ran under awaits the rest (``_Queue.run_eagerly``)."""
 
-    __slots__ = ("cancelled", "coro", "yielded")
+    __slots__ = ("cancelled", "runner", "yielded")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
-        self.coro = coro
+    def __init__(self, runner: Generator[Any, Any, None], yielded: Any) -> None:
+        #: The worker's runner, inside the handler.
+        self.runner = runner
         #: What the handler's first step yielded: the future it waits for (or None).
         self.yielded = yielded
         #: True when the worker was cancelled before it took over: the handler gets it.
         self.cancelled = False
 
     def __await__(self) -> Generator[Any, Any, None]:
-        coro = self.coro
-        try:
-            yielded = coro.throw(asyncio.CancelledError()) if self.cancelled else self.yielded
-            while True:
-                try:
-                    value = yield yielded
-                except BaseException as exc:  # cancellation and the like: the handler's
-                    yielded = coro.throw(exc)
-                else:
-                    yielded = coro.send(value)
-        except StopIteration:
-            return
+        runner = self.runner
+        yielded = runner.throw(asyncio.CancelledError()) if self.cancelled else self.yielded
+        while yielded is not _DONE:
+            try:
+                value = yield yielded
+            except BaseException as exc:  # cancellation and the like: the handler's
+                yielded = runner.throw(exc)
+            else:
+                yielded = runner.send(value)
 
 
 class _Worker:
     """What a queue needs to run a delivery as one of a subscription's idle workers."""
 
-    __slots__ = ("context", "handle", "pool", "task")
+    __slots__ = ("context", "handle", "pool", "runner", "task")
 
     def __init__(
         self,
@@ -155,6 +176,8 @@ class _Worker:
         self.context = context
         self.handle = handle
         self.pool = pool
+        self.runner = _runner(pool)
+        self.runner.send(None)
 
 
 class _Queue:
@@ -174,7 +197,7 @@ class _Queue:
     that worker (its task is the current one, its context the context), as
     Python 3.12's eager tasks start a task.  An echo-like handler finishes in that
     step, so its reply has resolved the caller's future before the caller awaits
-    it: the round trip costs no task switch at all (docs/memory.md#hand-off).  A
+    it: the round trip costs no task switch at all (docs/memory.md#the-hand-off).  A
     handler that suspends is handed to the worker, which awaits the rest.  Only idle
     workers are borrowed, so ``max_workers`` holds; at most ``EAGER_BUDGET``
     requests per loop iteration go this way, so that callers in a loop still let
@@ -195,6 +218,7 @@ class _Queue:
         # Queues live on one loop (hubs are per loop): bind its future factory once.
         self._loop = asyncio.get_running_loop()
         self._create_future = future_factory(self._loop)
+        self._current_task = current_task_getter(self._loop)
         self.consumers = 0
         # Consumers handed a delivery that have not run yet.
         self._woken = 0
@@ -234,27 +258,21 @@ class _Queue:
             self._loop.call_soon(hub.refill)
         loop = self._loop
         task = worker.task
-        current = asyncio.current_task(loop)
+        current = self._current_task()
         if current is not None:
             _leave_task(loop, current)
         _enter_task(loop, task)
         hub.eager_depth += 1
         try:
-            # A request handler is a coroutine function (RequestServer.on_request).
-            coro = cast(Coroutine[Any, Any, None], worker.handle(delivery))
             try:
-                yielded = worker.context.run(coro.send, None)
-            except StopIteration:
-                waiters.append((waiter, worker))  # idle again
-                return True
+                yielded = worker.context.run(worker.runner.send, worker.handle(delivery))
             except asyncio.CancelledError:
                 # The handler let a cancellation out: the worker ends, as it would have.
                 waiters.append((waiter, worker))
                 task.cancel()
                 return True
-            except Exception:  # the framework settles and logs its own errors: a bug
-                worker.pool.log_failure()
-                waiters.append((waiter, worker))
+            if yielded is _DONE:
+                waiters.append((waiter, worker))  # idle again
                 return True
         finally:
             hub.eager_depth -= 1
@@ -264,7 +282,7 @@ class _Queue:
         # Suspended: from now on the worker is busy with it.
         worker.pool.busy(task)
         self._woken += 1
-        waiter.set_result(_Started(coro, yielded))
+        waiter.set_result(_Started(worker.runner, yielded))
         return True
 
     def _wake_next(self) -> None:
