@@ -39,6 +39,54 @@ async def test_resolve_hands_the_reply_to_the_caller(router: Any) -> None:
     assert (router.late_replies, router.timeouts) == (0, 0)
 
 
+async def test_a_reply_that_comes_before_the_caller_waits_is_kept_for_it(router: Any) -> None:
+    """``register`` then ``take``: no future for a reply that arrives while the request
+    is being sent (the memory broker's hand-off)."""
+    correlation_id = router.register(5.0)
+    assert router.take(correlation_id) is None  # nothing yet
+    assert router.resolve(correlation_id, "early") is True
+    assert router.pending == 0
+    assert router.take(correlation_id) == "early"
+    assert router.take(correlation_id) is None  # handed over once
+    assert router.resolve(correlation_id, "again") is False
+    assert router.late_replies == 1
+
+
+async def test_a_registered_call_waits_when_its_reply_is_not_there(router: Any) -> None:
+    correlation_id = router.register(5.0)
+    assert router.take(correlation_id) is None
+    future = router.wait(correlation_id)
+    assert router.resolve(correlation_id, "later") is True
+    assert await future == "later"
+    with pytest.raises(RuntimeError, match="not pending"):
+        router.wait(correlation_id)
+
+
+async def test_a_failure_that_comes_before_the_caller_waits_is_raised_by_take(
+    router: Any,
+) -> None:
+    timed_out = router.register(0.01)
+    failed = router.register(5.0)
+    lost = router.register(5.0)
+    assert router.fail(failed, RpcTimeout("failed on purpose")) is True
+    await asyncio.sleep(0.05)
+    with pytest.raises(RpcTimeout, match="deadline passed"):
+        router.take(timed_out)
+    with pytest.raises(RpcTimeout, match="on purpose"):
+        router.take(failed)
+    router.fail_all(ConnectionLost("gone"))
+    with pytest.raises(ConnectionLost):
+        router.take(lost)
+    assert (router.pending, router.timeouts) == (0, 1)
+
+
+async def test_discard_forgets_a_reply_nobody_took(router: Any) -> None:
+    correlation_id = router.register(5.0)
+    router.resolve(correlation_id, "unwanted")
+    router.discard(correlation_id)
+    assert router.take(correlation_id) is None
+
+
 async def test_ids_are_fresh_positive_u64(router: Any) -> None:
     ids = []
     for _ in range(200_000):
