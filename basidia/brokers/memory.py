@@ -47,7 +47,7 @@ logger = logging.getLogger("basidia.brokers.memory")
 #: Seconds a published idempotency key is remembered (JetStream's default window).
 DUPLICATE_WINDOW = 120.0
 #: Requests a hub hands over in the sender's task per loop iteration (see ``_Queue``).
-EAGER_BUDGET = 32
+EAGER_BUDGET = 64
 #: Requests handed over in the sender's task within one another, at most (a service
 #: calling another in its first step, which calls another...).
 EAGER_DEPTH = 8
