@@ -4,6 +4,7 @@
     python benchmarks/callgrind_roundtrip.py --broker nats://127.0.0.1:4222
     python benchmarks/callgrind_roundtrip.py --telemetry traces   # metrics, traces, all, off
     python benchmarks/callgrind_roundtrip.py --without-otel       # OpenTelemetry unimportable
+    python benchmarks/callgrind_roundtrip.py --payload 1024 --broker nats://127.0.0.1:4222
 
 With ``--broker`` (``nats://`` or ``amqp://``), the echo service and its caller talk
 through that broker, in one process, and the raw client floor of ``basidia bench``
@@ -41,7 +42,7 @@ WORKERS = 64
 
 async def _calls(echo: Callable[[bytes], Awaitable[bytes]], count: int) -> None:
     """``count`` sequential echo calls, then ``count`` from ``WORKERS`` concurrent callers."""
-    payload = b"x" * 16
+    payload = b"x" * int(os.environ.get("BASIDIA_CALLGRIND_PAYLOAD", "16"))
     for _ in range(count):
         await echo(payload)
 
@@ -125,6 +126,10 @@ def main(url: str = "", extra_env: dict[str, str] | None = None, what: str = "")
 if __name__ == "__main__":
     if os.environ.get("BASIDIA_CALLGRIND_WITHOUT_OTEL"):
         sys.modules["opentelemetry"] = None  # type: ignore[assignment]
+    if "--payload" in sys.argv[1:-1]:  # with any of the forms below; the env reaches --run
+        at = sys.argv.index("--payload")
+        os.environ["BASIDIA_CALLGRIND_PAYLOAD"] = str(int(sys.argv[at + 1]))
+        del sys.argv[at : at + 2]
     if sys.argv[1:2] == ["--run"]:
         url = sys.argv[3] if len(sys.argv) > 3 else "memory://callgrind"
         asyncio.run(_round_trips(int(sys.argv[2]), url, sys.argv[4:5] == ["raw"]))
