@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 __all__ = [
     "BasidiaError",
     "BrokerError",
@@ -19,6 +21,7 @@ __all__ = [
     "RpcTimeout",
     "ServiceUnavailable",
     "ValidationError",
+    "http_status",
     "register_error",
 ]
 
@@ -169,3 +172,25 @@ def register_error(cls: type[RpcError]) -> type[RpcError]:
         raise ValueError(f"error code {cls.code!r} is already registered by {owner}")
     ERROR_TYPES[cls.code] = cls
     return cls
+
+
+def http_status(exc: BaseException) -> int:
+    """The status an HTTP endpoint answers when its handler raised ``exc``: the one table
+    that the HTTP server's error responses and the telemetry's records share
+    (docs/http.md)."""
+    # Starlette's HTTPException carries its status; only an HTTP server imports it.
+    starlette = sys.modules.get("starlette.exceptions")
+    if starlette is not None and isinstance(exc, starlette.HTTPException):
+        return int(exc.status_code)
+    if isinstance(exc, ValidationError):
+        return 422
+    if isinstance(exc, RateLimited):  # a service behind it is over its rate limit
+        return 429
+    if isinstance(exc, (ServiceUnavailable, BrokerError, CircuitOpen, BulkheadFull)):
+        return 503
+    if isinstance(exc, (RpcTimeout, TimeoutError)):
+        return 504
+    if isinstance(exc, (RemoteError, MethodNotFound)):
+        # The HTTP handler worked; a service behind it failed.
+        return 502
+    return 500

@@ -14,17 +14,7 @@ from collections.abc import Mapping
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from basidia.errors import (
-    BrokerError,
-    BulkheadFull,
-    CircuitOpen,
-    MethodNotFound,
-    RateLimited,
-    RemoteError,
-    RpcTimeout,
-    ServiceUnavailable,
-    ValidationError,
-)
+from basidia.errors import ValidationError, http_status
 
 __all__ = ["BodyTooLarge", "MalformedJson", "error_response", "response_for_exception"]
 
@@ -85,18 +75,21 @@ def response_for_exception(exc: BaseException, where: str) -> JSONResponse:
     """
     if isinstance(exc, HTTPException):
         return error_response(exc.status_code, exc.detail, exc.headers)
-    if isinstance(exc, ValidationError):
+    status = http_status(exc)
+    if status == 422:
+        assert isinstance(exc, ValidationError)
         return error_response(422, exc.message or "invalid arguments")
-    if isinstance(exc, RateLimited):  # a service behind it is over its rate limit
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if status == 429:
+        retry_after = getattr(exc, "retry_after", 1.0)
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
         return error_response(429, "too many requests; slow down", headers)
-    if isinstance(exc, (ServiceUnavailable, BrokerError, CircuitOpen, BulkheadFull)):
+    if status == 503:
         logger.warning("%s: %s: %s", where, type(exc).__name__, exc)
         return error_response(503, "a service needed to answer is unavailable; retry later")
-    if isinstance(exc, (RpcTimeout, TimeoutError)):
+    if status == 504:
         logger.warning("%s: no answer before the deadline (%s)", where, type(exc).__name__)
         return error_response(504, "no answer before the deadline")
-    if isinstance(exc, (RemoteError, MethodNotFound)):
+    if status == 502:
         logger.warning("%s: a service it called failed: %s", where, exc)
         return error_response(502, "a service behind this endpoint failed")
     logger.error("%s raised %s", where, type(exc).__name__, exc_info=exc)

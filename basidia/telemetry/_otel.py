@@ -26,15 +26,7 @@ from opentelemetry.trace import (
 
 from basidia import __version__, log
 from basidia._speedups import Kind
-from basidia.errors import (
-    BrokerError,
-    MethodNotFound,
-    RemoteError,
-    RpcError,
-    RpcTimeout,
-    ServiceUnavailable,
-    ValidationError,
-)
+from basidia.errors import RemoteError, RpcError, http_status
 from basidia.middleware import CallNext, HandleNext, OutgoingCall
 from basidia.telemetry import Instrumentation, PublishNext, TelemetrySettings
 from basidia.telemetry._context import (
@@ -93,21 +85,13 @@ def _status_code(exc: BaseException | None) -> str:
 
 
 def _http_status(result: Any, exc: BaseException | None) -> int:
-    """The status an HTTP endpoint answers with (as ``basidia.http.errors`` maps them)."""
+    """The status an HTTP endpoint answers with (``basidia.errors.http_status``, which
+    ``basidia.http.errors`` answers by); a cancelled handler answered nothing: 504."""
     if exc is None:
         return int(getattr(result, "status_code", 200))
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, int):
-        return status  # starlette's HTTPException
-    if isinstance(exc, ValidationError):
-        return 422
-    if isinstance(exc, (ServiceUnavailable, BrokerError)):
-        return 503
-    if isinstance(exc, (RpcTimeout, TimeoutError, asyncio.CancelledError)):
+    if isinstance(exc, asyncio.CancelledError):
         return 504
-    if isinstance(exc, (RemoteError, MethodNotFound)):
-        return 502
-    return 500
+    return http_status(exc)
 
 
 def _fail(span: Span, exc: BaseException) -> None:

@@ -15,9 +15,10 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.requests import Request
 
-from basidia import Service, ServiceRunner, connect, rpc
-from basidia.errors import RemoteError
+from basidia import Service, ServiceRunner, connect, http_endpoint, rpc
+from basidia.errors import BulkheadFull, CircuitOpen, RateLimited, RemoteError
 from basidia.http.server import HttpSettings, build_app
 from basidia.log import CallContextFilter, JsonFormatter
 from basidia.telemetry import OpenTelemetry
@@ -92,6 +93,39 @@ async def test_a_failing_call_is_recorded_with_status_error_and_its_type(
     assert server["attributes"]["error.type"] == "KeyError"
     assert server["events"][0]["attributes"]["exception.type"] == "KeyError"
     assert client["attributes"]["error.type"] == "RemoteError"
+
+
+class Refusing(Service):
+    name = "telemetry_refusing"
+
+    @http_endpoint("GET", "/refuse/{why}")
+    async def refuse(self, request: Request) -> dict[str, str]:
+        why = request.path_params["why"]
+        if why == "rate":
+            raise RateLimited("downstream over its limit", 2.0)
+        if why == "circuit":
+            raise CircuitOpen("downstream's circuit is open")
+        raise BulkheadFull("downstream's bulkhead is full")
+
+
+async def test_an_http_span_records_the_status_the_client_got(
+    memory_url: str, exporter: InMemorySpanExporter, telemetry: OpenTelemetry
+) -> None:
+    """Refusals answered 429 or 503 are recorded as 429 and 503, not as 500."""
+    async with ServiceRunner([Refusing], broker=memory_url, middleware=[telemetry]) as runner:
+        transport = httpx.ASGITransport(app=build_app(runner, HttpSettings()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            answered = {
+                why: (await client.get(f"/refuse/{why}")).status_code
+                for why in ("rate", "circuit", "bulkhead")
+            }
+    assert answered == {"rate": 429, "circuit": 503, "bulkhead": 503}
+    recorded = sorted(
+        span["attributes"]["http.response.status_code"]
+        for span in _spans(exporter)
+        if span["kind"] == "SpanKind.SERVER"
+    )
+    assert recorded == [429, 503, 503]
 
 
 logger = logging.getLogger("tests.telemetry.logs")
