@@ -15,7 +15,16 @@ from typing import Any
 
 __all__ = ["current_task_getter"]
 
-_current_tasks: Any = getattr(asyncio.tasks, "_current_tasks", None)
+_c_module: Any
+try:
+    import _asyncio as _c_module
+except ImportError:  # pragma: no cover - an interpreter without asyncio's C module
+    _c_module = None
+# The dict that asyncio's C ``_enter_task`` updates (CPython 3.11 to 3.13; later versions
+# keep the current task elsewhere, and a dict of the same name that stays empty).
+_current_tasks: Any = getattr(_c_module, "_current_tasks", None)
+if _current_tasks is not getattr(asyncio.tasks, "_current_tasks", None):
+    _current_tasks = None
 
 
 def current_task_getter(
