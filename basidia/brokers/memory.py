@@ -196,8 +196,8 @@ class _Queue:
     when it can: the handler's first step runs at once, in the sender's task but as
     that worker (its task is the current one, its context the context), as
     Python 3.12's eager tasks start a task.  An echo-like handler finishes in that
-    step, so its reply has resolved the caller's future before the caller awaits
-    it: the round trip costs no task switch at all (docs/memory.md#the-hand-off).  A
+    step, so its reply is in the caller's reply router before the caller would wait
+    for it: the round trip costs no task switch at all (docs/memory.md#the-hand-off).  A
     handler that suspends is handed to the worker, which awaits the rest.  Only idle
     workers are borrowed, so ``max_workers`` holds; at most ``EAGER_BUDGET``
     requests per loop iteration go this way, so that callers in a loop still let
