@@ -1,9 +1,10 @@
 """Deadlines for many concurrent calls at the cost of one timer per time slot.
 
 A timer per call (``asyncio.timeout``) costs more than the rest of an in-memory
-call; calls due within the same 50 ms slot share one timer instead.  A
-deadline therefore fires up to one slot late, well inside the ±10 % promised
-for deadlines of a second or more.
+call.  Instead, the handlers being watched are kept in a dict (task → deadline), which
+the container writes directly on every call, and one timer checks it every slot of
+50 ms while anything is watched.  A deadline therefore fires up to one slot late, well
+inside the ±10 % promised for deadlines of a second or more.
 """
 
 from __future__ import annotations
@@ -15,41 +16,51 @@ from typing import Any
 __all__ = ["SLOT_SECONDS", "HandlerWatchdog"]
 
 SLOT_SECONDS = 0.05
-_SLOTS_PER_SECOND = 20  # 1 / SLOT_SECONDS, as an int for cheap arithmetic
 
 
 class HandlerWatchdog:
     """Cancels handler tasks whose deadline (seconds since the epoch) has passed."""
 
     def __init__(self) -> None:
-        self._slots: dict[int, set[asyncio.Task[Any]]] = {}
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        #: The tasks watched and their deadlines; ``ServiceContainer.handle`` adds and
+        #: removes its task itself, then calls ``arm`` if ``idle``.
+        self.watched: dict[asyncio.Task[Any], float] = {}
+        #: True while no check is scheduled.
+        self.idle = True
+        self._timer: asyncio.TimerHandle | None = None
         #: Tasks cancelled because of their deadline, until they notice it.
         self.expired: set[asyncio.Task[Any]] = set()
 
-    def watch(self, task: asyncio.Task[Any], deadline: float) -> set[asyncio.Task[Any]]:
-        """Cancel ``task`` at ``deadline``; remove it from the returned set when it is done."""
-        slot = int(deadline * _SLOTS_PER_SECOND) + 1
-        tasks = self._slots.get(slot)
-        if tasks is None:
-            tasks = self._slots[slot] = set()
-            loop = asyncio.get_running_loop()
-            when = loop.time() + slot / _SLOTS_PER_SECOND - time.time()
-            self._timers[slot] = loop.call_at(when, self._fire, slot)
-        tasks.add(task)
-        return tasks
+    def watch(self, task: asyncio.Task[Any], deadline: float) -> None:
+        """Cancel ``task`` at ``deadline`` unless it is removed from ``watched`` before."""
+        self.watched[task] = deadline
+        if self.idle:
+            self.arm()
 
-    def _fire(self, slot: int) -> None:
-        self._timers.pop(slot, None)
-        for task in self._slots.pop(slot, ()):
+    def arm(self) -> None:
+        """Check the deadlines one slot from now."""
+        self.idle = False
+        self._timer = asyncio.get_running_loop().call_later(SLOT_SECONDS, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        watched = self.watched
+        if not watched:
+            self.idle = True  # the next watch arms again
+            return
+        now = time.time()
+        for task in [task for task, deadline in watched.items() if deadline <= now]:
+            del watched[task]
             if not task.done():
                 self.expired.add(task)
                 task.cancel()
+        self.arm()
 
     def close(self) -> None:
-        """Drop every timer (the container is stopping)."""
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        self._slots.clear()
+        """Drop the timer (the container is stopping)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.idle = True
+        self.watched.clear()
         self.expired.clear()

@@ -292,7 +292,14 @@ class ServiceContainer:
         Entrypoint kinds call it for every call they take (docs/architecture.md)."""
         token = current_call.set(ctx)
         watchdog = self._watchdog
-        watched = watchdog.watch(task, ctx.deadline) if ctx.deadline else None
+        deadline = ctx.deadline
+        if deadline:
+            # HandlerWatchdog.watch, written out: it runs for every call.
+            watched = watchdog.watched
+            outer = watched.get(task)  # a call handled within a call, in one task
+            watched[task] = deadline
+            if watchdog.idle:
+                watchdog.arm()
         limit = self._limit
         stats = self.stats
         start = time.perf_counter()
@@ -327,8 +334,11 @@ class ServiceContainer:
                 self._observe(ctx, args, None, result)
             return result
         finally:
-            if watched is not None:
-                watched.discard(task)
+            if deadline:
+                if outer is None:
+                    watched.pop(task, None)  # gone already if its deadline passed
+                else:
+                    watched[task] = outer
             elapsed = time.perf_counter() - start
             stats.handled += 1
             stats.processing_time += elapsed
