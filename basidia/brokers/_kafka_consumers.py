@@ -238,7 +238,12 @@ class GroupConsumer(Subscription):
         joining_others = await broker.group_has_members(self.group_id)
         consumer = broker.new_consumer(group_id=self.group_id)
         self._consumer = consumer
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:  # a start that failed or was cancelled leaves no socket open
+            self._consumer = None
+            await stop_client(consumer, broker.api_timeout, f"consumer of {self.where}")
+            raise
         consumer.subscribe(topics=self.topics, listener=_Listener(self))
         self._tasks.append(asyncio.ensure_future(self._fetch()))
         self._tasks.append(asyncio.ensure_future(self._commit_loop()))
@@ -300,9 +305,11 @@ class GroupConsumer(Subscription):
         await asyncio.gather(*others, return_exceptions=True)
         consumer = self._consumer
         if consumer is not None:
-            await self._commit(consumer)
-            await self._leave_generation_zero(consumer)
-            await stop_client(consumer, self.broker.api_timeout, f"consumer of {self.where}")
+            try:
+                await self._commit(consumer)
+                await self._leave_generation_zero(consumer)
+            finally:  # stopped whatever happened above, or its sockets stay open
+                await stop_client(consumer, self.broker.api_timeout, f"consumer of {self.where}")
 
     async def _leave_generation_zero(self, consumer: AIOKafkaConsumer) -> None:
         """aiokafka leaves a group only from a generation above 0; brokers that number

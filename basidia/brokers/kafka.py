@@ -225,12 +225,16 @@ class _Reader(Subscription):
     async def start(self, partitions: int) -> None:
         consumer = self.broker.new_consumer(group_id=None)
         self.consumer = consumer
-        await consumer.start()
-        tps = [TopicPartition(self.topic, index) for index in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve the positions now: what is published from here on arrives
-            await consumer.position(tp)
+        try:
+            await consumer.start()
+            tps = [TopicPartition(self.topic, index) for index in range(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_end(*tps)
+            for tp in tps:  # resolve the positions now: what is published from here arrives
+                await consumer.position(tp)
+        except BaseException:
+            await self.cancel()  # a start that failed or was cancelled leaves no socket open
+            raise
 
     def run(self, on_record: Any) -> None:
         self.task = asyncio.ensure_future(self._read(on_record))
