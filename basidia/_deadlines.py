@@ -23,31 +23,23 @@ class HandlerWatchdog:
 
     def __init__(self) -> None:
         #: The tasks watched and their deadlines; ``ServiceContainer.handle`` adds and
-        #: removes its task itself, then calls ``arm`` if ``idle``.
+        #: removes its task itself (it runs for every call), then calls ``arm`` if no
+        #: check is scheduled (``timer`` is None).
         self.watched: dict[asyncio.Task[Any], float] = {}
-        #: True while no check is scheduled.
-        self.idle = True
-        self._timer: asyncio.TimerHandle | None = None
+        #: The scheduled check, or None.
+        self.timer: asyncio.TimerHandle | None = None
         #: Tasks cancelled because of their deadline, until they notice it.
         self.expired: set[asyncio.Task[Any]] = set()
 
-    def watch(self, task: asyncio.Task[Any], deadline: float) -> None:
-        """Cancel ``task`` at ``deadline`` unless it is removed from ``watched`` before."""
-        self.watched[task] = deadline
-        if self.idle:
-            self.arm()
-
     def arm(self) -> None:
         """Check the deadlines one slot from now."""
-        self.idle = False
-        self._timer = asyncio.get_running_loop().call_later(SLOT_SECONDS, self._check)
+        self.timer = asyncio.get_running_loop().call_later(SLOT_SECONDS, self._check)
 
     def _check(self) -> None:
-        self._timer = None
+        self.timer = None
         watched = self.watched
         if not watched:
-            self.idle = True  # the next watch arms again
-            return
+            return  # the next call watched arms again
         now = time.time()
         for task in [task for task, deadline in watched.items() if deadline <= now]:
             del watched[task]
@@ -58,9 +50,8 @@ class HandlerWatchdog:
 
     def close(self) -> None:
         """Drop the timer (the container is stopping)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.idle = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.watched.clear()
         self.expired.clear()

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from basidia._speedups import Frame, Kind, decode_frame
-from basidia._tasks import current_task_getter
 from basidia._wire import decode_over_limit, error_reply, reply_frame
 from basidia.brokers.base import (
     Delivery,
@@ -103,7 +102,6 @@ class RequestServer:
         self._reply_limit = min(self._max_frame_size, self._broker.max_body_size)
         self._tracebacks = container.runtime.settings.remote_tracebacks
         self._track, self._untrack = container.track, container.untrack
-        self._current_task = current_task_getter(asyncio.get_running_loop())
         self._handle = container.handle
         self._reply_addresses: set[str] = set()
         # Type hints are resolved now, not on the first call.
@@ -123,7 +121,7 @@ class RequestServer:
     async def on_request(self, delivery: Delivery) -> None:
         # One coroutine from delivery to reply: a layer of ``await`` costs as much as a
         # frame's decoding, so the steps around the handler are plain calls.
-        task = self._track(self._current_task())
+        task = self._track()
         try:
             body = delivery.body
             frame = self._accept(body)

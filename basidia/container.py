@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from basidia._deadlines import HandlerWatchdog
 from basidia._speedups import Frame, Kind
+from basidia._tasks import current_task_getter
 from basidia._version import __version__
 from basidia.brokers.base import EndpointStats, ServiceInfo, Subscription
 from basidia.context import CallContext, current_call
@@ -113,6 +114,8 @@ class ServiceContainer:
         self._set_up: list[str] = []
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        # The running task, read for every call (``track``); bound to the loop at start.
+        self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
         self._drained: asyncio.Event | None = None
         self._handle = handle_chain(runtime.middleware, self._run_handler)
         self._observers: list[Observer] = []
@@ -159,6 +162,7 @@ class ServiceContainer:
             raise RuntimeError(f"cannot start {self.service_name}: it is {self.state.value}")
         self.state = State.STARTING
         self.error = None
+        self._current_task = current_task_getter(asyncio.get_running_loop())
         try:
             for name, provider in self.dependencies.items():
                 if name not in self._replaced:
@@ -294,11 +298,10 @@ class ServiceContainer:
         watchdog = self._watchdog
         deadline = ctx.deadline
         if deadline:
-            # HandlerWatchdog.watch, written out: it runs for every call.
             watched = watchdog.watched
             outer = watched.get(task)  # a call handled within a call, in one task
             watched[task] = deadline
-            if watchdog.idle:
+            if watchdog.timer is None:
                 watchdog.arm()
         limit = self._limit
         stats = self.stats
@@ -353,12 +356,10 @@ class ServiceContainer:
         for observer in list(self._observers):
             observer(ctx, args, exc, result)
 
-    def track(self, task: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
-        """Count ``task`` (default: this one) as work in flight until ``untrack``: from
-        delivery to settlement."""
-        if task is None:
-            task = asyncio.current_task()
-            assert task is not None
+    def track(self) -> asyncio.Task[Any]:
+        """Count this task as work in flight until ``untrack``: from delivery to settlement."""
+        task = self._current_task()
+        assert task is not None
         self._tasks.add(task)
         return task
 
