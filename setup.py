@@ -97,6 +97,13 @@ MODULES = [
         ("basidia/_speedups/_router_c.pxd",),
         {"annotation_typing": False},
     ),
+    CythonModule(
+        "basidia._speedups._calls_c",
+        # The call path's C awaitables; their pure-Python twins are RpcClient._call and
+        # RequestServer.on_request (docs/benchmarks.md#the-compiled-call-path).
+        "basidia/_speedups/_calls_c.pyx",
+        ("basidia/_speedups/_frames_c.pxd",),
+    ),
 ]
 
 
@@ -129,6 +136,7 @@ def generate_c_sources(*, force: bool) -> None:
             full_module_name=module.name,
             output_file=str(HERE / module.c_source),
             compiler_directives={**COMMON_DIRECTIVES, **module.directives},
+            include_path=[str(HERE)],  # for cimports between the core's modules
         )
         if result.num_errors:
             (HERE / module.c_source).unlink(missing_ok=True)

@@ -30,6 +30,8 @@ class CallContext:
 
     __slots__ = ("_call_id", "attempt", "data", "deadline", "entrypoint", "frame", "service")
 
+    # The compiled request path sets these slots itself, without __init__
+    # (basidia/_speedups/_calls_c.pyx, _Serving._prepare): keep the two in step.
     def __init__(
         self, service: str, entrypoint: str, frame: Frame, deadline: float, attempt: int = 1
     ) -> None:

@@ -10,7 +10,17 @@ from typing import Any
 
 import msgspec
 
-from basidia._speedups import Frame, Kind, ReplyRouter, decode_frame, encode_frame
+from basidia._speedups import (
+    CompiledCall,
+    CompiledClientCore,
+    CompiledInbox,
+    CompiledMethodProxy,
+    Frame,
+    Kind,
+    ReplyRouter,
+    decode_frame,
+    encode_frame,
+)
 from basidia._wire import Codec, decode_over_limit, decode_result, error_from_frame
 from basidia.brokers.base import Broker
 from basidia.context import CALL_STACK_HEADER, current_call
@@ -57,6 +67,7 @@ class RpcClient:
         self._codec_headers = self._codec.headers
         self._max_frame_size = max_frame_size
         self._router: ReplyRouter | None = None
+        self._core: Any = None
         self._chain = call_chain(middleware, self._send_call)
         self.reply_to = ""
         self.malformed_replies = 0
@@ -73,7 +84,12 @@ class RpcClient:
         """Open the reply inbox."""
         self._router = ReplyRouter(asyncio.get_running_loop())
         self._broker.add_disconnect_callback(self._on_disconnect)
-        self.reply_to = await self._broker.open_inbox(self._on_reply)
+        # The compiled core's inbox is _on_reply in C (basidia/_speedups/_calls_c.pyx).
+        inbox = self._on_reply if CompiledInbox is None else CompiledInbox(self)
+        self.reply_to = await self._broker.open_inbox(inbox)
+        if CompiledClientCore is not None:
+            # What the compiled core's calls read (basidia/_speedups/_calls_c.pyx).
+            self._core = CompiledClientCore(self)
 
     async def close(self) -> None:
         """Fail calls still waiting; their replies can no longer arrive."""
@@ -123,14 +139,20 @@ class RpcClient:
         """Call ``service.method(*args, **kwargs)`` and return its result."""
         if self._chain is not None:
             return self._chain(OutgoingCall(service, method, args, kwargs, timeout or self.timeout))
+        if CompiledCall is not None:
+            return CompiledCall(self, service, method, args, kwargs, timeout or self.timeout, None)  # type: ignore[no-any-return]
         return self._call(service, method, args, kwargs, timeout or self.timeout, None)
 
     def _send_call(self, call: OutgoingCall) -> Awaitable[Any]:
+        if CompiledCall is not None:
+            return CompiledCall(  # type: ignore[no-any-return]
+                self, call.service, call.method, call.args, call.kwargs, call.timeout, call.headers
+            )
         return self._call(
             call.service, call.method, call.args, call.kwargs, call.timeout, call.headers
         )
 
-    async def _call(
+    async def _call(  # the compiled core's twin: basidia/_speedups/_calls_c.pyx (Call)
         self,
         service: str,
         method: str,
@@ -177,7 +199,9 @@ class RpcClient:
                 self._max_frame_size,
             )
             try:
-                await self._broker.send_request(service, body, correlation_id=correlation_id)
+                broker = self._broker
+                if not broker.send_request_now(service, body, correlation_id):
+                    await broker.send_request(service, body, correlation_id=correlation_id)
             except BrokerError as exc:  # never sent: safe to retry (basidia/resilience)
                 raise RequestNotSent(str(exc)) from None
             # A reply that came while the request was sent (a memory broker's handler
@@ -214,6 +238,16 @@ class MethodProxy:
     def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
         client = self._client
         if client._chain is None:  # no middleware: skip a layer
+            if CompiledCall is not None:
+                return CompiledCall(  # type: ignore[no-any-return]
+                    client,
+                    self._service,
+                    self._method,
+                    args,
+                    kwargs,
+                    self._timeout or client.timeout,
+                    None,
+                )
             return client._call(
                 self._service, self._method, args, kwargs, self._timeout or client.timeout, None
             )
@@ -227,6 +261,11 @@ class MethodProxy:
         return f"<MethodProxy {self._service}.{self._method}>"
 
 
+#: What ``ServiceProxy`` makes: on the compiled core, MethodProxy in C
+#: (basidia/_speedups/_calls_c.pyx), the same methods.
+_method_proxy: type[MethodProxy] = CompiledMethodProxy or MethodProxy
+
+
 class ServiceProxy:
     """Attribute access gives the remote methods: ``await proxy.get_user(1)``."""
 
@@ -238,7 +277,7 @@ class ServiceProxy:
     def __getattr__(self, method: str) -> MethodProxy:
         if method.startswith("_"):
             raise AttributeError(method)
-        proxy = MethodProxy(self._client, self._service, method, self._timeout)
+        proxy = _method_proxy(self._client, self._service, method, self._timeout)
         self.__dict__[method] = proxy  # later lookups skip __getattr__
         return proxy
 

@@ -243,8 +243,15 @@ def compiled_modules(dists: Dists) -> list[str]:
 def test_sdist_ships_the_generated_c_and_cython_sources(dists: Dists) -> None:
     names = dists.sdist_names()
 
-    assert {"basidia/_speedups/_frames_c.c", "basidia/_speedups/_router_c.c"} <= set(names)
-    cython_sources = {"_frames_c.pyx", "_frames_c.pxd", "_router_py.py", "_router_c.pxd"}
+    generated = {"_frames_c.c", "_router_c.c", "_calls_c.c"}
+    assert {f"basidia/_speedups/{name}" for name in generated} <= set(names)
+    cython_sources = {
+        "_frames_c.pyx",
+        "_frames_c.pxd",
+        "_router_py.py",
+        "_router_c.pxd",
+        "_calls_c.pyx",
+    }
     assert {f"basidia/_speedups/{name}" for name in cython_sources} <= set(names)
     assert {"setup.py", "pyproject.toml", "MANIFEST.in"} <= set(names)
     # cibuildwheel builds from the sdist and tests with these.
@@ -258,7 +265,7 @@ def test_wheel_holds_the_compiled_modules_and_no_sources(dists: Dists) -> None:
     names = dists.wheel_names()
     compiled = compiled_modules(dists)
 
-    assert len(compiled) == 2
+    assert len(compiled) == 3  # the frame codec, the reply router, the call path
     assert set(compiled) <= set(names)
     # The pure-Python twins stay: BASIDIA_NO_EXTENSIONS=1 and the fallback use them.
     assert {"basidia/_speedups/_frames_py.py", "basidia/_speedups/_router_py.py"} <= set(names)

@@ -171,12 +171,27 @@ class CountingSends:
 
     def __init__(self, broker: Broker) -> None:
         self.count = 0
+        self._inside = False
         original = broker.send_request
+        original_now = broker.send_request_now
+
+        # A request goes by send_request_now when the adapter can send it at once, else
+        # by send_request (which may use send_request_now itself: counted once).
+        def send_request_now(service: str, body: bytes, correlation_id: int) -> bool:
+            sent = original_now(service, body, correlation_id)
+            if sent and not self._inside:
+                self.count += 1
+            return sent
 
         async def send_request(service: str, body: bytes, *, correlation_id: int) -> None:
             self.count += 1
-            await original(service, body, correlation_id=correlation_id)
+            self._inside = True
+            try:
+                await original(service, body, correlation_id=correlation_id)
+            finally:
+                self._inside = False
 
+        broker.send_request_now = send_request_now  # type: ignore[method-assign]
         broker.send_request = send_request  # type: ignore[method-assign]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from basidia._speedups._frame import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -25,6 +25,13 @@ from basidia._speedups._frame import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "CompiledCall",
+    "CompiledClientCore",
+    "CompiledInbox",
+    "CompiledMemoryReplier",
+    "CompiledMemorySender",
+    "CompiledMethodProxy",
+    "CompiledRequestHandler",
     "FIXED_HEADER_SIZE",
     "FLAG_JSON",
     "FLAG_KWARGS",
@@ -52,6 +59,17 @@ NO_EXTENSIONS = env_flag("BASIDIA_NO_EXTENSIONS") or sys.implementation.name != 
 from basidia._speedups._frames_py import decode_frame, encode_frame  # noqa: E402
 from basidia._speedups._router_py import ReplyRouter, future_factory  # noqa: E402
 
+#: The compiled call path's awaitables (docs/benchmarks.md#the-compiled-call-path), or
+#: None on the pure-Python core, whose twins are ``RpcClient._call`` and
+#: ``RequestServer.on_request``.
+CompiledCall: Any = None
+CompiledClientCore: Any = None
+CompiledInbox: Any = None
+CompiledMemoryReplier: Any = None
+CompiledMemorySender: Any = None
+CompiledMethodProxy: Any = None
+CompiledRequestHandler: Any = None
+
 IMPLEMENTATION = "py"
 #: Why the compiled core is not in use, or None when it is (for diagnostics and tests).
 _FALLBACK_REASON: str | None = "BASIDIA_NO_EXTENSIONS or a non-CPython interpreter"
@@ -60,6 +78,7 @@ if not TYPE_CHECKING and not NO_EXTENSIONS:  # pragma: no branch
     try:
         # All or nothing: a half-compiled install runs the pure twins throughout.
         # Full module names: "No module named ..." when absent, not a circular-import hint.
+        import basidia._speedups._calls_c as _calls_c
         import basidia._speedups._frames_c as _frames_c
         import basidia._speedups._router_c as _router_c
     except ImportError as exc:  # pragma: no cover - no compiled core in this install
@@ -68,5 +87,12 @@ if not TYPE_CHECKING and not NO_EXTENSIONS:  # pragma: no branch
         decode_frame = _frames_c.decode_frame
         encode_frame = _frames_c.encode_frame
         ReplyRouter = _router_c.ReplyRouter
+        CompiledCall = _calls_c.Call
+        CompiledClientCore = _calls_c.ClientCore
+        CompiledMemoryReplier = _calls_c.MemoryReplier
+        CompiledInbox = _calls_c.Inbox
+        CompiledMemorySender = _calls_c.MemorySender
+        CompiledMethodProxy = _calls_c.MethodProxy
+        CompiledRequestHandler = _calls_c.RequestHandler
         IMPLEMENTATION = "c"
         _FALLBACK_REASON = None

@@ -32,3 +32,8 @@ cdef object decode_view(const unsigned char* data, Py_ssize_t size, int64_t limi
                         object max_size)
 # Decode the ``size`` bytes at ``data`` as exactly one frame.  ``max_size`` is
 # only used in error messages; ``limit`` is its C value.
+
+cdef object encode_parts(kind, correlation_id, target, payload, reply_to, deadline, headers,
+                         flags, max_size)
+# encode_frame(Frame(kind, correlation_id, target, payload, reply_to, deadline, headers,
+# flags), max_size), without making the Frame when it is not needed.

@@ -218,17 +218,32 @@ def decode_frame(data, max_size=DEFAULT_MAX_FRAME_SIZE):
 
 def encode_frame(frame, max_size=DEFAULT_MAX_FRAME_SIZE):
     """Encode ``frame``; raise ``FrameError`` if a field is out of range or the frame too big."""
-    cdef int64_t limit = as_limit(max_size)
     if type(frame) is not Frame:
         return _reference.encode_frame(frame, max_size)
-    kind = frame.kind
-    flags = frame.flags
-    correlation_id = frame.correlation_id
-    deadline = frame.deadline
-    headers = frame.headers
-    target = frame.target
-    reply_to = frame.reply_to
-    payload = frame.payload
+    return encode_parts(
+        frame.kind,
+        frame.correlation_id,
+        frame.target,
+        frame.payload,
+        frame.reply_to,
+        frame.deadline,
+        frame.headers,
+        frame.flags,
+        max_size,
+    )
+
+
+cdef object _encode_by_reference(kind, correlation_id, target, payload, reply_to, deadline,
+                                 headers, flags, max_size):
+    return _reference.encode_frame(
+        Frame(kind, correlation_id, target, payload, reply_to, deadline, headers, flags),
+        max_size,
+    )
+
+
+cdef object encode_parts(kind, correlation_id, target, payload, reply_to, deadline, headers,
+                         flags, max_size):
+    cdef int64_t limit = as_limit(max_size)
     if not (
         PyLong_Check(kind)
         and PyLong_Check(flags)
@@ -239,7 +254,9 @@ def encode_frame(frame, max_size=DEFAULT_MAX_FRAME_SIZE):
         and PyUnicode_CheckExact(reply_to)
         and PyBytes_CheckExact(payload)
     ):
-        return _reference.encode_frame(frame, max_size)
+        return _encode_by_reference(
+            kind, correlation_id, target, payload, reply_to, deadline, headers, flags, max_size
+        )
 
     cdef int overflow = 0
     cdef long long c_kind = PyLong_AsLongLongAndOverflow(kind, &overflow)
@@ -263,13 +280,17 @@ def encode_frame(frame, max_size=DEFAULT_MAX_FRAME_SIZE):
     cdef const char* target_ptr = _utf8(target, &target_len)
     if target_ptr is NULL:
         PyErr_Clear()
-        return _reference.encode_frame(frame, max_size)
+        return _encode_by_reference(
+            kind, correlation_id, target, payload, reply_to, deadline, headers, flags, max_size
+        )
     if target_len > MAX_SECTION_SIZE:
         raise FrameError(f"target of {target_len} bytes exceeds {MAX_SECTION_SIZE} bytes")
     cdef const char* reply_ptr = _utf8(reply_to, &reply_len)
     if reply_ptr is NULL:
         PyErr_Clear()
-        return _reference.encode_frame(frame, max_size)
+        return _encode_by_reference(
+            kind, correlation_id, target, payload, reply_to, deadline, headers, flags, max_size
+        )
     if reply_len > MAX_SECTION_SIZE:
         raise FrameError(f"reply_to of {reply_len} bytes exceeds {MAX_SECTION_SIZE} bytes")
 
@@ -286,11 +307,15 @@ def encode_frame(frame, max_size=DEFAULT_MAX_FRAME_SIZE):
     # ``entries < count`` bounds the writes to the arrays above by MAX_HEADERS.
     while entries < count and PyDict_Next(headers, &dict_pos, &key, &value):
         if not (PyUnicode_CheckExact(<object>key) and PyUnicode_CheckExact(<object>value)):
-            return _reference.encode_frame(frame, max_size)
+            return _encode_by_reference(
+            kind, correlation_id, target, payload, reply_to, deadline, headers, flags, max_size
+        )
         key_ptrs[entries] = _utf8(<object>key, &key_lens[entries])
         if key_ptrs[entries] is NULL:
             PyErr_Clear()
-            return _reference.encode_frame(frame, max_size)
+            return _encode_by_reference(
+            kind, correlation_id, target, payload, reply_to, deadline, headers, flags, max_size
+        )
         if key_lens[entries] > MAX_KEY_SIZE:
             raise FrameError(
                 f"header key of {key_lens[entries]} bytes exceeds {MAX_KEY_SIZE} bytes"
@@ -298,7 +323,9 @@ def encode_frame(frame, max_size=DEFAULT_MAX_FRAME_SIZE):
         value_ptrs[entries] = _utf8(<object>value, &value_lens[entries])
         if value_ptrs[entries] is NULL:
             PyErr_Clear()
-            return _reference.encode_frame(frame, max_size)
+            return _encode_by_reference(
+            kind, correlation_id, target, payload, reply_to, deadline, headers, flags, max_size
+        )
         if value_lens[entries] > MAX_SECTION_SIZE:
             raise FrameError(
                 f"header value of {value_lens[entries]} bytes exceeds {MAX_SECTION_SIZE} bytes"
@@ -311,7 +338,9 @@ def encode_frame(frame, max_size=DEFAULT_MAX_FRAME_SIZE):
         raise FrameError(f"frame of {total} bytes exceeds the limit of {max_size} bytes")
     if total > UINT32_MAX:
         # Only reachable with a limit beyond 4 GiB; the reference fails to pack it.
-        return _reference.encode_frame(frame, max_size)
+        return _encode_by_reference(
+            kind, correlation_id, target, payload, reply_to, deadline, headers, flags, max_size
+        )
 
     # One allocation, filled in place.
     cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>total)

@@ -429,6 +429,14 @@ class Broker(abc.ABC):
         whose broker cannot tell raises it when ``self.no_live_instance(service)``.
         """
 
+    def send_request_now(self, service: str, body: bytes, correlation_id: int) -> bool:
+        """``send_request`` without suspending, where the adapter can (memory, NATS's
+        fast path): True once sent; False, having done nothing, when the caller must
+        await ``send_request`` instead.  Raises what ``send_request`` raises.  The
+        compiled call path uses it to finish a call without a coroutine per step
+        (docs/benchmarks.md#the-compiled-call-path)."""
+        return False
+
     @abc.abstractmethod
     async def open_inbox(self, handler: InboxHandler) -> str:
         """Start this process's reply inbox and return its address.
@@ -439,6 +447,11 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def send_reply(self, reply_to: str, body: bytes) -> None:
         """Send a reply frame to the inbox at ``reply_to``; a vanished inbox is not an error."""
+
+    def send_reply_now(self, reply_to: str, body: bytes) -> bool:
+        """``send_reply`` without suspending, where the adapter can: True once sent;
+        False, having done nothing, when the caller must await ``send_reply``."""
+        return False
 
     @abc.abstractmethod
     async def publish_event(

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-from basidia._speedups import future_factory
+from basidia._speedups import CompiledMemoryReplier, CompiledMemorySender, future_factory
 from basidia._tasks import current_task_getter
 from basidia.brokers._common import RecentKeys, WorkerPool, redact_url
 from basidia.brokers.base import (
@@ -141,7 +141,8 @@ class _Started:
     __slots__ = ("cancelled", "runner", "yielded")
 
     def __init__(self, runner: Generator[Any, Any, None], yielded: Any) -> None:
-        #: The worker's runner, inside the handler.
+        #: The worker's runner, inside the handler (on the compiled core, the handler
+        #: itself: it ends with ``StopIteration``, the runner never does).
         self.runner = runner
         #: What the handler's first step yielded: the future it waits for (or None).
         self.yielded = yielded
@@ -150,14 +151,17 @@ class _Started:
 
     def __await__(self) -> Generator[Any, Any, None]:
         runner = self.runner
-        yielded = runner.throw(asyncio.CancelledError()) if self.cancelled else self.yielded
-        while yielded is not _DONE:
-            try:
-                value = yield yielded
-            except BaseException as exc:  # cancellation and the like: the handler's
-                yielded = runner.throw(exc)
-            else:
-                yielded = runner.send(value)
+        try:
+            yielded = runner.throw(asyncio.CancelledError()) if self.cancelled else self.yielded
+            while yielded is not _DONE:
+                try:
+                    value = yield yielded
+                except BaseException as exc:  # cancellation and the like: the handler's
+                    yielded = runner.throw(exc)
+                else:
+                    yielded = runner.send(value)
+        except StopIteration:  # the compiled core's hand-off runs the handler itself
+            return
 
 
 class _Worker:
@@ -435,6 +439,15 @@ class MemoryBroker(Broker):
         self._hub: _Hub | None = None
         self._subscriptions: list[_MemorySubscription] = []
         self._inboxes: list[str] = []
+        if CompiledMemorySender is not None:
+            # send_request_now (with put and run_eagerly) and send_reply_now in C
+            # (basidia/_speedups/_calls_c.pyx).
+            self.send_request_now = CompiledMemorySender(  # type: ignore[method-assign]
+                self, MemoryBroker.send_request_now, _RequestDelivery, _Started, EAGER_DEPTH
+            )
+            self.send_reply_now = CompiledMemoryReplier(  # type: ignore[method-assign]
+                self, MemoryBroker.send_reply_now
+            )
 
     def __repr__(self) -> str:
         return f"MemoryBroker({self.safe_url!r})"
@@ -520,6 +533,9 @@ class MemoryBroker(Broker):
         return self._subscribe(queue, handler, concurrency)
 
     async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
+        self.send_request_now(service, body, correlation_id)
+
+    def send_request_now(self, service: str, body: bytes, correlation_id: int) -> bool:
         hub = self._hub
         if hub is None:
             raise BrokerError(f"{self!r} is not connected")
@@ -533,6 +549,7 @@ class MemoryBroker(Broker):
                 "(--broker amqp://... or nats://...)"
             )
         queue.put(_RequestDelivery(body))
+        return True
 
     async def open_inbox(self, handler: InboxHandler) -> str:
         hub = self._connected_hub()
@@ -542,12 +559,16 @@ class MemoryBroker(Broker):
         return address
 
     async def send_reply(self, reply_to: str, body: bytes) -> None:
+        self.send_reply_now(reply_to, body)
+
+    def send_reply_now(self, reply_to: str, body: bytes) -> bool:
         hub = self._hub
         if hub is None:
             raise BrokerError(f"{self!r} is not connected")
         handler = hub.inboxes.get(reply_to)
         if handler is not None:
             handler(body)
+        return True
 
     async def publish_event(
         self, event: str, body: bytes, *, idempotency_key: str, key: str | None = None

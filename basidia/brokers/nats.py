@@ -650,22 +650,27 @@ class NatsBroker(Broker):
             subject,
         )
 
-    async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
+    def send_request_now(self, service: str, body: bytes, correlation_id: int) -> bool:
         nc = self._nc
         if nc is None or not nc.is_connected:
             # Fail fast instead of buffering a call that would wait for its deadline.
             raise ConnectionLost(f"not connected to {self.safe_url}")
         outbox = self._outbox
-        if outbox is not None:
-            wire = self._request_wire.get(service)
-            if wire is None:
-                wire = self._request_wire[service] = (
-                    self._request_subjects[service].encode(),
-                    service.encode(),
-                )
-            reply = b"%b.%d.%b" % (self._inbox_bytes, correlation_id, wire[1])
-            if outbox.publish(wire[0], reply, body):
-                return
+        if outbox is None:
+            return False
+        wire = self._request_wire.get(service)
+        if wire is None:
+            wire = self._request_wire[service] = (
+                self._request_subjects[service].encode(),
+                service.encode(),
+            )
+        reply = b"%b.%d.%b" % (self._inbox_bytes, correlation_id, wire[1])
+        return outbox.publish(wire[0], reply, body)
+
+    async def send_request(self, service: str, body: bytes, *, correlation_id: int) -> None:
+        if self.send_request_now(service, body, correlation_id):
+            return
+        nc = self._client()
         subject = self._request_subjects[service]
         try:
             await nc.publish(subject, body, reply=f"{self._inbox}.{correlation_id}.{service}")
@@ -727,15 +732,18 @@ class NatsBroker(Broker):
         for handler in list(self._inbox_handlers.values()):
             handler(frame)
 
-    async def send_reply(self, reply_to: str, body: bytes) -> None:
+    def send_reply_now(self, reply_to: str, body: bytes) -> bool:
         # reply_to comes from a request frame, checked in full with reply_to_problem when
         # the request was accepted (basidia/_serving.py).  Here, on every reply, only what
         # keeps a caller of this method from publishing anywhere but into an inbox.
         if not reply_to.startswith(INBOX_PREFIX) or "*" in reply_to or ">" in reply_to:
             logger.debug("dropped a reply to a non-inbox subject")
-            return
+            return True
         outbox = self._outbox
-        if outbox is not None and outbox.publish(reply_to.encode(), b"", body):
+        return outbox is not None and outbox.publish(reply_to.encode(), b"", body)
+
+    async def send_reply(self, reply_to: str, body: bytes) -> None:
+        if self.send_reply_now(reply_to, body):
             return
         nc = self._client()
         try:
