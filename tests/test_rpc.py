@@ -251,6 +251,30 @@ async def test_a_cancelled_call_leaves_nothing_pending(cluster: Cluster) -> None
     assert cluster._connection.client.router.pending == 0
 
 
+async def test_a_call_goes_wherever_a_coroutine_goes(cluster: Cluster) -> None:
+    # On the compiled core a call is not a Python coroutine but a C awaitable
+    # (docs/benchmarks.md#the-compiled-call-path): asyncio must take it all the same.
+    add, slow = cluster.rpc.calculator.add, cluster.rpc.calculator.slow
+    assert await asyncio.create_task(add(1, 2)) == 3
+    assert await asyncio.wait_for(slow(0.01), 5) == "done"
+    gathered = await asyncio.gather(add(2, 2), slow(0.01), asyncio.ensure_future(add(3, 3)))
+    assert gathered == [4, "done", 6]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(slow(0.5), 0.05)
+    assert cluster._connection.client.router.pending == 0
+    assert await slow.with_timeout(5)(0.01) == "done"
+    assert repr(add) == "<MethodProxy calculator.add>"
+
+
+async def test_a_call_never_awaited_leaves_nothing_pending(cluster: Cluster) -> None:
+    router = cluster._connection.client.router
+    call = cluster.rpc.calculator.slow(0.5)
+    call.__await__().send(None)  # sent, then dropped while it waits
+    assert router.pending == 1
+    del call
+    assert router.pending == 0
+
+
 async def test_middleware_sees_outgoing_calls_and_handlers(memory_url: str) -> None:
     seen: list[str] = []
 

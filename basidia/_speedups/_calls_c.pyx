@@ -247,6 +247,11 @@ cdef class Call:
             raise StopIteration(result)
         return result
 
+    def __del__(self):
+        # As a coroutine dropped unfinished is closed: the router forgets the call.
+        if self._state == CALL_SENDING or self._state == CALL_WAITING:
+            self.close()
+
     def close(self):
         state, self._state = self._state, CALL_DONE
         if state == CALL_SENDING or state == CALL_WAITING:
@@ -374,12 +379,12 @@ cdef class Call:
     cdef CallState _sent(self) except *:
         """The request is out: the reply if it came meanwhile, else wait for it."""
         router = self._router
-        reply = router.take(self._correlation_id)
-        if reply is not None:
-            self._reply = reply
-            self._state = CALL_DONE
-            return CALL_DONE
         try:
+            reply = router.take(self._correlation_id)  # raises what failed the call first
+            if reply is not None:
+                self._reply = reply
+                self._state = CALL_DONE
+                return CALL_DONE
             self._iterator = router.wait(self._correlation_id).__await__()
         except BaseException as error:
             raise self._failed(error)
@@ -524,7 +529,7 @@ cdef class RequestHandler:
                 return encode_parts(
                     _REPLY, frame.correlation_id, "", payload, "", 0, {}, flags, self._reply_limit
                 )
-            except BaseException:
+            except Exception:  # RequestServer._reply_body says why, or makes it fit
                 pass
         return self._server._reply_body(frame, result)
 
@@ -580,6 +585,12 @@ cdef class _Serving:
         if done:
             raise StopIteration(result)
         return result
+
+    def __del__(self):
+        # As a coroutine dropped unfinished is closed: the handler's own cleanup runs,
+        # and the call is counted and no longer in flight.
+        if self._state != SERVE_START and self._state != SERVE_DONE:
+            self.close()
 
     def close(self):
         state = self._state
