@@ -102,7 +102,7 @@ MODULES = [
         # The call path's C awaitables; their pure-Python twins are RpcClient._call and
         # RequestServer.on_request (docs/benchmarks.md#the-compiled-call-path).
         "basidia/_speedups/_calls_c.pyx",
-        ("basidia/_speedups/_frames_c.pxd",),
+        ("basidia/_speedups/_frames_c.pxd", "basidia/_speedups/_router_c.pxd"),
     ),
 ]
 

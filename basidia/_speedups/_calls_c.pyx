@@ -34,7 +34,11 @@ import time
 
 import msgspec
 
-from basidia._speedups._frames_c cimport encode_parts
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from libc.stdint cimport int64_t
+
+from basidia._speedups._frames_c cimport as_limit, decode_view, encode_parts
+from basidia._speedups._router_c cimport ReplyRouter
 
 cdef extern from "Python.h":
     ctypedef int (*sendfunc)(PyObject* iter, PyObject* value, PyObject** result) except -1
@@ -129,6 +133,15 @@ cdef inline object _iterator(object awaitable):
     return awaitable.__await__()
 
 
+cdef inline object _decode(object body, int64_t limit, object max_size):
+    """``decode_frame(body, max_size)``, without a Python-level call for bytes."""
+    if PyBytes_CheckExact(body):
+        return decode_view(
+            <const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), limit, max_size
+        )
+    return _decode_frame(body, max_size)
+
+
 cdef object _exception(object typ, object val):
     """The exception a ``throw(typ, val)`` call means."""
     if val is None:
@@ -174,7 +187,7 @@ cdef enum CallState:
 cdef class ClientCore:
     """What every call of one started ``RpcClient`` reads (its ``_core``)."""
 
-    cdef readonly object router
+    cdef readonly ReplyRouter router
     cdef object broker
     cdef object codec
     cdef object encode
@@ -205,13 +218,13 @@ cdef class Call:
     cdef object _kwargs
     cdef object _timeout
     cdef object _headers
-    cdef object _router
+    cdef ReplyRouter _router
     cdef object _correlation_id
     cdef object _iterator
     cdef object _reply
     cdef CallState _state
 
-    def __cinit__(self, client, service, method, args, kwargs, timeout, headers):
+    def __init__(self, client, service, method, args, kwargs, timeout, headers):
         self._client = client
         self._service = service
         self._method = method
@@ -316,7 +329,8 @@ cdef class Call:
         if core is None:
             self._state = CALL_DONE
             raise RuntimeError("the RPC client is not started")
-        router = self._router = core.router
+        cdef ReplyRouter router = core.router
+        self._router = router
         service, method = self._service, self._method
         timeout = self._timeout
         headers = self._headers
@@ -378,7 +392,7 @@ cdef class Call:
 
     cdef CallState _sent(self) except *:
         """The request is out: the reply if it came meanwhile, else wait for it."""
-        router = self._router
+        cdef ReplyRouter router = self._router
         try:
             reply = router.take(self._correlation_id)  # raises what failed the call first
             if reply is not None:
@@ -443,6 +457,7 @@ cdef class RequestHandler:
     cdef dict _watched
     cdef object _max_frame_size
     cdef Py_ssize_t _max_size
+    cdef int64_t _limit
     cdef object _reply_limit
     cdef object _service_cls
     cdef object _make_instance
@@ -473,6 +488,7 @@ cdef class RequestHandler:
         self._watched = container._watchdog.watched
         self._max_frame_size = server._max_frame_size
         self._max_size = server._max_frame_size
+        self._limit = as_limit(server._max_frame_size)
         self._reply_limit = server._reply_limit
         self._service_cls = container.service_cls
         self._make_instance = container.make_instance
@@ -491,7 +507,7 @@ cdef class RequestHandler:
         """The request frame in ``body`` if it can be served as it is, else what
         ``RequestServer._accept`` makes of it (None: dropped, counted, logged)."""
         try:
-            frame = _decode_frame(body, self._max_frame_size)
+            frame = _decode(body, self._limit, self._max_frame_size)
         except FrameError:
             return self._server._accept(body)
         cdef long kind = frame.kind
@@ -768,7 +784,8 @@ cdef class _Serving:
                 instance = handler._make_instance(ctx)
             else:
                 instance = handler._service_cls()
-                instance.__dict__.update(handler._injections)
+                if handler._injections:
+                    instance.__dict__.update(handler._injections)
             self._iterator = _iterator(func(instance, *args))
         except BaseException as error:
             return self._failed(error)
@@ -875,18 +892,22 @@ cdef class Inbox:
     straight to the reply router; what does not decode goes to ``_on_reply``."""
 
     cdef object _client
+    cdef object _max_frame_size
+    cdef int64_t _limit
 
     def __init__(self, client):
         self._client = client
+        self._max_frame_size = client._max_frame_size
+        self._limit = as_limit(client._max_frame_size)
 
     def __call__(self, body):
         client = self._client
         try:
-            frame = _decode_frame(body, client._max_frame_size)
+            frame = _decode(body, self._limit, self._max_frame_size)
         except FrameError:
             client._on_reply(body)
             return
-        router = client._router
+        cdef ReplyRouter router = client._router
         if router is not None:
             router.resolve(frame.correlation_id, frame)
 
@@ -902,6 +923,7 @@ cdef class MemorySender:
     cdef object _broker
     cdef object _fallback
     cdef object _delivery_type
+    cdef object _new_delivery
     cdef object _started_type
     cdef Py_ssize_t _max_depth
 
@@ -909,6 +931,7 @@ cdef class MemorySender:
         self._broker = broker
         self._fallback = fallback
         self._delivery_type = delivery_type
+        self._new_delivery = delivery_type.__new__
         self._started_type = started_type
         self._max_depth = max_depth
 
@@ -919,7 +942,7 @@ cdef class MemorySender:
         queue = hub.requests.get(service)
         if queue is None or not queue.consumers:
             return self._fallback(self._broker, service, body, correlation_id)
-        delivery = self._delivery_type.__new__(self._delivery_type)
+        delivery = self._new_delivery(self._delivery_type)
         delivery.body = body
         if queue.eager and not queue.items and queue.waiters and self._run_eagerly(hub, queue, delivery):
             return True
@@ -1038,11 +1061,17 @@ cdef class MethodProxy:
 
     def __call__(self, *args, **kwargs):
         client = self._client
+        cdef Call call
         if client._chain is None:  # no middleware: skip a layer
-            return Call(
-                client, self._service, self._method, args, kwargs,
-                self._timeout or client.timeout, None,
-            )
+            call = Call.__new__(Call)
+            call._client = client
+            call._service = self._service
+            call._method = self._method
+            call._args = args
+            call._kwargs = kwargs
+            call._timeout = self._timeout or client.timeout
+            call._headers = None
+            return call
         return client.call(self._service, self._method, args, kwargs, self._timeout)
 
     def with_timeout(self, timeout):

@@ -37,3 +37,10 @@ cdef class ReplyRouter:
 
     cdef _arm(self, double when)
     cdef _settle(self, correlation_id, future, exc)
+    # Called from C by the call path (_calls_c.pyx) on every call; Python sees the
+    # same methods.
+    cpdef object register(self, timeout)
+    cpdef object take(self, correlation_id, default=*)
+    cpdef object wait(self, correlation_id)
+    cpdef object resolve(self, correlation_id, reply)
+    cpdef object discard(self, correlation_id)
