@@ -229,3 +229,42 @@ async def test_invalid_event_data_is_dead_lettered_without_retries(memory_url: s
         assert letter.attempts == 1
         assert "invalid event data" in letter.reason
         assert gate.finished == 0
+
+
+class Counted(Service):
+    name = "counted"
+
+    @rpc
+    async def ok(self, n: int) -> int:
+        return n
+
+    @rpc
+    async def fails(self) -> None:
+        raise ValueError("no")
+
+    @rpc
+    async def waits(self) -> int:
+        await asyncio.sleep(0.001)
+        return 1
+
+
+async def test_every_call_is_counted_in_flight_and_in_the_statistics(memory_url: str) -> None:
+    # What the management API and $SRV.STATS report, whichever core serves the call
+    # (the compiled one counts in C: docs/benchmarks.md#the-compiled-call-path).
+    async with ServiceRunner([Counted], broker=memory_url) as runner:
+        counted = runner.rpc.counted
+        assert await asyncio.gather(*(counted.ok(n) for n in range(5))) == list(range(5))
+        assert await counted.waits() == 1
+        for _ in range(2):
+            with pytest.raises(Exception, match="no"):
+                await counted.fails()
+        container = runner.containers["counted"]
+        stats, endpoints = container.stats, container.endpoint_stats
+        assert (stats.handled, stats.errors) == (8, 2)
+        assert stats.last_error == "ValueError: no"
+        assert stats.processing_time > 0
+        assert (endpoints["ok"].num_requests, endpoints["ok"].num_errors) == (5, 0)
+        assert endpoints["waits"].num_requests == 1 and endpoints["waits"].processing_time > 0
+        assert (endpoints["fails"].num_requests, endpoints["fails"].num_errors) == (2, 2)
+        assert endpoints["fails"].last_error == "ValueError: no"
+        assert container.in_flight == 0

@@ -175,6 +175,53 @@ cdef inline object _resume(object iterator, object value, object exc, bint* fini
     return result
 
 
+cdef class _Awaitable:
+    """An awaitable that is its own iterator, as a coroutine is: ``_advance`` takes
+    one step (``done``: it returned its result instead of yielding)."""
+
+    cdef object _advance(self, object value, object exc, bint* done):
+        raise NotImplementedError
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef bint done = False
+        result = self._advance(None, None, &done)
+        if done:
+            raise StopIteration(result)
+        return result
+
+    def send(self, value):
+        cdef bint done = False
+        result = self._advance(value, None, &done)
+        if done:
+            raise StopIteration(result)
+        return result
+
+    def throw(self, typ, val=None, tb=None):
+        cdef bint done = False
+        result = self._advance(None, _exception(typ, val), &done)
+        if done:
+            raise StopIteration(result)
+        return result
+
+
+cdef int _awaitable_send(PyObject* self, PyObject* value, PyObject** out) except -1:
+    """The ``am_send`` slot: a step without ``StopIteration`` at the end."""
+    cdef bint done = False
+    out[0] = NULL
+    result = (<_Awaitable>self)._advance(
+        <object>value if value is not NULL else None, None, &done
+    )
+    Py_INCREF(result)
+    out[0] = <PyObject*>result
+    return PYGEN_RETURN if done else PYGEN_NEXT
+
+
 # -- the caller ---------------------------------------------------------------------------------
 
 cdef enum CallState:
@@ -208,7 +255,7 @@ cdef class ClientCore:
         self.max_frame_size = client._max_frame_size
 
 
-cdef class Call:
+cdef class Call(_Awaitable):
     """One RPC call, as ``RpcClient._call`` makes it (basidia/rpc.py), awaitable once."""
 
     cdef object _client
@@ -232,33 +279,6 @@ cdef class Call:
         self._kwargs = kwargs
         self._timeout = timeout
         self._headers = headers
-
-    def __await__(self):
-        return self
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        cdef bint done = False
-        result = self._advance(None, None, &done)
-        if done:
-            raise StopIteration(result)
-        return result
-
-    def send(self, value):
-        cdef bint done = False
-        result = self._advance(value, None, &done)
-        if done:
-            raise StopIteration(result)
-        return result
-
-    def throw(self, typ, val=None, tb=None):
-        cdef bint done = False
-        result = self._advance(None, _exception(typ, val), &done)
-        if done:
-            raise StopIteration(result)
-        return result
 
     def __del__(self):
         # As a coroutine dropped unfinished is closed: the router forgets the call.
@@ -425,16 +445,9 @@ cdef class Call:
         raise _error_from_frame(reply)
 
 
-cdef int _call_send(PyObject* self, PyObject* value, PyObject** out) except -1:
-    cdef bint done = False
-    out[0] = NULL
-    result = (<Call>self)._advance(<object>value if value is not NULL else None, None, &done)
-    Py_INCREF(result)
-    out[0] = <PyObject*>result
-    return PYGEN_RETURN if done else PYGEN_NEXT
-
-
-(<_TypeWithAsync*>Call).tp_as_async.am_send = <sendfunc>_call_send
+# Each type's async slots (or, inherited, its base's) get am_send.
+(<_TypeWithAsync*>_Awaitable).tp_as_async.am_send = <sendfunc>_awaitable_send
+(<_TypeWithAsync*>Call).tp_as_async.am_send = <sendfunc>_awaitable_send
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -558,7 +571,7 @@ cdef enum ServingState:
     SERVE_DONE
 
 
-cdef class _Serving:
+cdef class _Serving(_Awaitable):
     """One request being served: ``RequestServer.on_request`` in C."""
 
     cdef RequestHandler _handler
@@ -574,33 +587,6 @@ cdef class _Serving:
     cdef double _deadline
     cdef double _started
     cdef ServingState _state
-
-    def __await__(self):
-        return self
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        cdef bint done = False
-        result = self._advance(None, None, &done)
-        if done:
-            raise StopIteration(result)
-        return result
-
-    def send(self, value):
-        cdef bint done = False
-        result = self._advance(value, None, &done)
-        if done:
-            raise StopIteration(result)
-        return result
-
-    def throw(self, typ, val=None, tb=None):
-        cdef bint done = False
-        result = self._advance(None, _exception(typ, val), &done)
-        if done:
-            raise StopIteration(result)
-        return result
 
     def __del__(self):
         # As a coroutine dropped unfinished is closed: the handler's own cleanup runs,
@@ -875,16 +861,7 @@ cdef class _Serving:
                 drained.set()
 
 
-cdef int _serving_send(PyObject* self, PyObject* value, PyObject** out) except -1:
-    cdef bint done = False
-    out[0] = NULL
-    result = (<_Serving>self)._advance(<object>value if value is not NULL else None, None, &done)
-    Py_INCREF(result)
-    out[0] = <PyObject*>result
-    return PYGEN_RETURN if done else PYGEN_NEXT
-
-
-(<_TypeWithAsync*>_Serving).tp_as_async.am_send = <sendfunc>_serving_send
+(<_TypeWithAsync*>_Serving).tp_as_async.am_send = <sendfunc>_awaitable_send
 
 
 cdef class Inbox:
