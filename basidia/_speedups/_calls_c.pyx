@@ -17,7 +17,7 @@
 
 # cython: language_level=3
 
-from cpython.object cimport PyObject, PyTypeObject
+from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.contextvars cimport (
     PyContext_Enter,
@@ -53,8 +53,8 @@ cdef enum:
     PYGEN_RETURN = 0
     PYGEN_NEXT = 1
 
-from basidia._speedups._frame import Frame, Kind, FLAG_JSON, FLAG_KWARGS
-from basidia._speedups._frames_c import decode_frame, encode_frame
+from basidia._speedups._frame import FLAG_JSON, FLAG_KWARGS, Kind
+from basidia._speedups._frames_c import decode_frame
 from basidia.context import CALL_STACK_HEADER, CallContext, current_call
 from basidia.errors import (
     BrokerError,
@@ -75,11 +75,9 @@ cdef object _leave_task = asyncio.tasks._leave_task
 from basidia._tasks import _current_tasks
 cdef object _running = _current_tasks if type(_current_tasks) is dict else None
 cdef object _current_call = current_call
-cdef object _Frame = Frame
 cdef object _CallContext = CallContext
 cdef object _new_context = CallContext.__new__
 cdef object _decode_frame = decode_frame
-cdef object _encode_frame = encode_frame
 cdef object _CALL_STACK_HEADER = CALL_STACK_HEADER
 cdef int _REQUEST = int(Kind.REQUEST)
 cdef int _REPLY = int(Kind.REPLY)
