@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -68,6 +69,10 @@ class RpcClient:
         self._max_frame_size = max_frame_size
         self._router: ReplyRouter | None = None
         self._core: Any = None
+        # One call: ``_call``, or its compiled twin (basidia/_speedups/_calls_c.pyx).
+        self._new_call: Callable[..., Awaitable[Any]] = (
+            self._call if CompiledCall is None else partial(CompiledCall, self)
+        )
         self._chain = call_chain(middleware, self._send_call)
         self.reply_to = ""
         self.malformed_replies = 0
@@ -139,16 +144,10 @@ class RpcClient:
         """Call ``service.method(*args, **kwargs)`` and return its result."""
         if self._chain is not None:
             return self._chain(OutgoingCall(service, method, args, kwargs, timeout or self.timeout))
-        if CompiledCall is not None:
-            return CompiledCall(self, service, method, args, kwargs, timeout or self.timeout, None)  # type: ignore[no-any-return]
-        return self._call(service, method, args, kwargs, timeout or self.timeout, None)
+        return self._new_call(service, method, args, kwargs, timeout or self.timeout, None)
 
     def _send_call(self, call: OutgoingCall) -> Awaitable[Any]:
-        if CompiledCall is not None:
-            return CompiledCall(  # type: ignore[no-any-return]
-                self, call.service, call.method, call.args, call.kwargs, call.timeout, call.headers
-            )
-        return self._call(
+        return self._new_call(
             call.service, call.method, call.args, call.kwargs, call.timeout, call.headers
         )
 
@@ -237,17 +236,8 @@ class MethodProxy:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
         client = self._client
+        # The pure-Python core's proxy (the compiled core's is _calls_c.MethodProxy).
         if client._chain is None:  # no middleware: skip a layer
-            if CompiledCall is not None:
-                return CompiledCall(  # type: ignore[no-any-return]
-                    client,
-                    self._service,
-                    self._method,
-                    args,
-                    kwargs,
-                    self._timeout or client.timeout,
-                    None,
-                )
             return client._call(
                 self._service, self._method, args, kwargs, self._timeout or client.timeout, None
             )

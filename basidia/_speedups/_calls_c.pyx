@@ -467,7 +467,6 @@ cdef class RequestHandler:
     cdef object _watchdog
     cdef dict _watched
     cdef object _max_frame_size
-    cdef Py_ssize_t _max_size
     cdef int64_t _limit
     cdef object _reply_limit
     cdef object _service_cls
@@ -498,7 +497,6 @@ cdef class RequestHandler:
         self._watchdog = container._watchdog
         self._watched = container._watchdog.watched
         self._max_frame_size = server._max_frame_size
-        self._max_size = server._max_frame_size
         self._limit = as_limit(server._max_frame_size)
         self._reply_limit = server._reply_limit
         self._service_cls = container.service_cls
@@ -648,12 +646,9 @@ cdef class _Serving(_Awaitable):
                 else:
                     if not finished:
                         return result
-        except _CancelledError:
-            self._finish()
-            raise  # the delivery needs no nack: only such deliveries come here
-        except Exception:
+        except Exception:  # a bug: the delivery is settled all the same
             _logger.exception("%s: a request failed unexpectedly", self._handler._name)
-        except BaseException:
+        except BaseException:  # a cancellation: the delivery needs no nack (none does here)
             self._finish()
             raise
         self._finish()
@@ -691,12 +686,9 @@ cdef class _Serving(_Awaitable):
                     return self._advance(None, None, done)
             if reply is not None and not self._reply(reply):
                 return self._advance(None, None, done)
-        except _CancelledError:
-            self._finish()
-            raise
-        except Exception:
+        except Exception:  # a bug: the delivery is settled all the same
             _logger.exception("%s: a request failed unexpectedly", handler._name)
-        except BaseException:
+        except BaseException:  # a cancellation: the delivery needs no nack (none does here)
             self._finish()
             raise
         self._finish()
@@ -707,7 +699,7 @@ cdef class _Serving(_Awaitable):
         """Begin the handler (``_STARTED``), or the error reply (None: none to send)
         when it must not run or failed to begin."""
         cdef RequestHandler handler = self._handler
-        if size > handler._max_size:
+        if size > handler._limit:
             return self._prepare_slowly(frame, size)
         target = frame.target
         route = handler._targets.get(target)
